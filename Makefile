@@ -1,0 +1,25 @@
+# The two commands of the README. Both start from nothing: they create .venv and install.
+# A GPU user installs the torch build they need into .venv first; an existing torch is left alone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+MODEL  ?= tiny
+PYTEST_ARGS ?=
+
+.PHONY: install test report clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+test: install
+	MPLBACKEND=agg $(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,117 @@
+"""The ``anelab`` command (typer). Bad input: one line on stderr, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import AnelabError
+
+app = typer.Typer(
+    help="Attend-and-Excite studies on Stable Diffusion: generate, sweep, score, report.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+#: Options that take several values after one flag (``--tokens cat dog``), as in the README.
+MULTI_VALUE_OPTIONS = ("--tokens", "--seeds")
+
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise AnelabError(f"dtype must be one of {sorted(set(DTYPES))}, got {name!r}")
+    return getattr(torch, DTYPES[name])
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise AnelabError(f"--out {str(out)!r} is a file; give a directory (it is created if missing)")
+
+
+@app.callback()
+def _root():
+    """Attend-and-Excite studies on Stable Diffusion."""
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., help="Text prompt, e.g. 'a cat and a dog'."),
+    tokens: list[str] = typer.Option([], help="Subject words or CLIP positions to excite: --tokens cat dog"),
+    seeds: list[int] = typer.Option([0], help="Seeds, run as one batch: --seeds 0 1 2"),
+    model: str = typer.Option("tiny", help="'tiny' (offline random model), a Hub id, or a local directory."),
+    out: Path = typer.Option(..., help="Output directory: OUT/<prompt>/<seed>.png and OUT/trace.parquet."),
+    steps: int = typer.Option(50, help="Inference steps (PNDM 50 steps = 51 loop iterations)."),
+    attention_res: int = typer.Option(16, help="Attention resolution the loss reads."),
+    thresholds: str = typer.Option("0:0.05,10:0.5,20:0.8", help="Refinement thresholds 'loop index:min attention,...' ('' = none)."),
+    scale_factor: float = typer.Option(20.0, help="Base step size."),
+    max_iter_to_alter: int = typer.Option(25, help="Regular updates while loop index < this."),
+    plain: bool = typer.Option(False, "--plain", help="Plain Stable Diffusion (no guidance), same seeds."),
+    guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
+    device: Optional[str] = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
+    dtype: Optional[str] = typer.Option(None, help="fp32 / fp16 / bf16 (default: the weights')."),
+):
+    """Generate images for one prompt and seeds, with A&E guidance unless --plain."""
+    import anelab
+    from anelab.config import parse_thresholds
+    from anelab.io import save_images, write_parquet
+
+    _check_out_dir(out)
+    token_args = [int(t) if t.isdigit() else t for t in tokens]
+    config = None
+    if not plain:
+        config = anelab.GuidanceConfig(
+            attention_res=attention_res,
+            thresholds=parse_thresholds(thresholds),
+            scale_factor=scale_factor,
+            max_iter_to_alter=max_iter_to_alter,
+        )
+    pipe = anelab.load_pipeline(model, device=device, dtype=_torch_dtype(dtype))
+    result = anelab.generate(
+        pipe, prompt, token_args, seeds=seeds, config=config, num_inference_steps=steps,
+        guidance_scale=guidance_scale, height=height, width=width,
+    )  # fmt: skip
+    paths = save_images(result.images, [out / prompt / f"{s}.png" for s in result.seeds])
+    write_parquet(result.trace, out / "trace.parquet")
+    typer.echo(f"wrote {len(paths)} image(s) to {out / prompt} and {out / 'trace.parquet'} ({result.seconds_per_image:.2f} s/image)")
+
+
+def _expand_multi_value(argv: list[str]) -> list[str]:
+    """``--tokens cat dog`` → ``--tokens cat --tokens dog`` (click options take one value per flag)."""
+    out, current = [], None
+    for arg in argv:
+        if arg.startswith("-") and not arg.lstrip("-").isdigit():
+            current = arg if arg in MULTI_VALUE_OPTIONS else None
+            out.append(arg)
+        elif current and out[-1] != current:
+            out += [current, arg]
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: runs the app, turning AnelabError into one line and exit code 2."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    argv = _expand_multi_value(sys.argv[1:] if argv is None else list(argv))
+    try:
+        app(args=argv, prog_name="anelab")
+    except AnelabError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""`GuidanceConfig`: every Attend-and-Excite knob, defaults = official code for SD 1.x.
+
+Reference: attend_and_excite.md §1.1 (defaults), §1.3 (token columns), §1.4 (σ convention),
+§1.5 (step sizes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Literal, Union
+
+import numpy as np
+
+from .errors import AnelabError
+
+#: Named step-size schedules: multiplier as a function of r = linspace(*scale_range)[i].
+STEP_SCHEDULES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "sqrt": np.sqrt,  # official code (§1.5): 20·√r, concave
+    "linear": lambda r: r,  # what config.py's comment and the paper describe
+    "square": np.square,  # convex
+    "constant": np.ones_like,  # ignores scale_range
+}
+
+StepSchedule = Union[str, Callable[[np.ndarray], np.ndarray]]
+DEFAULT_THRESHOLDS = {0: 0.05, 10: 0.5, 20: 0.8}
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidanceConfig:
+    """Attend-and-Excite settings (reference §1.1). Loop index ``i`` counts iterations
+    over ``scheduler.timesteps`` (SD-1.4 PNDM with 50 steps has 51)."""
+
+    attention_res: int = 16  # side of the attention maps the loss reads (8/16/32/64 at 512 px)
+    thresholds: Mapping[int, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    scale_factor: float = 20.0  # base step size α
+    scale_range: tuple[float, float] = (1.0, 0.5)  # r_i = linspace(*scale_range, n_iterations)[i]
+    step_schedule: StepSchedule = "sqrt"  # α_i = scale_factor · schedule(r_i)
+    max_iter_to_alter: int | None = 25  # regular updates while i < this; None = every iteration
+    max_refinement_steps: int = 20  # cap on refinement updates per threshold step (§1.8)
+    smooth: bool = True  # Gaussian smoothing of each token map before the max
+    kernel_size: int = 3  # odd; reflect padding kernel_size // 2
+    sigma: float = 0.5
+    sigma_convention: Literal["legacy", "standard"] = "legacy"  # legacy: exp(-((x-μ)/(2σ))²) (§1.4)
+    softmax_tokens: Literal["legacy", "prompt"] = "legacy"  # legacy: columns 1..75; prompt: 1..eot-1 (§1.3)
+    temperature: float = 100.0  # the ×100 before the token softmax (§1.3)
+
+    def __post_init__(self):
+        if isinstance(self.attention_res, bool) or not isinstance(self.attention_res, int) or self.attention_res < 1:
+            raise AnelabError(f"attention_res must be a positive int (8, 16, 32 or 64 at 512 px), got {self.attention_res!r}")
+        thresholds = _check_thresholds(self.thresholds)
+        object.__setattr__(self, "thresholds", thresholds)
+        if not _is_number(self.scale_factor) or self.scale_factor < 0:
+            raise AnelabError(f"scale_factor must be a number >= 0, got {self.scale_factor!r}")
+        if (
+            not isinstance(self.scale_range, (tuple, list))
+            or len(self.scale_range) != 2
+            or not all(_is_number(v) and v >= 0 for v in self.scale_range)
+        ):
+            raise AnelabError(f"scale_range must be two numbers >= 0 (start, end), got {self.scale_range!r}")
+        object.__setattr__(self, "scale_range", tuple(float(v) for v in self.scale_range))
+        if isinstance(self.step_schedule, str) and self.step_schedule not in STEP_SCHEDULES:
+            raise AnelabError(
+                f"step_schedule {self.step_schedule!r} is unknown; use one of {sorted(STEP_SCHEDULES)} or a callable"
+            )
+        if not isinstance(self.step_schedule, str) and not callable(self.step_schedule):
+            raise AnelabError(f"step_schedule must be a name or a callable, got {self.step_schedule!r}")
+        if self.max_iter_to_alter is not None and (not _is_int(self.max_iter_to_alter) or self.max_iter_to_alter < 0):
+            raise AnelabError(f"max_iter_to_alter must be an int >= 0 or None, got {self.max_iter_to_alter!r}")
+        if not _is_int(self.max_refinement_steps) or self.max_refinement_steps < 0:
+            raise AnelabError(f"max_refinement_steps must be an int >= 0, got {self.max_refinement_steps!r}")
+        if not _is_int(self.kernel_size) or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise AnelabError(f"kernel_size must be a positive odd int (3, 5, 7, ...), got {self.kernel_size!r}")
+        if not _is_number(self.sigma) or self.sigma <= 0:
+            raise AnelabError(f"sigma must be a number > 0, got {self.sigma!r}")
+        for name, allowed in (("sigma_convention", ("legacy", "standard")), ("softmax_tokens", ("legacy", "prompt"))):
+            if getattr(self, name) not in allowed:
+                raise AnelabError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not _is_number(self.temperature) or self.temperature <= 0:
+            raise AnelabError(f"temperature must be a number > 0, got {self.temperature!r}")
+
+    def step_sizes(self, n_iterations: int) -> np.ndarray:
+        """α_i for every loop index (§1.5): ``scale_factor · schedule(linspace(*scale_range, n))``."""
+        r = np.linspace(self.scale_range[0], self.scale_range[1], n_iterations)
+        schedule = STEP_SCHEDULES[self.step_schedule] if isinstance(self.step_schedule, str) else self.step_schedule
+        multiplier = np.asarray(schedule(r), dtype=np.float64)
+        if multiplier.shape != r.shape or not np.all(np.isfinite(multiplier)):
+            raise AnelabError("step_schedule must map an array of r values to finite multipliers of the same shape")
+        return self.scale_factor * multiplier
+
+    def last_update_iteration(self, n_iterations: int) -> int:
+        """Number of leading loop iterations that get a regular update (``i < this``)."""
+        return n_iterations + 1 if self.max_iter_to_alter is None else self.max_iter_to_alter
+
+    def check_schedule(self, n_iterations: int) -> None:
+        """Threshold steps must exist in a schedule of ``n_iterations`` loop iterations."""
+        late = sorted(i for i in self.thresholds if i >= n_iterations)
+        if late:
+            raise AnelabError(
+                f"threshold steps {late} are beyond the schedule: it has {n_iterations} loop iterations (0..{n_iterations - 1})"
+            )
+
+    def replace(self, **changes) -> "GuidanceConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-able description (a callable schedule is written by its name)."""
+        out = dataclasses.asdict(self)
+        out["thresholds"] = {int(k): float(v) for k, v in self.thresholds.items()}
+        if callable(self.step_schedule):
+            out["step_schedule"] = getattr(self.step_schedule, "__name__", repr(self.step_schedule))
+        return out
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_thresholds(thresholds) -> dict[int, float]:
+    if not isinstance(thresholds, Mapping):
+        raise AnelabError(f"thresholds must be a dict {{loop index: minimum attention}}, got {thresholds!r}")
+    out = {}
+    for step, value in thresholds.items():
+        if not _is_int(step) or step < 0:
+            raise AnelabError(f"threshold steps must be ints >= 0 (loop indices), got {step!r}")
+        if not _is_number(value) or not 0 <= value <= 1:
+            raise AnelabError(f"thresholds must lie in [0, 1], got {value!r} at step {step}")
+        out[int(step)] = float(value)
+    return dict(sorted(out.items()))
+
+
+def parse_thresholds(text: str) -> dict[int, float]:
+    """``"0:0.05,10:0.5,20:0.8"`` → ``{0: 0.05, 10: 0.5, 20: 0.8}``; ``""`` → ``{}``."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            step, value = part.split(":")
+            out[int(step)] = float(value)
+        except ValueError:
+            raise AnelabError(f"thresholds must look like '0:0.05,10:0.5,20:0.8', got {text!r}") from None
+    return _check_thresholds(out)

@@ -1,0 +1,65 @@
+"""Pure functions of attention maps: Gaussian smoothing, token re-normalisation, the excite loss.
+
+Reference: attend_and_excite.md §1.3 (re-normalisation), §1.4 (smoothing), §1.5 (loss).
+Shapes: ``B`` samples, ``T`` subject tokens, ``h×w`` attention grid, ``S`` = 77 text positions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import GuidanceConfig
+
+
+@functools.lru_cache(maxsize=32)
+def gaussian_kernel(kernel_size: int = 3, sigma: float = 0.5, convention: str = "legacy") -> torch.Tensor:
+    """2-D Gaussian weights [k, k] (fp32, sum 1); ``legacy`` is the official σ_eff = σ·√2 (§1.4).
+
+    Computed in the official order of operations, so the weights match it bit for bit.
+    """
+    x = torch.arange(kernel_size, dtype=torch.float32) - (kernel_size - 1) / 2
+    width = 2 * sigma if convention == "legacy" else sigma * math.sqrt(2)  # legacy: exp(-((x-μ)/(2σ))²)
+    g = 1 / (sigma * math.sqrt(2 * math.pi)) * torch.exp(-((x / width) ** 2))
+    kernel = g[:, None] * g[None, :]
+    return kernel / kernel.sum()
+
+
+def smooth(maps: torch.Tensor, kernel_size: int = 3, sigma: float = 0.5, convention: str = "legacy") -> torch.Tensor:
+    """Gaussian-smooth maps [..., h, w] with reflect padding ``kernel_size // 2`` (§1.4)."""
+    *lead, h, w = maps.shape
+    pad = kernel_size // 2
+    if pad >= min(h, w):
+        raise ValueError(f"kernel_size {kernel_size} is too large for {h}x{w} attention maps (reflect padding needs < {min(h, w)})")
+    weight = gaussian_kernel(kernel_size, sigma, convention).to(maps.device, maps.dtype)[None, None]
+    x = F.pad(maps.reshape(-1, 1, h, w), (pad, pad, pad, pad), mode="reflect")
+    return F.conv2d(x, weight).reshape(*lead, h, w)
+
+
+def token_columns(mode: str, eot_index: int, n_positions: int = 77) -> slice:
+    """Text positions entering the token softmax (§1.3): legacy 1..n-2, prompt 1..eot-1."""
+    return slice(1, n_positions - 1) if mode == "legacy" else slice(1, eot_index)
+
+
+def renormalise(maps: torch.Tensor, token_indices: list[int], columns: slice, temperature: float = 100.0) -> torch.Tensor:
+    """Drop ``<sot>``, softmax(×temperature) over ``columns``, pick tokens: [B,h,w,S] → [B,T,h,w] (§1.3)."""
+    probs = torch.softmax(maps[..., columns] * temperature, dim=-1)
+    picked = probs[..., [i - columns.start for i in token_indices]]  # [B, h, w, T]
+    return picked.permute(0, 3, 1, 2)
+
+
+def max_attention(maps: torch.Tensor, token_indices: list[int], eot_index: int, config: GuidanceConfig) -> torch.Tensor:
+    """Smoothed max attention per token, [B,h,w,S] → [B,T]: the quantity A&E excites (§1.3-1.4)."""
+    columns = token_columns(config.softmax_tokens, eot_index, maps.shape[-1])
+    token_maps = renormalise(maps, token_indices, columns, config.temperature)
+    if config.smooth:
+        token_maps = smooth(token_maps, config.kernel_size, config.sigma, config.sigma_convention)
+    return token_maps.flatten(2).amax(dim=-1)
+
+
+def excite_loss(max_per_token: torch.Tensor) -> torch.Tensor:
+    """A&E loss per sample, ``max_s max(0, 1 − m_s)``: only the most neglected token counts (§1.5). [B,T] → [B]."""
+    return (1.0 - max_per_token).clamp(min=0).amax(dim=-1)

@@ -1,0 +1,151 @@
+"""Offline, randomly initialised stand-ins for the real models (seconds on a CPU, no download).
+
+``tiny_pipeline()`` is an SD-1.x-shaped ``StableDiffusionPipeline``: cross-attention in three down
+blocks, the mid block and three up blocks (at 512 px: 64, 32, 16 and 8), a small VAE with SD's ×8
+down-sampling, a small CLIP text encoder, SD-1.4's PNDM scheduler configuration and a CLIP-style
+BPE tokenizer over ``assets/tiny_vocab.txt``. Numbers it produces are meaningless; it exists to run
+every code path end to end.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+import torch
+
+#: SD-1.4's scheduler configuration (scheduler/scheduler_config.json of CompVis/stable-diffusion-v1-4).
+SD14_PNDM_CONFIG = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    skip_prk_steps=True,
+    steps_offset=1,
+    set_alpha_to_one=False,
+    clip_sample=False,
+    trained_betas=None,
+)
+
+#: Cross-attention query/key weights are multiplied by this after random initialisation, so that
+#: attention is peaked enough for the A&E loss to respond to the latent (plain random init gives
+#: near-uniform attention: loss ≈ 0.985, and no step moves it).
+CROSS_ATTENTION_GAIN = 6.0
+
+SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+
+
+def vocabulary_words() -> list[str]:
+    text = resources.files("anelab").joinpath("assets/tiny_vocab.txt").read_text()
+    lines = (line.split("#")[0] for line in text.splitlines())
+    return sorted({word for line in lines for word in line.split()})
+
+
+@functools.lru_cache(maxsize=1)
+def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP-style byte-level BPE vocabulary in which every vocabulary word is a single token."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    base = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    for word in vocabulary_words():  # left-to-right prefix merges: c·a → ca, ca·t</w> → cat</w>
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            if pair not in merges:
+                merges.append(pair)
+            symbols = [symbols[0] + symbols[1]] + symbols[2:]
+    merges.sort(key=lambda pair: len(pair[0]))  # shorter prefixes first
+    for _ in range(10):  # a merge of another word may fire first: add the joins that word then needs
+        vocab = _vocab(base, merges)
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=list(merges))
+        broken = 0
+        for word in vocabulary_words():
+            pieces = tokenizer.tokenize(word)
+            while len(pieces) > 1:
+                broken += 1
+                merges.append((pieces[0], pieces[1]))
+                pieces = [pieces[0] + pieces[1]] + pieces[2:]
+        if not broken:
+            return vocab, merges
+    raise RuntimeError("could not build a tokenizer in which every vocabulary word is one token")
+
+
+def _vocab(base: list[str], merges: list[tuple[str, str]]) -> dict[str, int]:
+    tokens = list(dict.fromkeys(base + [a + b for a, b in merges] + [SOT, EOT]))
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def tiny_tokenizer():
+    """A ``CLIPTokenizer`` (77 positions, pads with ``<|endoftext|>`` like SD 1.x)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _vocab_and_merges()
+    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=77)
+
+
+def tiny_pipeline(seed: int = 0, cross_attention_gain: float = CROSS_ATTENTION_GAIN):
+    """Random SD-1.x-shaped ``StableDiffusionPipeline`` on CPU, fp32, built offline."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=32,
+            attention_head_dim=2,  # SD-1.x naming: number of heads
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(8, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                projection_dim=32,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        with torch.no_grad():
+            for name, module in unet.named_modules():
+                if name.endswith("attn2"):
+                    module.to_q.weight.mul_(cross_attention_gain)
+                    module.to_k.weight.mul_(cross_attention_gain)
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=PNDMScheduler.from_config(SD14_PNDM_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
