@@ -1,0 +1,42 @@
+"""The A&E evaluation prompt set (reference §4): categories, subject nouns, metric sub-prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import AnelabError
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+CATEGORIES = ("animal_animal", "animal_object", "object_object")
+
+
+def load_prompts(path: str | Path | None = None, categories=CATEGORIES, limit: int | None = None) -> pd.DataFrame:
+    """Table of prompts: ``prompt, category, tokens`` (subject nouns, reference §4), file order.
+
+    ``limit`` keeps the first ``limit`` prompts of each category.
+    """
+    path = Path(path) if path else DATA_DIR / "ane_prompts.json"
+    if not path.is_file():
+        raise AnelabError(f"prompt file {str(path)!r} does not exist")
+    data = json.loads(path.read_text())
+    unknown = set(categories) - set(data["prompts"])
+    if unknown:
+        raise AnelabError(f"unknown prompt categories {sorted(unknown)}; the file has {sorted(data['prompts'])}")
+    nouns = set(data["animals"]) | set(data["objects"])
+    rows = []
+    for category in categories:
+        for prompt in data["prompts"][category][:limit]:
+            rows.append({"prompt": prompt, "category": category, "tokens": [w for w in prompt.split() if w in nouns]})
+    return pd.DataFrame(rows)
+
+
+def sub_prompts(prompt: str) -> tuple[str, str] | None:
+    """The two halves the minimum-object metric scores (reference §2.1): split on " and ", else " with "."""
+    for separator in (" and ", " with "):
+        if separator in prompt:
+            first, second = prompt.split(separator, 1)
+            return first, second
+    return None

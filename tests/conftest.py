@@ -1,0 +1,21 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("MPLBACKEND", "agg")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    import anelab
+
+    return anelab.load_pipeline("tiny")
+
+
+@pytest.fixture(scope="session")
+def ane_prompts():
+    from anelab.prompts import load_prompts
+
+    return load_prompts()
