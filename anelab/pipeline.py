@@ -107,7 +107,7 @@ def generate(
     """
     plan = _plan(pipe, prompt, tokens, seeds, config, num_inference_steps, guidance_scale, height, width, output_type)
     if record is not None:
-        raise AnelabError("record= is not supported yet")
+        raise AnelabError("record= (attention recording) is not available in this version of anelab; pass record=None")
     start = time.perf_counter()
     with torch.no_grad(), _frozen(pipe.unet), hk.attention_capture(pipe.unet, plan.guidance_layers) as hooks:
         sampler = _Sampler(pipe, plan, hooks)
