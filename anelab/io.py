@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -10,35 +11,30 @@ from pathlib import Path
 import pandas as pd
 
 
-def _temporary(path: Path) -> Path:
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    return Path(tmp)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
     """Write ``frame`` to ``path`` atomically."""
-    path = Path(path)
-    tmp = _temporary(path)
-    try:
+    with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def save_images(images: Sequence, paths: Sequence[Path]) -> list[Path]:
     """Save PIL images to ``paths`` (format from the suffix), each atomically."""
-    written = []
     for image, path in zip(images, paths, strict=True):
-        path = Path(path)
-        tmp = _temporary(path)
-        try:
-            image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        written.append(path)
-    return written
+        with atomic_path(path) as tmp:
+            image.save(tmp, format=Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+    return [Path(p) for p in paths]

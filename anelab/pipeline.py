@@ -82,7 +82,6 @@ class _Plan:
     width: int
     timesteps: list[int]
     step_sizes: np.ndarray
-    layers: list[hk.Layer]  # every cross-attention layer at this image size
     guidance_layers: list[hk.Layer]  # those at config.attention_res, execution order
 
 
@@ -283,8 +282,11 @@ class _Sampler:
         plan = self.plan
         n_seeds, n_tokens = len(plan.seeds), len(plan.token_indices)
         frames = []
+
+        def per_sample(values):  # [B] → [B·T]
+            return np.repeat(values, n_tokens)
+
         for row in self.rows:
-            per_sample = lambda a: np.repeat(a, n_tokens)  # noqa: E731 — [B] → [B·T]
             reached = pd.array([pd.NA] * n_seeds * n_tokens if row["reached"] is None else per_sample(row["reached"]), dtype="boolean")
             frames.append(
                 pd.DataFrame(
@@ -375,7 +377,6 @@ def _plan(pipe, prompt, tokens, seeds, config, steps, guidance_scale, height, wi
         width=int(width),
         timesteps=timesteps,
         step_sizes=step_sizes,
-        layers=layers,
         guidance_layers=guidance_layers,
     )
 
@@ -383,7 +384,7 @@ def _plan(pipe, prompt, tokens, seeds, config, steps, guidance_scale, height, wi
 def _check_seeds(seeds) -> list[int]:
     if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
         seeds = [seeds]
-    seeds = list(seeds) if isinstance(seeds, Sequence) or hasattr(seeds, "__iter__") else None
+    seeds = list(seeds) if hasattr(seeds, "__iter__") else []
     if not seeds:
         raise AnelabError("seeds must be a non-empty list of ints")
     if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in seeds):
