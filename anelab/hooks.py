@@ -3,7 +3,10 @@
 A :class:`CaptureProcessor` sits on each cross-attention layer (``attn2``) that some caller may
 want to read. While a *sink* is registered for its layer it computes softmax(QKᵀ·scale)
 explicitly and hands the probabilities ``[B, heads, h·w, S]`` to the sink; otherwise it calls the
-layer's original (fused SDPA) processor, so unread layers cost nothing extra. Hook names are the
+layer's original (fused SDPA) processor, so unread layers cost nothing extra. Guidance reads
+through the explicit output (gradients flow through the probabilities); recording only
+*observes* (the output stays the fused one, so a recorded sample is bit-identical to an
+unrecorded one). Hook names are the
 diffusers module paths minus ``.processor`` (reference §1.2 for what A&E reads).
 """
 
@@ -70,29 +73,27 @@ def layers_at(layers: Iterable[Layer], res: int) -> list[Layer]:
     return [layer for layer in layers if layer.res == res]
 
 
-def explicit_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-    """Same result as diffusers' ``AttnProcessor2_0`` but returns the probabilities too.
-
-    Returns ``(output, probs)`` with probs ``[B, heads, query, key]``; scores and softmax in fp32.
-    """
-    residual = hidden_states
+def _scores_inputs(attn, hidden_states, encoder_hidden_states, temb):
+    """The processor's preamble: 3-D hidden states ``[B, n, c]`` and the text context, normalised as diffusers does."""
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
-    input_ndim = hidden_states.ndim
-    if input_ndim == 4:
-        b, c, hh, ww = hidden_states.shape
-        hidden_states = hidden_states.view(b, c, hh * ww).transpose(1, 2)
-    batch = hidden_states.shape[0]
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.flatten(2).transpose(1, 2)
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    query = attn.to_q(hidden_states)
     if encoder_hidden_states is None:
         encoder_hidden_states = hidden_states
     elif attn.norm_cross:
         encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-    head_dim = key.shape[-1] // attn.heads
-    query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+    return hidden_states, encoder_hidden_states
+
+
+def _heads(attn, x: torch.Tensor, batch: int) -> torch.Tensor:
+    return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)  # [B, heads, n, d]
+
+
+def _probs(attn, query: torch.Tensor, key: torch.Tensor, attention_mask, batch: int) -> torch.Tensor:
+    """softmax(QKᵀ·scale) in fp32: [B, heads, query, key]."""
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
@@ -103,12 +104,31 @@ def explicit_attention(attn, hidden_states, encoder_hidden_states=None, attentio
     else:
         mask = attn.prepare_attention_mask(attention_mask, k.shape[1], batch).float()
         scores = torch.baddbmm(mask, q, k.transpose(-1, -2), beta=1, alpha=attn.scale)
-    probs = scores.softmax(dim=-1).unflatten(0, (batch, attn.heads))  # [B, heads, q, k]
+    return scores.softmax(dim=-1).unflatten(0, (batch, attn.heads))
+
+
+def attention_probs(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None) -> torch.Tensor:
+    """The layer's attention probabilities ``[B, heads, query, key]`` (fp32), without its output."""
+    x, context = _scores_inputs(attn, hidden_states, encoder_hidden_states, temb)
+    batch = x.shape[0]
+    return _probs(attn, _heads(attn, attn.to_q(x), batch), _heads(attn, attn.to_k(context), batch), attention_mask, batch)
+
+
+def explicit_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+    """Same result as diffusers' ``AttnProcessor2_0`` but returns the probabilities too.
+
+    Returns ``(output, probs)`` with probs ``[B, heads, query, key]``; scores and softmax in fp32.
+    """
+    residual = hidden_states
+    x, context = _scores_inputs(attn, hidden_states, encoder_hidden_states, temb)
+    batch = x.shape[0]
+    query, key, value = (_heads(attn, proj, batch) for proj in (attn.to_q(x), attn.to_k(context), attn.to_v(context)))
+    probs = _probs(attn, query, key, attention_mask, batch)
     out = torch.matmul(probs.to(value.dtype), value)
-    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * value.shape[-1])
     out = attn.to_out[1](attn.to_out[0](out))
-    if input_ndim == 4:
-        out = out.transpose(-1, -2).reshape(b, c, hh, ww)
+    if residual.ndim == 4:
+        out = out.transpose(-1, -2).reshape(residual.shape)
     if attn.residual_connection:
         out = out + residual
     return out / attn.rescale_output_factor, probs
@@ -120,17 +140,23 @@ class AttentionHooks:
     def __init__(self):
         self.sinks: dict[str, Sink] = {}
         self.stop_after: str | None = None
+        self.observe: slice | None = None
 
     @contextlib.contextmanager
-    def reading(self, sinks: dict[str, Sink], stop_after: str | None = None):
-        """Route the named layers to their sinks for one forward; optionally stop after ``stop_after``."""
-        self.sinks, self.stop_after = sinks, stop_after
+    def reading(self, sinks: dict[str, Sink], stop_after: str | None = None, observe: slice | None = None):
+        """Route the named layers to their sinks for one forward.
+
+        ``stop_after``: end the forward after that layer (guidance reads nothing later).
+        ``observe``: only watch these batch rows — each layer's output still comes from its own
+        processor, so the forward's result is exactly what it is without hooks (recording).
+        """
+        self.sinks, self.stop_after, self.observe = sinks, stop_after, observe
         try:
             yield
         except StopForward:
             pass
         finally:
-            self.sinks, self.stop_after = {}, None
+            self.sinks, self.stop_after, self.observe = {}, None, None
 
 
 class CaptureProcessor:
@@ -143,6 +169,13 @@ class CaptureProcessor:
         sink = self.hooks.sinks.get(self.name)
         if sink is None:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        rows = self.hooks.observe
+        if rows is not None:
+            out = self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            mask = None if attention_mask is None else attention_mask[rows]
+            context = None if encoder_hidden_states is None else encoder_hidden_states[rows]
+            sink(self.name, attention_probs(attn, hidden_states[rows], context, mask, None if temb is None else temb[rows]))
+            return out
         out, probs = explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         sink(self.name, probs)
         if self.name == self.hooks.stop_after:

@@ -63,3 +63,20 @@ def max_attention(maps: torch.Tensor, token_indices: list[int], eot_index: int, 
 def excite_loss(max_per_token: torch.Tensor) -> torch.Tensor:
     """A&E loss per sample, ``max_s max(0, 1 − m_s)``: only the most neglected token counts (§1.5). [B,T] → [B]."""
     return (1.0 - max_per_token).clamp(min=0).amax(dim=-1)
+
+
+def token_statistics(maps: torch.Tensor, token_indices: list[int], eot_index: int, config: GuidanceConfig) -> dict[str, torch.Tensor]:
+    """Per-token scalars of maps [B,h,w,S], each [B,T]: what the attention trends plot.
+
+    ``max_attention``: the smoothed max under the loss's own normalisation (NaN for a token
+    outside the softmax columns, e.g. ``<eot>`` with ``softmax_tokens="prompt"``); ``raw_max``: the
+    max of the raw probability; ``mass``: its mean over the grid (the token's share of attention).
+    """
+    columns = token_columns(config.softmax_tokens, eot_index, maps.shape[-1])
+    raw = maps[..., token_indices].flatten(1, 2)  # [B, h·w, T]
+    inside = [columns.start <= i < columns.stop for i in token_indices]
+    smoothed = torch.full(raw.shape[::2], float("nan"), dtype=maps.dtype, device=maps.device)
+    if any(inside):
+        picked = [i for i, ok in zip(token_indices, inside) if ok]
+        smoothed[:, torch.tensor(inside)] = max_attention(maps, picked, eot_index, config)
+    return {"max_attention": smoothed, "raw_max": raw.amax(dim=1), "mass": raw.mean(dim=1)}

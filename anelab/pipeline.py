@@ -31,6 +31,8 @@ from . import hooks as hk
 from .config import GuidanceConfig
 from .errors import AnelabError
 from .objectives import excite_loss, max_attention
+from .cache import AttentionCache
+from .recording import Record, Recorder, RecordPlan, plan_record
 from .tokens import eot_index, prompt_tokens, resolve_tokens
 
 TRACE_COLUMNS = [
@@ -55,7 +57,7 @@ class GuidedOutput:
     images: list | np.ndarray | torch.Tensor | None
     latents: torch.Tensor  # [n_seeds, 4, h/8, w/8], final
     trace: pd.DataFrame  # one row per (seed, guided step, token), columns TRACE_COLUMNS
-    attention: object | None = None  # AttentionCache when record= was given
+    attention: AttentionCache | None = None  # when record= was given
     seeds: list[int] = dataclasses.field(default_factory=list)
     prompt: str = ""
     token_indices: list[int] = dataclasses.field(default_factory=list)
@@ -83,6 +85,7 @@ class _Plan:
     timesteps: list[int]
     step_sizes: np.ndarray
     guidance_layers: list[hk.Layer]  # those at config.attention_res, execution order
+    record: RecordPlan | None  # what to record of the CFG forward
 
 
 def generate(
@@ -96,31 +99,39 @@ def generate(
     height: int | None = None,
     width: int | None = None,
     output_type: str = "pil",
-    record=None,
+    record: Record | None = None,
     progress: bool = True,
 ) -> GuidedOutput:
     """Sample ``prompt`` for every seed at once; A&E-guided on ``tokens`` unless ``config`` is None.
 
     ``tokens`` are words of the prompt or CLIP positions (``<sot>`` = 0). ``config=None`` is plain
-    Stable Diffusion with the same seeds. See the module docstring for the loop.
+    Stable Diffusion with the same seeds. ``record=Record(...)`` keeps cross-attention maps and
+    token statistics of the CFG forward in ``out.attention``. See the module docstring for the loop.
     """
-    plan = _plan(pipe, prompt, tokens, seeds, config, num_inference_steps, guidance_scale, height, width, output_type)
-    if record is not None:
-        raise AnelabError("record= (attention recording) is not available in this version of anelab; pass record=None")
+    plan = _plan(pipe, prompt, tokens, seeds, config, num_inference_steps, guidance_scale, height, width, output_type, record)
+    recorder = Recorder(plan.record, prompt, plan.seeds) if plan.record else None
+    hooked = plan.guidance_layers + (plan.record.layers if plan.record else [])
     start = time.perf_counter()
-    with torch.no_grad(), _frozen(pipe.unet), hk.attention_capture(pipe.unet, plan.guidance_layers) as hooks:
-        sampler = _Sampler(pipe, plan, hooks)
+    with torch.no_grad(), _frozen(pipe.unet), hk.attention_capture(pipe.unet, hooked) as hooks:
+        sampler = _Sampler(pipe, plan, hooks, recorder)
         latents = sampler.run(num_inference_steps, progress)
         images = None if output_type == "latent" else _decode(pipe, latents, output_type)
+    seconds = time.perf_counter() - start
+    attention = None
+    if recorder:
+        meta = {"config": None if config is None else config.to_dict(), "record": record.to_dict(), "guidance_scale": float(guidance_scale),
+                "height": plan.height, "width": plan.width, "num_inference_steps": int(num_inference_steps)}  # fmt: skip
+        attention = recorder.cache(meta)
     return GuidedOutput(
         images=images,
         latents=latents,
         trace=sampler.trace(),
+        attention=attention,
         seeds=plan.seeds,
         prompt=prompt,
         token_indices=plan.token_indices,
         timesteps=plan.timesteps,
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
     )
 
 
@@ -141,8 +152,8 @@ class _Measure:
 class _Sampler:
     """The denoising loop of one :func:`generate` call (module docstring)."""
 
-    def __init__(self, pipe, plan: _Plan, hooks: hk.AttentionHooks):
-        self.pipe, self.plan, self.hooks, self.unet = pipe, plan, hooks, pipe.unet
+    def __init__(self, pipe, plan: _Plan, hooks: hk.AttentionHooks, recorder: Recorder | None = None):
+        self.pipe, self.plan, self.hooks, self.unet, self.recorder = pipe, plan, hooks, pipe.unet, recorder
         self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # stateful: own copy
         self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
         self.cfg = plan.guidance_scale > 1.0
@@ -160,7 +171,7 @@ class _Sampler:
         for i, t in enumerate(tqdm(self.scheduler.timesteps, desc=label, disable=not progress, leave=False)):
             if self.config is not None and (i < self.last_update or i in self.config.thresholds):
                 z = self.guide(z, i, t)
-            z = self.denoise(z, t)
+            z = self.denoise(z, i, t)
         return z
 
     def initial_latents(self) -> torch.Tensor:
@@ -174,16 +185,21 @@ class _Sampler:
         ]
         return torch.cat(noise) * self.scheduler.init_noise_sigma
 
-    def denoise(self, z: torch.Tensor, t) -> torch.Tensor:
-        """CFG noise prediction on the (updated) latent, then the scheduler step."""
+    def denoise(self, z: torch.Tensor, i: int, t) -> torch.Tensor:
+        """CFG noise prediction on the (updated) latent, then the scheduler step; the recorder
+        watches the conditional rows of this forward at recorded steps."""
         n = len(z)
-        if self.cfg:
-            x = self.scheduler.scale_model_input(torch.cat([z, z]), t)
-            context = torch.cat([self.uncond.expand(n, -1, -1), self.cond.expand(n, -1, -1)])
-            uncond, cond = self.unet(x, t, encoder_hidden_states=context).sample.chunk(2)
-            eps = uncond + self.plan.guidance_scale * (cond - uncond)
-        else:
-            eps = self.unet(self.scheduler.scale_model_input(z, t), t, encoder_hidden_states=self.cond.expand(n, -1, -1)).sample
+        sinks = self.recorder.sinks(i) if self.recorder else {}
+        with self.hooks.reading(sinks, observe=slice(n, 2 * n) if self.cfg else slice(0, n)):
+            if self.cfg:
+                x = self.scheduler.scale_model_input(torch.cat([z, z]), t)
+                context = torch.cat([self.uncond.expand(n, -1, -1), self.cond.expand(n, -1, -1)])
+                uncond, cond = self.unet(x, t, encoder_hidden_states=context).sample.chunk(2)
+                eps = uncond + self.plan.guidance_scale * (cond - uncond)
+            else:
+                eps = self.unet(self.scheduler.scale_model_input(z, t), t, encoder_hidden_states=self.cond.expand(n, -1, -1)).sample
+        if sinks:
+            self.recorder.end_step(i, t)
         return self.scheduler.step(eps, t, z).prev_sample
 
     # -- Attend-and-Excite ---------------------------------------------------------------------
@@ -323,7 +339,7 @@ def _empty_trace() -> pd.DataFrame:
 
 
 # -- preparation ---------------------------------------------------------------------------------
-def _plan(pipe, prompt, tokens, seeds, config, steps, guidance_scale, height, width, output_type) -> _Plan:
+def _plan(pipe, prompt, tokens, seeds, config, steps, guidance_scale, height, width, output_type, record=None) -> _Plan:
     """Validate every argument before any denoising (each failure is one clear AnelabError)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise AnelabError(f"prompt must be a non-empty string, got {prompt!r}")
@@ -365,11 +381,14 @@ def _plan(pipe, prompt, tokens, seeds, config, steps, guidance_scale, height, wi
             raise AnelabError(f"kernel_size {config.kernel_size} is too large for {h}x{w} attention maps (at most {2 * min(h, w) - 1})")
         config.check_schedule(len(timesteps))
         step_sizes = config.step_sizes(len(timesteps))
+    eot = eot_index(pipe.tokenizer, prompt)
+    if record is not None:
+        record = plan_record(record, pipe, prompt, token_indices, eot, seeds, timesteps, layers, config, height, width)
     return _Plan(
         prompt=prompt,
         token_indices=token_indices,
         token_words=words,
-        eot=eot_index(pipe.tokenizer, prompt),
+        eot=eot,
         seeds=seeds,
         config=config,
         guidance_scale=float(guidance_scale),
@@ -378,6 +397,7 @@ def _plan(pipe, prompt, tokens, seeds, config, steps, guidance_scale, height, wi
         timesteps=timesteps,
         step_sizes=step_sizes,
         guidance_layers=guidance_layers,
+        record=record,
     )
 
 

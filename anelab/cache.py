@@ -1,0 +1,212 @@
+"""`AttentionCache`: the cross-attention one :func:`anelab.generate` call recorded.
+
+A small class around a dict keyed by ``(step, layer)``: each value is the head-averaged
+probability map of the recorded tokens for every seed, ``[n_seeds, h, w, K]``, detached, on the
+CPU. Token statistics (smoothed max as the A&E loss sees it, raw max, mass) come as a long-form
+pandas frame. Saved as safetensors + parquet + a JSON manifest; never pickled objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .errors import AnelabError
+from .hooks import Layer
+
+STAT_COLUMNS = ["max_attention", "raw_max", "mass"]
+FRAME_COLUMNS = [
+    "prompt", "seed", "step", "timestep",
+    "layer",  # diffusers module path, or "mean" for the mean over the resolution's layers (what the loss reads)
+    "place", "res", "token_index", "token",
+    "subject",  # a token the run was asked to guide (tokens=)
+    *STAT_COLUMNS,
+]  # fmt: skip
+MEAN = "mean"
+_MANIFEST, _MAPS, _STATS = "manifest.json", "maps.safetensors", "stats.parquet"
+
+
+class AttentionCache:
+    """Recorded cross-attention of one generate call: maps by ``(step, layer)`` and token statistics.
+
+    ``cache[step, layer]`` is ``[n_seeds, h, w, K]`` over the recorded tokens ``cache.tokens``
+    (position → word); ``cache.maps(...)`` picks one ``[h, w]`` map; ``cache.stats()`` and
+    ``cache.to_frame()`` are the statistics as pandas (columns ``FRAME_COLUMNS``).
+    """
+
+    def __init__(
+        self,
+        *,
+        prompt: str,
+        seeds: list[int],
+        tokens: dict[int, str],
+        subjects: list[int],
+        timesteps: dict[int, int],
+        layers: list[Layer],
+        heads: dict[str, int],
+        maps: dict[tuple[int, str], torch.Tensor],
+        stats: pd.DataFrame,
+        meta: dict | None = None,
+    ):
+        self.prompt, self.seeds, self.tokens, self.subjects = prompt, list(seeds), dict(tokens), list(subjects)
+        self.timesteps = dict(timesteps)  # recorded loop index → scheduler timestep
+        self.layers, self.heads = list(layers), dict(heads)
+        self._maps, self._stats, self.meta = maps, stats, dict(meta or {})
+
+    # -- what is there ------------------------------------------------------------------------
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.timesteps)
+
+    @property
+    def resolutions(self) -> list[int]:
+        return sorted({layer.res for layer in self.layers}, reverse=True)
+
+    def layers_at(self, res: int) -> list[Layer]:
+        return [layer for layer in self.layers if layer.res == res]
+
+    @property
+    def has_maps(self) -> bool:
+        return bool(self._maps)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the maps."""
+        return sum(t.numel() * t.element_size() for t in self._maps.values())
+
+    def keys(self) -> Iterator[tuple[int, str]]:
+        return iter(self._maps)
+
+    def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
+        if key not in self._maps:
+            raise KeyError(f"no map recorded for {key!r}" + ("" if self._maps else " (recorded with maps=False)"))
+        return self._maps[key]
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __repr__(self) -> str:
+        return (
+            f"AttentionCache({self.prompt!r}, seeds={self.seeds}, steps={len(self.steps)}, resolutions={self.resolutions}, "
+            f"tokens={list(self.tokens.values())}, maps={len(self._maps)} ({self.nbytes / 2**20:.1f} MiB))"
+        )
+
+    # -- reading ------------------------------------------------------------------------------
+    def maps(self, *, token: str | int, step: int, res: int | None = None, layer: str | None = None, seed: int | None = None) -> torch.Tensor:
+        """One map ``[h, w]`` (fp32): a layer's head mean, or (``layer=None``) the mean over every
+        (layer, head) at ``res`` — the map the A&E loss reads, before its token re-normalisation."""
+        if not self._maps:
+            raise AnelabError("this recording holds statistics only (Record(maps=False)); record with maps=True to get maps")
+        column = list(self.tokens).index(self.token_index(token))
+        row = self.seed_row(seed)
+        if step not in self.timesteps:
+            raise AnelabError(f"step {step} was not recorded; recorded steps are {self.steps}")
+        if layer is not None and layer != MEAN:
+            found = [item for item in self.layers if item.name == layer]
+            if not found:
+                raise AnelabError(f"layer {layer!r} was not recorded; recorded layers are {[item.name for item in self.layers]}")
+            if res is not None and found[0].res != res:
+                raise AnelabError(f"layer {layer!r} is at resolution {found[0].res}, not {res}")
+            return self._maps[step, layer][row, ..., column].float()
+        if res not in self.resolutions:
+            raise AnelabError(f"resolution {res!r} was not recorded; recorded resolutions are {self.resolutions}")
+        layers = self.layers_at(res)
+        weights = torch.tensor([self.heads[item.name] for item in layers], dtype=torch.float32)
+        stacked = torch.stack([self._maps[step, item.name][row, ..., column].float() for item in layers])
+        return (stacked * weights[:, None, None]).sum(0) / weights.sum()
+
+    def token_index(self, token: str | int) -> int:
+        """A recorded token's position, from its word or position."""
+        if isinstance(token, int) and not isinstance(token, bool) and token in self.tokens:
+            return token
+        hits = [i for i, word in self.tokens.items() if word == str(token).strip().lower()]
+        if len(hits) != 1:
+            listing = " ".join(f"{i}:{w}" for i, w in self.tokens.items())
+            raise AnelabError(f"token {token!r} was not recorded (or is ambiguous); recorded tokens are {listing}")
+        return hits[0]
+
+    def seed_row(self, seed: int | None) -> int:
+        if seed is None:
+            if len(self.seeds) > 1:
+                raise AnelabError(f"this recording holds seeds {self.seeds}; pass seed=")
+            return 0
+        if seed not in self.seeds:
+            raise AnelabError(f"seed {seed!r} was not recorded; recorded seeds are {self.seeds}")
+        return self.seeds.index(seed)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Token statistics, long form: one row per (seed, step, layer or resolution mean, token)."""
+        return self._stats.copy()
+
+    def stats(self) -> pd.DataFrame:
+        """Per (seed, step, resolution, token) statistics of the mean map the loss reads (``layer == "mean"``)."""
+        frame = self._stats[self._stats.layer == MEAN]
+        return frame.drop(columns=["layer", "place"]).reset_index(drop=True)
+
+    # -- files --------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write maps (safetensors), statistics (parquet) and a JSON manifest into ``directory``, whole or not at all."""
+        from safetensors.torch import save_file
+
+        target = Path(directory)
+        if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / _MANIFEST).exists())):
+            raise AnelabError(f"{target} exists and is not an attention cache; choose an empty or new directory")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            save_file({f"{step}|{name}": t.contiguous() for (step, name), t in self._maps.items()}, tmp / _MAPS)
+            self._stats.to_parquet(tmp / _STATS, index=False)
+            (tmp / _MANIFEST).write_text(json.dumps(self._manifest(), indent=1))
+            if target.exists():
+                old = target.with_name(f".{target.name}.old")
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def _manifest(self) -> dict:
+        return {
+            "format": "anelab.AttentionCache/1",
+            "prompt": self.prompt,
+            "seeds": self.seeds,
+            "tokens": [[i, word] for i, word in self.tokens.items()],
+            "subjects": self.subjects,
+            "timesteps": [[step, t] for step, t in self.timesteps.items()],
+            "layers": [{"name": x.name, "place": x.place, "shape": list(x.shape), "heads": self.heads[x.name]} for x in self.layers],
+            "maps": [[step, name] for step, name in self._maps],
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> AttentionCache:
+        """Read a cache written by :meth:`save`."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / _MANIFEST).is_file():
+            raise AnelabError(f"{directory} is not a saved attention cache (no {_MANIFEST})")
+        manifest = json.loads((directory / _MANIFEST).read_text())
+        tensors = load_file(directory / _MAPS)
+        return cls(
+            prompt=manifest["prompt"],
+            seeds=manifest["seeds"],
+            tokens={int(i): word for i, word in manifest["tokens"]},
+            subjects=manifest["subjects"],
+            timesteps={int(step): int(t) for step, t in manifest["timesteps"]},
+            layers=[Layer(x["name"], x["place"], tuple(x["shape"])) for x in manifest["layers"]],
+            heads={x["name"]: x["heads"] for x in manifest["layers"]},
+            maps={(int(step), name): tensors[f"{step}|{name}"] for step, name in manifest["maps"]},
+            stats=pd.read_parquet(directory / _STATS),
+            meta=manifest["meta"],
+        )

@@ -1,0 +1,217 @@
+"""`Record`: what to record of a :func:`anelab.generate` run, and the sink that records it.
+
+The recorder watches the **conditional half of the CFG forward** of each recorded loop
+iteration — the forward that predicts the noise, on the latent after any A&E update — so no
+extra UNet pass runs and the samples are bit-identical to an unrecorded run (the layers keep
+their fused output; the probabilities are computed beside it). Per layer it keeps the head mean
+of the recorded tokens' maps; per resolution it computes the token statistics of the mean over
+every (layer, head) at that resolution, normalised exactly as the A&E loss normalises (§1.2-1.4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import hooks as hk
+from .cache import FRAME_COLUMNS, MEAN, AttentionCache
+from .config import GuidanceConfig
+from .errors import AnelabError
+from .objectives import token_statistics
+from .tokens import prompt_tokens, resolve_tokens
+
+TOKEN_CHOICES = ("subjects", "prompt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """What ``generate(..., record=Record(...))`` keeps (all on the CPU, detached).
+
+    ``max_gb`` is the memory budget for the maps: a request estimated above it is refused
+    before sampling, with its size and how to shrink it.
+    """
+
+    resolutions: Sequence[int] | None = None  # attention grid sides to record; None = all (8/16/32/64 at 512 px)
+    steps: Sequence[int] | None = None  # loop indices to record; None = every iteration
+    tokens: str | Sequence[str | int] = "subjects"  # "subjects" (the guided tokens), "prompt" (all, incl. <eot>) or a list
+    maps: bool = True  # keep the maps; False keeps only the token statistics (cheap scalars)
+    dtype: torch.dtype = torch.float16  # dtype of the kept maps (statistics are computed in fp32)
+    max_gb: float = 4.0  # budget for the kept maps
+
+    def __post_init__(self):
+        if self.resolutions is not None:
+            resolutions = (self.resolutions,) if isinstance(self.resolutions, int) else tuple(self.resolutions)
+            if not resolutions or any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1 for r in resolutions):
+                raise AnelabError(f"Record.resolutions must be None (all) or positive ints (8, 16, 32, 64 at 512 px), got {self.resolutions!r}")
+            object.__setattr__(self, "resolutions", tuple(sorted({int(r) for r in resolutions}, reverse=True)))
+        if self.steps is not None:
+            steps = (self.steps,) if isinstance(self.steps, int) else tuple(self.steps)
+            if not steps or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in steps):
+                raise AnelabError(f"Record.steps must be None (all) or loop indices >= 0, got {self.steps!r}")
+            object.__setattr__(self, "steps", tuple(sorted({int(s) for s in steps})))
+        if isinstance(self.tokens, str) and self.tokens not in TOKEN_CHOICES:
+            raise AnelabError(f"Record.tokens must be one of {TOKEN_CHOICES} or a list of words/positions, got {self.tokens!r}")
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise AnelabError(f"Record.dtype must be a floating torch dtype (torch.float16, torch.float32), got {self.dtype!r}")
+        if isinstance(self.max_gb, bool) or not isinstance(self.max_gb, (int, float)) or self.max_gb <= 0:
+            raise AnelabError(f"Record.max_gb must be a positive number, got {self.max_gb!r}")
+
+    def to_dict(self) -> dict:
+        return {
+            "resolutions": None if self.resolutions is None else list(self.resolutions),
+            "steps": None if self.steps is None else list(self.steps),
+            "tokens": self.tokens if isinstance(self.tokens, str) else list(self.tokens),
+            "maps": self.maps,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+@dataclasses.dataclass
+class RecordPlan:
+    """A :class:`Record` checked against one run: layers, steps, token positions, normaliser."""
+
+    record: Record
+    layers: list[hk.Layer]
+    steps: list[int]
+    tokens: dict[int, str]  # recorded position → word
+    subjects: list[int]
+    eot: int
+    config: GuidanceConfig  # whose normalisation the smoothed max uses
+    bytes: int  # estimated size of the kept maps
+
+
+def plan_record(record, pipe, prompt, subjects, eot, seeds, timesteps, layers, config, height, width) -> RecordPlan:
+    """Check ``record`` for this run (before any denoising); every failure is one clear AnelabError."""
+    if not isinstance(record, Record):
+        raise AnelabError(f"record must be an anelab.Record or None, got {type(record).__name__}")
+    available = sorted({layer.res for layer in layers}, reverse=True)
+    wanted = available if record.resolutions is None else record.resolutions
+    missing = [r for r in wanted if r not in available]
+    if missing:
+        raise AnelabError(f"cannot record resolution(s) {missing} at {height}x{width}: this model has cross-attention at {available}")
+    recorded_layers = [layer for layer in layers if layer.res in wanted]
+    n = len(timesteps)
+    steps = list(range(n)) if record.steps is None else list(record.steps)
+    if steps[-1] >= n:
+        raise AnelabError(f"Record.steps {[s for s in steps if s >= n]} are outside the schedule: loop indices are 0..{n - 1}")
+    words = prompt_tokens(pipe.tokenizer, prompt)
+    if record.tokens == "subjects":
+        if not subjects:
+            raise AnelabError('Record(tokens="subjects") needs subject tokens (tokens=[...]); or use tokens="prompt" or a list')
+        positions = list(subjects)
+    elif record.tokens == "prompt":
+        positions = [*words, eot]
+    else:
+        positions = resolve_tokens(pipe.tokenizer, prompt, record.tokens)
+    names = words | {eot: "<eot>"}
+    config = config or GuidanceConfig()
+    for layer in recorded_layers:
+        if config.smooth and config.kernel_size // 2 >= min(layer.shape):
+            raise AnelabError(f"kernel_size {config.kernel_size} is too large for the {layer.shape[0]}x{layer.shape[1]} maps at resolution {layer.res}")
+    size = torch.empty(0, dtype=record.dtype).element_size()
+    per_step = sum(layer.shape[0] * layer.shape[1] for layer in recorded_layers) * len(positions) * size
+    estimate = len(seeds) * len(steps) * per_step if record.maps else 0
+    if estimate > record.max_gb * 2**30:
+        raise AnelabError(
+            f"recording would hold {estimate / 2**30:.1f} GiB of maps ({len(seeds)} seeds x {len(steps)} steps x "
+            f"{per_step / 2**20:.2f} MiB), over the Record.max_gb budget of {record.max_gb:g} GiB; record fewer steps, "
+            "resolutions, tokens or seeds, use maps=False (statistics only), or raise max_gb"
+        )
+    return RecordPlan(record, recorded_layers, steps, {i: names[i] for i in positions}, list(subjects), eot, config, estimate)
+
+
+class Recorder:
+    """Attention sink for the recorded steps; builds the :class:`AttentionCache` at the end."""
+
+    def __init__(self, plan: RecordPlan, prompt: str, seeds: list[int]):
+        self.plan, self.prompt, self.seeds = plan, prompt, seeds
+        self.positions = list(plan.tokens)
+        self.recorded = set(plan.steps)
+        self.heads: dict[str, int] = {}
+        self.maps: dict[tuple[int, str], torch.Tensor] = {}
+        self.timesteps: dict[int, int] = {}
+        self._stats: list[tuple[int, str, int, dict[str, np.ndarray]]] = []  # (step, layer, res, stats [B,K])
+        self._sums: dict[int, torch.Tensor] = {}
+        self._step = None
+
+    def sinks(self, step: int) -> dict[str, hk.Sink]:
+        """The layers to read at loop index ``step`` (none when the step is not recorded)."""
+        if step not in self.recorded:
+            return {}
+        self._step, self._sums = step, {}
+        return {layer.name: self for layer in self.plan.layers}
+
+    def __call__(self, name: str, probs: torch.Tensor) -> None:  # probs [B, heads, hw, S], fp32
+        layer = self._layer(name)
+        self.heads[name] = probs.shape[1]
+        mean = probs.detach().mean(dim=1).unflatten(1, layer.shape)  # [B, h, w, S]
+        self._sums[layer.res] = self._sums.get(layer.res, 0) + probs.detach().sum(dim=1)
+        self._add_stats(name, layer.res, mean)
+        if self.plan.record.maps:
+            self.maps[self._step, name] = mean[..., self.positions].to("cpu", self.plan.record.dtype)
+
+    def end_step(self, step: int, timestep: int) -> None:
+        """Close a recorded step: statistics of each resolution's mean over every (layer, head)."""
+        self.timesteps[step] = int(timestep)
+        for res, total in self._sums.items():
+            layers = [layer for layer in self.plan.layers if layer.res == res]
+            heads = sum(self.heads[layer.name] for layer in layers)
+            self._add_stats(MEAN, res, (total / heads).unflatten(1, layers[0].shape))
+        self._sums = {}
+
+    def _layer(self, name: str) -> hk.Layer:
+        return next(layer for layer in self.plan.layers if layer.name == name)
+
+    def _add_stats(self, name: str, res: int, maps: torch.Tensor) -> None:
+        stats = token_statistics(maps.float(), self.positions, self.plan.eot, self.plan.config)
+        self._stats.append((self._step, name, res, {k: v.cpu().numpy() for k, v in stats.items()}))
+
+    def cache(self, meta: dict) -> AttentionCache:
+        return AttentionCache(
+            prompt=self.prompt,
+            seeds=self.seeds,
+            tokens=self.plan.tokens,
+            subjects=self.plan.subjects,
+            timesteps=self.timesteps,
+            layers=self.plan.layers,
+            heads=self.heads,
+            maps=self.maps,
+            stats=self.frame(),
+            meta=meta,
+        )
+
+    def frame(self) -> pd.DataFrame:
+        """Long-form statistics (columns ``FRAME_COLUMNS``), sorted by seed, step, resolution, layer, token."""
+        n_seeds, n_tokens = len(self.seeds), len(self.positions)
+        places = {layer.name: layer.place for layer in self.plan.layers}
+        mean_place = {
+            res: "+".join(sorted({layer.place for layer in self.plan.layers if layer.res == res}, key=["down", "mid", "up"].index))
+            for res in {layer.res for layer in self.plan.layers}
+        }
+        frames = []
+        for step, name, res, stats in self._stats:
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "prompt": self.prompt,
+                        "seed": np.repeat(self.seeds, n_tokens),
+                        "step": step,
+                        "timestep": self.timesteps[step],
+                        "layer": name,
+                        "place": mean_place[res] if name == MEAN else places[name],
+                        "res": res,
+                        "token_index": np.tile(self.positions, n_seeds),
+                        "token": np.tile([self.plan.tokens[i] for i in self.positions], n_seeds),
+                        "subject": np.tile([i in self.plan.subjects for i in self.positions], n_seeds),
+                    }
+                    | {key: values.reshape(-1).astype(np.float64) for key, values in stats.items()}
+                )
+            )
+        frame = pd.concat(frames, ignore_index=True)[FRAME_COLUMNS]
+        order = {layer.name: k for k, layer in enumerate(self.plan.layers)} | {MEAN: len(self.plan.layers)}
+        frame = frame.sort_values(["seed", "step", "res", "layer", "token_index"], key=lambda c: c.map(order) if c.name == "layer" else c)
+        return frame.reset_index(drop=True)
