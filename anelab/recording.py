@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from . import hooks as hk
-from .cache import FRAME_COLUMNS, MEAN, AttentionCache
+from .cache import FRAME_COLUMNS, MEAN, STAT_COLUMNS, AttentionCache
 from .config import GuidanceConfig
 from .errors import AnelabError
 from .objectives import token_statistics
@@ -35,7 +35,7 @@ class Record:
     before sampling, with its size and how to shrink it.
     """
 
-    resolutions: Sequence[int] | None = None  # attention grid sides to record; None = all (8/16/32/64 at 512 px)
+    resolutions: Sequence[int] | None = None  # attention grid sides to record; None = all the loss could read (8/16/32/64 at 512 px)
     steps: Sequence[int] | None = None  # loop indices to record; None = every iteration
     tokens: str | Sequence[str | int] = "subjects"  # "subjects" (the guided tokens), "prompt" (all, incl. <eot>) or a list
     maps: bool = True  # keep the maps; False keeps only the token statistics (cheap scalars)
@@ -88,11 +88,17 @@ def plan_record(record, pipe, prompt, subjects, eot, seeds, timesteps, layers, c
     """Check ``record`` for this run (before any denoising); every failure is one clear AnelabError."""
     if not isinstance(record, Record):
         raise AnelabError(f"record must be an anelab.Record or None, got {type(record).__name__}")
-    available = sorted({layer.res for layer in layers}, reverse=True)
-    wanted = available if record.resolutions is None else record.resolutions
+    config = config or GuidanceConfig()
+    shapes = {layer.res: layer.shape for layer in layers}
+    available = sorted(shapes, reverse=True)
+    smoothable = [r for r in available if not config.smooth or config.kernel_size // 2 < min(shapes[r])]
+    wanted = smoothable if record.resolutions is None else record.resolutions
     missing = [r for r in wanted if r not in available]
     if missing:
         raise AnelabError(f"cannot record resolution(s) {missing} at {height}x{width}: this model has cross-attention at {available}")
+    too_small = [r for r in wanted if r not in smoothable]
+    if too_small:
+        raise AnelabError(f"kernel_size {config.kernel_size} is too large for the maps at resolution(s) {too_small}; record {smoothable}")
     recorded_layers = [layer for layer in layers if layer.res in wanted]
     n = len(timesteps)
     steps = list(range(n)) if record.steps is None else list(record.steps)
@@ -108,10 +114,6 @@ def plan_record(record, pipe, prompt, subjects, eot, seeds, timesteps, layers, c
     else:
         positions = resolve_tokens(pipe.tokenizer, prompt, record.tokens)
     names = words | {eot: "<eot>"}
-    config = config or GuidanceConfig()
-    for layer in recorded_layers:
-        if config.smooth and config.kernel_size // 2 >= min(layer.shape):
-            raise AnelabError(f"kernel_size {config.kernel_size} is too large for the {layer.shape[0]}x{layer.shape[1]} maps at resolution {layer.res}")
     size = torch.empty(0, dtype=record.dtype).element_size()
     per_step = sum(layer.shape[0] * layer.shape[1] for layer in recorded_layers) * len(positions) * size
     estimate = len(seeds) * len(steps) * per_step if record.maps else 0
@@ -186,32 +188,27 @@ class Recorder:
 
     def frame(self) -> pd.DataFrame:
         """Long-form statistics (columns ``FRAME_COLUMNS``), sorted by seed, step, resolution, layer, token."""
-        n_seeds, n_tokens = len(self.seeds), len(self.positions)
+        n_seeds, n_tokens, n_chunks = len(self.seeds), len(self.positions), len(self._stats)
+        per_chunk = n_seeds * n_tokens
         places = {layer.name: layer.place for layer in self.plan.layers}
-        mean_place = {
-            res: "+".join(sorted({layer.place for layer in self.plan.layers if layer.res == res}, key=["down", "mid", "up"].index))
-            for res in {layer.res for layer in self.plan.layers}
+        for res in {layer.res for layer in self.plan.layers}:
+            places[MEAN, res] = "+".join(sorted({x.place for x in self.plan.layers if x.res == res}, key=["down", "mid", "up"].index))
+        steps, names, resolutions = (np.array([chunk[k] for chunk in self._stats]) for k in range(3))
+        columns = {
+            "prompt": np.full(n_chunks * per_chunk, self.prompt, dtype=object),
+            "seed": np.tile(np.repeat(self.seeds, n_tokens), n_chunks),
+            "step": np.repeat(steps, per_chunk),
+            "timestep": np.repeat([self.timesteps[s] for s in steps], per_chunk),
+            "layer": np.repeat(names, per_chunk).astype(object),
+            "place": np.repeat([places[(MEAN, r) if n == MEAN else n] for n, r in zip(names, resolutions)], per_chunk).astype(object),
+            "res": np.repeat(resolutions, per_chunk),
+            "token_index": np.tile(self.positions, n_chunks * n_seeds),
+            "token": np.tile([self.plan.tokens[i] for i in self.positions], n_chunks * n_seeds).astype(object),
+            "subject": np.tile([i in self.plan.subjects for i in self.positions], n_chunks * n_seeds),
         }
-        frames = []
-        for step, name, res, stats in self._stats:
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "prompt": self.prompt,
-                        "seed": np.repeat(self.seeds, n_tokens),
-                        "step": step,
-                        "timestep": self.timesteps[step],
-                        "layer": name,
-                        "place": mean_place[res] if name == MEAN else places[name],
-                        "res": res,
-                        "token_index": np.tile(self.positions, n_seeds),
-                        "token": np.tile([self.plan.tokens[i] for i in self.positions], n_seeds),
-                        "subject": np.tile([i in self.plan.subjects for i in self.positions], n_seeds),
-                    }
-                    | {key: values.reshape(-1).astype(np.float64) for key, values in stats.items()}
-                )
-            )
-        frame = pd.concat(frames, ignore_index=True)[FRAME_COLUMNS]
+        for key in STAT_COLUMNS:
+            columns[key] = np.concatenate([chunk[3][key].reshape(-1) for chunk in self._stats]).astype(np.float64)
+        frame = pd.DataFrame(columns)[FRAME_COLUMNS]
         order = {layer.name: k for k, layer in enumerate(self.plan.layers)} | {MEAN: len(self.plan.layers)}
         frame = frame.sort_values(["seed", "step", "res", "layer", "token_index"], key=lambda c: c.map(order) if c.name == "layer" else c)
         return frame.reset_index(drop=True)

@@ -32,6 +32,7 @@ def test_maps_have_the_right_shapes_at_all_four_resolutions(recorded_512):
             assert cache[step, layer.name].shape == (2, layer.res, layer.res, 6)
     assert {layer.place for layer in cache.layers_at(8)} == {"mid"}
     assert len(cache) == 2 * len(cache.layers)
+    assert cache.nbytes == 2 * 2 * sum(x.res**2 for x in cache.layers) * 6 * 4  # seeds x steps x Σhw x tokens x fp32
 
 
 def test_recorded_probabilities_sum_to_at_most_one_over_tokens(recorded_512):
