@@ -212,3 +212,14 @@ def test_bad_recording_requests_fail_before_any_denoising(tiny_pipe, record, tok
 def test_record_validates_its_fields(kwargs, message):
     with pytest.raises(AnelabError, match=message):
         Record(**kwargs)
+
+
+def test_only_the_recorded_resolutions_materialise_probabilities(tiny_pipe, monkeypatch):
+    import anelab.hooks as hooks
+
+    seen = []
+    original = hooks.attention_probs
+    monkeypatch.setattr(hooks, "attention_probs", lambda attn, h, *a, **k: seen.append((h.shape[0], h.shape[1])) or original(attn, h, *a, **k))
+    anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0, 1], record=Record(resolutions=(8,), steps=[0, 5]), **FAST)
+    layers = [x for x in cross_attention_layers(tiny_pipe.unet, 16, 16) if x.res == 8]
+    assert sorted(seen) == sorted([(2, 64)] * len(layers) * 2)  # conditional rows only, 8x8 layers, two steps
