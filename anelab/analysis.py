@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from .errors import AnelabError
@@ -52,3 +53,24 @@ def quantile_trends(
     grouped = long.groupby(keys, sort=True)["value"]
     trends = grouped.quantile(list(quantiles)).rename_axis([*keys, "quantile"]).rename("value").reset_index()
     return trends.merge(grouped.size().rename("images").reset_index(), on=keys)
+
+
+def summarize(
+    frame: pd.DataFrame, measures: Sequence[str], by: str = "category", groups: Sequence[str] = (), overall: str = "overall"
+) -> pd.DataFrame:
+    """Mean, std and 95% confidence interval (Student t) over rows (images) of each measure,
+    per ``by`` value and over all (``by == "overall"``), within each ``groups`` combination.
+
+    Long form: ``[*groups, by, measure, n, mean, std, ci_low, ci_high]`` — the table the notebooks plot.
+    """
+    from scipy import stats as st
+
+    _require(frame, [*groups, by, *measures], "summarize")
+    long = frame.melt(id_vars=[*groups, by], value_vars=list(measures), var_name="measure").dropna(subset=["value"])
+    everything = long.assign(**{by: overall})
+    keys = [*groups, by, "measure"]
+    grouped = pd.concat([long, everything], ignore_index=True).groupby(keys, sort=False)["value"]
+    table = grouped.agg(n="count", mean="mean", std="std").reset_index()
+    half = st.t.ppf(0.975, (table.n - 1).clip(lower=1)) * table["std"] / np.sqrt(table.n)
+    half[table.n < 2] = np.nan
+    return table.assign(ci_low=table["mean"] - half, ci_high=table["mean"] + half)

@@ -88,6 +88,32 @@ def generate(
     typer.echo(f"wrote {len(paths)} image(s) to {out / prompt} and {out / 'trace.parquet'} ({result.seconds_per_image:.2f} s/image)")
 
 
+@app.command()
+def score(
+    directory: Path = typer.Argument(..., help="A folder in the A&E layout (<prompt>/<seed>.png) or a sweep's output."),
+    clip: str = typer.Option("openai/clip-vit-base-patch16", help="CLIP model: Hub id, local directory or 'tiny'."),
+    blip: str = typer.Option("Salesforce/blip-image-captioning-base", help="BLIP captioner: Hub id, local directory, 'tiny' or 'none'."),
+    batch: int = typer.Option(16, min=1, help="Images per model call."),
+    device: Optional[str] = typer.Option(None, help="cuda / cpu (default: cuda when available; fp16 on GPU)."),
+    rescore: bool = typer.Option(False, "--rescore", help="Ignore DIR/metrics.parquet and score everything again."),
+):
+    """Score images: CLIP full-prompt and minimum-object, BLIP text-text -> DIR/metrics.parquet (resumable)."""
+    from anelab.metrics import score_folder
+
+    before = _rows(directory / "metrics.parquet") if not rescore else 0
+    table, notices = score_folder(directory, clip, None if blip == "none" else blip, device=device, batch_size=batch, rescore=rescore)
+    for notice in notices:
+        typer.echo(f"note: {notice}", err=True)
+    means = ", ".join(f"{c} {table[c].mean():.4f}" for c in ("full_prompt", "min_object", "text_text") if table[c].notna().any())
+    typer.echo(f"{len(table) - before} image(s) scored, {before} already scored -> {directory / 'metrics.parquet'} (means: {means})")
+
+
+def _rows(path: Path) -> int:
+    import pandas as pd
+
+    return len(pd.read_parquet(path, columns=["path"])) if path.is_file() else 0
+
+
 def _expand_multi_value(argv: list[str]) -> list[str]:
     """``--tokens cat dog`` → ``--tokens cat --tokens dog`` (click options take one value per flag)."""
     out, current = [], None

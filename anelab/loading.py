@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,6 +14,33 @@ from .errors import AnelabError
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' notices while loading (e.g. "falls back to the PIL image processor")."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def load_or_explain(what: str, spec: str, marker: str, load: Callable[[str], object]):
+    """``load(path or Hub id)``, turning every failure into one line that says why (missing, offline, broken)."""
+    local = Path(spec).expanduser()
+    if not local.exists() and spec.startswith(("/", ".", "~")):
+        raise AnelabError(f"{what} directory {spec!r} does not exist")
+    if local.exists() and not (local / marker).is_file():
+        raise AnelabError(f"{spec!r} is a path but not a saved {what} (no {marker} in it)")
+    try:
+        with quiet_transformers():
+            return load(str(local) if local.exists() else spec)
+    except Exception as error:  # diffusers/transformers/huggingface_hub raise many types; all mean "cannot load"
+        raise AnelabError(_explain_load_failure(what, spec, local.exists(), error)) from error
 
 
 def load_pipeline(spec="tiny", device: str | torch.device | None = None, dtype: torch.dtype | None = None):
@@ -24,14 +53,16 @@ def load_pipeline(spec="tiny", device: str | torch.device | None = None, dtype: 
     loaded (reference runs compare raw images). UNet parameters are frozen: guidance needs
     gradients with respect to the latent only.
     """
-    from diffusers import StableDiffusionPipeline
+    with quiet_transformers():
+        from diffusers import StableDiffusionPipeline
 
     if isinstance(spec, StableDiffusionPipeline):
         pipe = spec
     elif isinstance(spec, (str, os.PathLike)) and str(spec) == "tiny":
         from .testing import tiny_pipeline
 
-        pipe = tiny_pipeline()
+        with quiet_transformers():
+            pipe = tiny_pipeline()
     elif isinstance(spec, (str, os.PathLike)):
         pipe = _from_pretrained(str(spec), dtype)
     else:
@@ -48,25 +79,15 @@ def load_pipeline(spec="tiny", device: str | torch.device | None = None, dtype: 
 def _from_pretrained(spec: str, dtype):
     from diffusers import StableDiffusionPipeline
 
-    local = Path(spec).expanduser()
-    if not local.exists() and spec.startswith(("/", ".", "~")):
-        raise AnelabError(f"model directory {spec!r} does not exist")
-    if local.exists() and not (local / "model_index.json").is_file():
-        raise AnelabError(f"{spec!r} is a path but not a saved diffusers pipeline (no model_index.json in it)")
-    try:
-        return StableDiffusionPipeline.from_pretrained(
-            str(local) if local.exists() else spec,
-            torch_dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
-    except Exception as error:  # diffusers/huggingface_hub raise many types; all mean "cannot load"
-        raise AnelabError(_explain_load_failure(spec, local.exists(), error)) from error
+    def load(path):
+        return StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+
+    return load_or_explain("diffusers pipeline", spec, "model_index.json", load)
 
 
-def _explain_load_failure(spec: str, is_local: bool, error: Exception) -> str:
+def _explain_load_failure(what: str, spec: str, is_local: bool, error: Exception) -> str:
     if is_local:
-        return f"cannot load the pipeline saved in {spec!r}: {type(error).__name__}: {error}".splitlines()[0]
+        return f"cannot load the {what} saved in {spec!r}: {type(error).__name__}: {error}".splitlines()[0]
     chain = list(_chain(error))
     text = " ".join(f"{type(e).__name__} {e}" for e in chain).lower()
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or any(
@@ -74,10 +95,10 @@ def _explain_load_failure(spec: str, is_local: bool, error: Exception) -> str:
     )
     if offline:
         return (
-            f"model {spec!r} is not a local directory and is not in the Hugging Face cache, and the Hub "
+            f"{what} {spec!r} is not a local directory and is not in the Hugging Face cache, and the Hub "
             "cannot be reached (no network): download it on a connected machine or pass a local directory"
         )
-    return f"model {spec!r} was not found as a local directory or on the Hugging Face Hub ({type(error).__name__})"
+    return f"{what} {spec!r} was not found as a local directory or on the Hugging Face Hub ({type(error).__name__})"
 
 
 def _chain(error: BaseException):

@@ -149,3 +149,40 @@ def tiny_pipeline(seed: int = 0, cross_attention_gain: float = CROSS_ATTENTION_G
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_clip(seed: int = 0):
+    """Random tiny ``CLIPModel`` with the tiny tokenizer and a 32-px image processor: ``(model, tokenizer, image_processor)``."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    tokenizer = tiny_tokenizer()
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, **ids),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=16,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config).eval()
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, tokenizer, processor
+
+
+def tiny_blip(seed: int = 0):
+    """Random tiny ``BlipForConditionalGeneration`` with a WordPiece tokenizer over the tiny vocabulary: ``(model, processor)``."""
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    vocab = {token: i for i, token in enumerate(specials + vocabulary_words() + list("abcdefghijklmnopqrstuvwxyz.,"))}
+    tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]")
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                encoder_hidden_size=32, max_position_embeddings=64, bos_token_id=vocab["[DEC]"], sep_token_id=vocab["[SEP]"],
+                pad_token_id=vocab["[PAD]"], eos_token_id=vocab["[SEP]"])  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision)).eval()
+    processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    return model, processor

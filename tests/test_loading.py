@@ -57,7 +57,7 @@ def test_loading_with_a_dtype(tmp_path, tiny_pipe):
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("/no/such/model", "model directory '/no/such/model' does not exist"),
+        ("/no/such/model", "diffusers pipeline directory '/no/such/model' does not exist"),
         ("nobody/no-such-model", "'nobody/no-such-model' is not a local directory and is not in the Hugging Face cache, and the Hub cannot be reached"),
         (3, "model must be 'tiny', a Hub id, a local directory or a StableDiffusionPipeline"),
     ],
