@@ -92,6 +92,9 @@ class AttentionCache:
     def __len__(self) -> int:
         return len(self._maps)
 
+    def __bool__(self) -> bool:  # a statistics-only cache has no maps but is not "nothing"
+        return True
+
     def __repr__(self) -> str:
         return (
             f"AttentionCache({self.prompt!r}, seeds={self.seeds}, steps={len(self.steps)}, resolutions={self.resolutions}, "

@@ -89,6 +89,36 @@ def generate(
 
 
 @app.command()
+def sweep(
+    study: str = typer.Argument(..., help="A study file (data/studies/*.yaml) or its name, e.g. 'resolution'."),
+    model: str = typer.Option("tiny", help="'tiny' (offline random model), a Hub id, or a local directory."),
+    out: Path = typer.Option(..., help="Sweep directory (created; resumed if it holds this study)."),
+    shard: str = typer.Option("0/1", help="This machine's share I/N of the work list (e.g. SLURM: $SLURM_ARRAY_TASK_ID/N)."),
+    prompts: Optional[int] = typer.Option(None, min=1, help="Keep the first K prompts per category."),
+    seeds: Optional[int] = typer.Option(None, min=1, help="Keep the first K seeds."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Inference steps (threshold steps rescale proportionally)."),
+    batch: Optional[int] = typer.Option(None, min=1, help="Seeds per generate call (part of the spec: it changes results by float noise)."),
+    size: Optional[int] = typer.Option(None, min=8, help="Image side in pixels."),
+    chunk: int = typer.Option(8, min=1, help="Blocks per flushed result chunk."),
+    force: bool = typer.Option(False, "--force", help="Continue a directory that holds a different spec."),
+    device: Optional[str] = typer.Option(None, help="cuda / cpu (default: this process's accelerate device, else cuda when available)."),
+    dtype: Optional[str] = typer.Option(None, help="fp32 / fp16 / bf16 (default: the weights')."),
+):
+    """Run a study: every (variant, prompt, seed) not yet in OUT; resumable, shardable, accelerate-aware."""
+    import anelab
+    from anelab.study import load_study
+    from anelab.sweep import describe, parse_shard, process_share, run_sweep
+
+    spec = load_study(study, prompts=prompts, seeds=seeds, steps=steps, batch=batch, size=size)
+    share = parse_shard(shard)
+    for note in spec.notes:
+        typer.echo(f"note: {note}", err=True)
+    pipe = anelab.load_pipeline(model, device=device or process_share()[2], dtype=_torch_dtype(dtype))
+    summary = run_sweep(spec, pipe, out, model=model, shard=share, force=force, chunk_blocks=chunk)
+    typer.echo(describe(summary, spec, out))
+
+
+@app.command()
 def score(
     directory: Path = typer.Argument(..., help="A folder in the A&E layout (<prompt>/<seed>.png) or a sweep's output."),
     clip: str = typer.Option("openai/clip-vit-base-patch16", help="CLIP model: Hub id, local directory or 'tiny'."),

@@ -100,6 +100,22 @@ class GuidanceConfig:
                 f"threshold steps {late} are beyond the schedule: it has {n_iterations} loop iterations (0..{n_iterations - 1})"
             )
 
+    def rescaled(self, n_from: int, n_to: int) -> "GuidanceConfig":
+        """The same schedule for ``n_to`` inference steps instead of ``n_from``: threshold steps and
+        ``max_iter_to_alter`` scale proportionally (loop index ``i`` → ``round(i · n_to / n_from)``,
+        at most ``n_to``, the last loop index of a PNDM schedule)."""
+        if n_from == n_to:
+            return self
+
+        def scale(i: int) -> int:
+            return int(round(i * n_to / n_from))
+
+        thresholds: dict[int, float] = {}
+        for step, value in self.thresholds.items():  # steps that land on one index keep the later threshold
+            thresholds[min(scale(step), n_to)] = value
+        limit = None if self.max_iter_to_alter is None else scale(self.max_iter_to_alter)
+        return self.replace(thresholds=thresholds, max_iter_to_alter=limit)
+
     def replace(self, **changes) -> "GuidanceConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
