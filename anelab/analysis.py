@@ -74,3 +74,48 @@ def summarize(
     half = st.t.ppf(0.975, (table.n - 1).clip(lower=1)) * table["std"] / np.sqrt(table.n)
     half[table.n < 2] = np.nan
     return table.assign(ci_low=table["mean"] - half, ci_high=table["mean"] + half)
+
+
+def calibrate_thresholds(
+    stats: pd.DataFrame, resolution: int, steps: Sequence[int] = (0, 10, 20), quantile: float = 0.5, token_rank: str = "lower"
+) -> dict[int, float]:
+    """Refinement thresholds ``{step: value}`` for guidance at ``resolution``, taken from plain-SD statistics:
+    the ``quantile`` over images of the ``token_rank`` ("lower"/"higher") subject's smoothed max attention
+    at each step (STUDIES.md 02, calibrated thresholds). The 16-resolution defaults assume what 16x16
+    maps reach; this asks each resolution for what it actually reaches."""
+    if not 0 <= quantile <= 1:
+        raise AnelabError(f"quantile must lie in [0, 1], got {quantile!r}")
+    if token_rank not in ("lower", "higher"):
+        raise AnelabError(f"token_rank must be 'lower' or 'higher', got {token_rank!r}")
+    at_res = stats[stats.res == resolution] if "res" in stats.columns else stats.iloc[:0]
+    if at_res.empty:
+        available = sorted(stats.res.unique()) if "res" in stats.columns else []
+        raise AnelabError(f"no statistics at resolution {resolution}; these have {available}")
+    extremes = subject_extremes(at_res)
+    missing = [s for s in steps if s not in set(extremes.step)]
+    if missing:
+        raise AnelabError(f"no statistics at step(s) {missing}; recorded steps are {sorted(set(extremes.step))[:10]}...")
+    return {int(s): float(np.quantile(extremes.loc[extremes.step == s, token_rank], quantile)) for s in steps}
+
+
+def calibration_stats(
+    pipe, prompts: pd.DataFrame | Sequence[tuple[str, Sequence[str]]], seeds: Sequence[int] = range(4),
+    resolutions: Sequence[int] | None = None, num_inference_steps: int = 50, size: int | None = None, progress: bool = True,
+) -> pd.DataFrame:  # fmt: skip
+    """Run the plain-SD pass that :func:`calibrate_thresholds` needs: token statistics (no maps) of every
+    prompt (``prompt, tokens`` rows or pairs) and seed at ``resolutions``."""
+    from tqdm.auto import tqdm
+
+    from .pipeline import generate
+    from .recording import Record
+
+    pairs = list(zip(prompts.prompt, prompts.tokens)) if isinstance(prompts, pd.DataFrame) else list(prompts)
+    if not pairs:
+        raise AnelabError("calibration needs at least one (prompt, tokens) pair")
+    record = Record(resolutions=resolutions, maps=False)
+    frames = []
+    for prompt, tokens in tqdm(pairs, desc="calibration (plain SD)", disable=not progress):
+        out = generate(pipe, prompt, list(tokens), seeds=list(seeds), num_inference_steps=num_inference_steps,
+                       height=size, width=size, output_type="latent", record=record, progress=False)  # fmt: skip
+        frames.append(out.attention.stats())
+    return pd.concat(frames, ignore_index=True)

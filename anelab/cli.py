@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 #: Options that take several values after one flag (``--tokens cat dog``), as in the README.
-MULTI_VALUE_OPTIONS = ("--tokens", "--seeds")
+MULTI_VALUE_OPTIONS = ("--tokens", "--seeds", "--suppress")
 
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
@@ -56,6 +56,8 @@ def generate(
     thresholds: str = typer.Option("0:0.05,10:0.5,20:0.8", help="Refinement thresholds 'loop index:min attention,...' ('' = none)."),
     scale_factor: float = typer.Option(20.0, help="Base step size."),
     max_iter_to_alter: int = typer.Option(25, help="Regular updates while loop index < this."),
+    suppress: list[str] = typer.Option([], help="Words whose attention to push down: --suppress dog"),
+    layout: list[str] = typer.Option([], help="Pull a word's attention to a point (x right, y down, 0..1): --layout cat=0.8,0.5"),
     plain: bool = typer.Option(False, "--plain", help="Plain Stable Diffusion (no guidance), same seeds."),
     guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance scale."),
     height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
@@ -70,6 +72,7 @@ def generate(
 
     _check_out_dir(out)
     token_args = [int(t) if t.isdigit() else t for t in tokens]
+    targets = dict(_layout_point(text) for text in layout)
     config = None
     if not plain:
         config = anelab.GuidanceConfig(
@@ -80,7 +83,7 @@ def generate(
         )
     pipe = anelab.load_pipeline(model, device=device, dtype=_torch_dtype(dtype))
     result = anelab.generate(
-        pipe, prompt, token_args, seeds=seeds, config=config, num_inference_steps=steps,
+        pipe, prompt, token_args, seeds=seeds, config=config, suppress=suppress, layout=targets, num_inference_steps=steps,
         guidance_scale=guidance_scale, height=height, width=width,
     )  # fmt: skip
     paths = save_images(result.images, [out / prompt / f"{s}.png" for s in result.seeds])
@@ -142,6 +145,16 @@ def _rows(path: Path) -> int:
     import pandas as pd
 
     return len(pd.read_parquet(path, columns=["path"])) if path.is_file() else 0
+
+
+def _layout_point(text: str) -> tuple[str, tuple[float, float]]:
+    """``"cat=0.8,0.5"`` → ``("cat", (0.8, 0.5))``."""
+    try:
+        word, point = text.split("=")
+        x, y = (float(v) for v in point.split(","))
+    except ValueError:
+        raise AnelabError(f"--layout must look like word=x,y (e.g. cat=0.8,0.5), got {text!r}") from None
+    return word.strip(), (x, y)
 
 
 def _expand_multi_value(argv: list[str]) -> list[str]:

@@ -44,6 +44,10 @@ class GuidanceConfig:
     sigma_convention: Literal["legacy", "standard"] = "legacy"  # legacy: exp(-((x-μ)/(2σ))²) (§1.4)
     softmax_tokens: Literal["legacy", "prompt"] = "legacy"  # legacy: columns 1..75; prompt: 1..eot-1 (§1.3)
     temperature: float = 100.0  # the ×100 before the token softmax (§1.3)
+    suppress_scale: float = 1.0  # step size of the suppression term, relative to α_i (STUDIES.md 05)
+    suppress_bound: float = 0.2  # suppressed tokens are pushed down only while their smoothed max exceeds this
+    layout_scale: float = 1.0  # step size of the layout KL term, relative to α_i
+    layout_sigma: float = 0.15  # width of the layout target Gaussian, in image widths
 
     def __post_init__(self):
         if isinstance(self.attention_res, bool) or not isinstance(self.attention_res, int) or self.attention_res < 1:
@@ -78,6 +82,13 @@ class GuidanceConfig:
                 raise AnelabError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not _is_number(self.temperature) or self.temperature <= 0:
             raise AnelabError(f"temperature must be a number > 0, got {self.temperature!r}")
+        for name in ("suppress_scale", "layout_scale"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                raise AnelabError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
+        if not _is_number(self.suppress_bound) or not 0 <= self.suppress_bound <= 1:
+            raise AnelabError(f"suppress_bound must lie in [0, 1], got {self.suppress_bound!r}")
+        if not _is_number(self.layout_sigma) or self.layout_sigma <= 0:
+            raise AnelabError(f"layout_sigma must be a positive number (image widths, e.g. 0.15), got {self.layout_sigma!r}")
 
     def step_sizes(self, n_iterations: int) -> np.ndarray:
         """α_i for every loop index (§1.5): ``scale_factor · schedule(linspace(*scale_range, n))``."""

@@ -1,6 +1,8 @@
-"""Pure functions of attention maps: Gaussian smoothing, token re-normalisation, the excite loss.
+"""Pure functions of attention maps: Gaussian smoothing, token re-normalisation, the excite,
+suppress and layout objectives.
 
-Reference: attend_and_excite.md §1.3 (re-normalisation), §1.4 (smoothing), §1.5 (loss).
+Reference: attend_and_excite.md §1.3 (re-normalisation), §1.4 (smoothing), §1.5 (loss);
+STUDIES.md 05 for the suppress (inverse) and layout (KL to a Gaussian at a point) objectives.
 Shapes: ``B`` samples, ``T`` subject tokens, ``h×w`` attention grid, ``S`` = 77 text positions.
 """
 
@@ -51,18 +53,54 @@ def renormalise(maps: torch.Tensor, token_indices: list[int], columns: slice, te
     return picked.permute(0, 3, 1, 2)
 
 
+def token_maps(maps: torch.Tensor, token_indices: list[int], eot_index: int, config: GuidanceConfig) -> torch.Tensor:
+    """Re-normalised, smoothed token maps, [B,h,w,S] → [B,T,h,w]: what the A&E loss takes the max of (§1.3-1.4)."""
+    columns = token_columns(config.softmax_tokens, eot_index, maps.shape[-1])
+    picked = renormalise(maps, token_indices, columns, config.temperature)
+    if config.smooth:
+        picked = smooth(picked, config.kernel_size, config.sigma, config.sigma_convention)
+    return picked
+
+
 def max_attention(maps: torch.Tensor, token_indices: list[int], eot_index: int, config: GuidanceConfig) -> torch.Tensor:
     """Smoothed max attention per token, [B,h,w,S] → [B,T]: the quantity A&E excites (§1.3-1.4)."""
-    columns = token_columns(config.softmax_tokens, eot_index, maps.shape[-1])
-    token_maps = renormalise(maps, token_indices, columns, config.temperature)
-    if config.smooth:
-        token_maps = smooth(token_maps, config.kernel_size, config.sigma, config.sigma_convention)
-    return token_maps.flatten(2).amax(dim=-1)
+    return token_maps(maps, token_indices, eot_index, config).flatten(2).amax(dim=-1)
 
 
 def excite_loss(max_per_token: torch.Tensor) -> torch.Tensor:
     """A&E loss per sample, ``max_s max(0, 1 − m_s)``: only the most neglected token counts (§1.5). [B,T] → [B]."""
     return (1.0 - max_per_token).clamp(min=0).amax(dim=-1)
+
+
+def suppress_loss(max_per_token: torch.Tensor, bound: float) -> torch.Tensor:
+    """The inverse of the excite loss, ``max_u max(0, m_u − bound)``: only the most present suppressed token counts. [B,U] → [B]."""
+    return (max_per_token - bound).clamp(min=0).amax(dim=-1)
+
+
+def gaussian_target(point: tuple[float, float], shape: tuple[int, int], sigma: float) -> torch.Tensor:
+    """``N(G, σ²)`` on an ``h×w`` grid, normalised to sum 1; ``point`` = (x right, y down) in [0, 1], σ in image widths. [h, w]."""
+    h, w = shape
+    y = (torch.arange(h, dtype=torch.float32) + 0.5) / h
+    x = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+    density = torch.exp(-((x[None, :] - point[0]) ** 2 + (y[:, None] - point[1]) ** 2) / (2 * sigma**2))
+    return density / density.sum()
+
+
+def layout_kl(maps: torch.Tensor, targets: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``KL(A ‖ D_G)`` of each token map normalised over space against its target density. [B,L,h,w], [L,h,w] → [B,L]."""
+    a = maps.flatten(2)
+    a = a / a.sum(dim=-1, keepdim=True).clamp(min=eps)
+    d = targets.flatten(1).to(a)
+    return (a * ((a + eps).log() - (d + eps).log())).sum(dim=-1)
+
+
+def centroid(maps: torch.Tensor) -> torch.Tensor:
+    """Attention centroid (x right, y down, in [0, 1]) of maps normalised over space. [..., h, w] → [..., 2]."""
+    h, w = maps.shape[-2:]
+    a = maps / maps.sum(dim=(-2, -1), keepdim=True)
+    y = (torch.arange(h, dtype=maps.dtype, device=maps.device) + 0.5) / h
+    x = (torch.arange(w, dtype=maps.dtype, device=maps.device) + 0.5) / w
+    return torch.stack([(a.sum(-2) * x).sum(-1), (a.sum(-1) * y).sum(-1)], dim=-1)
 
 
 def token_statistics(maps: torch.Tensor, token_indices: list[int], eot_index: int, config: GuidanceConfig) -> dict[str, torch.Tensor]:

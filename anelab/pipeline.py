@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,21 +30,25 @@ from tqdm.auto import tqdm
 from . import hooks as hk
 from .config import GuidanceConfig
 from .errors import AnelabError
-from .objectives import excite_loss, max_attention
+from .objectives import excite_loss, gaussian_target, layout_kl, suppress_loss, token_maps
 from .cache import AttentionCache
 from .recording import Record, Recorder, RecordPlan, plan_record
 from .tokens import eot_index, prompt_tokens, resolve_tokens
 
 TRACE_COLUMNS = [
     "seed", "step", "timestep", "token", "token_index",
+    "role",  # "excite" (tokens=), "suppress" (suppress=) or "layout" (only in layout=)
     "max_attention",  # smoothed max attention at the step's first measurement (before any update)
-    "loss",  # the sample's A&E loss at that measurement
+    "loss",  # the sample's A&E (excite) loss at that measurement
+    "suppress_loss",  # the sample's suppression loss max_u max(0, m_u - suppress_bound) (NaN without suppress=)
+    "layout_kl",  # KL(token map ‖ target Gaussian) of a token with a layout target (NaN otherwise)
+    "objective",  # what the update descends: loss + suppress_scale·suppress_loss + layout_scale·Σ layout_kl
     "step_size", "threshold",  # α_i; the threshold of a threshold step, else NaN
     "triggered",  # the threshold step needed refinement
     "refinement_iterations",  # refinement updates made at this step
     "reached",  # after refinement the threshold holds (NA off threshold steps)
     "updated",  # the latent was changed at this step
-    "final_max_attention", "final_loss",  # what the regular update descended (after refinement)
+    "final_max_attention", "final_loss", "final_objective",  # what the regular update descended (after refinement)
 ]  # fmt: skip
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -74,8 +78,13 @@ class _Plan:
     """Everything :func:`generate` decided before denoising starts."""
 
     prompt: str
-    token_indices: list[int]
-    token_words: list[str]
+    token_indices: list[int]  # excited
+    suppress_indices: list[int]
+    layout: dict[int, tuple[float, float]]  # position -> target point (x, y)
+    measured: list[int]  # excited, then suppressed, then layout-only positions: the columns of m
+    roles: list[str]  # per measured position
+    token_words: list[str]  # per measured position
+    layout_targets: torch.Tensor | None  # [L, h, w] target densities on the guidance grid, layout order
     eot: int
     seeds: list[int]
     config: GuidanceConfig | None
@@ -94,6 +103,8 @@ def generate(
     tokens: Sequence[str | int] = (),
     seeds: Sequence[int] = (0,),
     config: GuidanceConfig | None = None,
+    suppress: Sequence[str | int] = (),
+    layout: Mapping[str | int, tuple[float, float]] | None = None,
     num_inference_steps: int = 50,
     guidance_scale: float = 7.5,
     height: int | None = None,
@@ -105,10 +116,14 @@ def generate(
     """Sample ``prompt`` for every seed at once; A&E-guided on ``tokens`` unless ``config`` is None.
 
     ``tokens`` are words of the prompt or CLIP positions (``<sot>`` = 0). ``config=None`` is plain
-    Stable Diffusion with the same seeds. ``record=Record(...)`` keeps cross-attention maps and
-    token statistics of the CFG forward in ``out.attention``. See the module docstring for the loop.
+    Stable Diffusion with the same seeds. ``suppress=["dog"]`` pushes those tokens' attention down;
+    ``layout={"cat": (x, y)}`` pulls a token's attention towards a point (x right, y down, in [0, 1]).
+    ``record=Record(...)`` keeps cross-attention maps and token statistics of the CFG forward in
+    ``out.attention``. See the module docstring for the loop.
     """
-    plan = _plan(pipe, prompt, tokens, seeds, config, num_inference_steps, guidance_scale, height, width, output_type, record)
+    plan = _plan(
+        pipe, prompt, tokens, seeds, config, num_inference_steps, guidance_scale, height, width, output_type, record, suppress, layout
+    )  # fmt: skip
     recorder = Recorder(plan.record, prompt, plan.seeds) if plan.record else None
     hooked = plan.guidance_layers + (plan.record.layers if plan.record else [])
     start = time.perf_counter()
@@ -136,17 +151,39 @@ def generate(
 
 
 class _Measure:
-    """One conditional-only forward: latent leaf, smoothed max attention [B,T], loss [B]; ∇ on demand."""
+    """One conditional-only forward at a latent ``leaf``: smoothed max attention ``m`` [B,T] of the
+    measured tokens, the excite ``loss`` [B], the ``suppressed`` tokens' maxima [B,U], the layout
+    ``kl`` [B,L] and the ``objective`` [B] the update descends; its gradient on demand."""
 
-    def __init__(self, leaf: torch.Tensor | None, m: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor | None = None):
-        self.leaf, self.m, self.loss, self._grad = leaf, m, loss, grad
+    FIELDS = ("m", "loss", "objective", "suppressed", "kl")
+
+    def __init__(self, leaf, m, loss, objective=None, suppressed=None, kl=None, grad=None):
+        self.leaf, self.m, self.loss, self.suppressed, self.kl, self._grad = leaf, m, loss, suppressed, kl, grad
+        self.objective = loss if objective is None else objective  # excite only: the objective *is* the loss
 
     def grad(self) -> torch.Tensor:
-        """∇_z L per sample (samples are independent in the UNet, so ∇ of the sum splits)."""
+        """∇_z objective per sample (samples are independent in the UNet, so ∇ of the sum splits)."""
         if self._grad is None:
             with torch.enable_grad():
-                self._grad = torch.autograd.grad(self.loss.sum(), self.leaf)[0]
+                self._grad = torch.autograd.grad(self.objective.sum(), self.leaf)[0]
         return self._grad
+
+    def violates(self, threshold: float, bound: float) -> torch.Tensor:
+        """[B] bool: an excited token is below ``threshold`` or a suppressed one above ``max(bound, 1 − threshold)``."""
+        out = self.loss > max(0.0, 1.0 - threshold)
+        if self.suppressed is not None:
+            out = out | (self.suppressed.amax(dim=-1) > max(bound, 1.0 - threshold))
+        return out
+
+    def detached(self, grad: torch.Tensor | None) -> "_Measure":
+        copy = {f: None if getattr(self, f) is None else getattr(self, f).detach().clone() for f in self.FIELDS}
+        return _Measure(None, **copy, grad=grad)
+
+    def put(self, rows: torch.Tensor, other: "_Measure", which: torch.Tensor) -> None:
+        """Rows ``rows`` of this (detached) measure take ``other``'s rows ``which``."""
+        for f in self.FIELDS:
+            if getattr(self, f) is not None:
+                getattr(self, f)[rows] = getattr(other, f).detach()[which]
 
 
 class _Sampler:
@@ -207,12 +244,22 @@ class _Sampler:
         """Conditional-only forward at ``z`` (§1.6), stopped after the last ``attention_res`` layer."""
         leaf = z.detach().requires_grad_(True)
         mean = hk.MeanAttention()
-        layers = self.plan.guidance_layers
+        plan, cfg, layers = self.plan, self.config, self.plan.guidance_layers
         with torch.enable_grad():
             with self.hooks.reading({layer.name: mean for layer in layers}, stop_after=layers[-1].name):
                 self.unet(leaf, t, encoder_hidden_states=self.cond.expand(len(leaf), -1, -1))
-            m = max_attention(mean.maps(layers[0].shape), self.plan.token_indices, self.plan.eot, self.config)
-            return _Measure(leaf, m, excite_loss(m))
+            maps = token_maps(mean.maps(layers[0].shape), plan.measured, plan.eot, cfg)  # [B, T, h, w]
+            m = maps.flatten(2).amax(dim=-1)
+            n_excite, n_suppress = len(plan.token_indices), len(plan.suppress_indices)
+            loss = excite_loss(m[:, :n_excite]) if n_excite else m.new_zeros(len(m))
+            objective, suppressed, kl = loss, None, None
+            if n_suppress:
+                suppressed = m[:, n_excite : n_excite + n_suppress]
+                objective = objective + cfg.suppress_scale * suppress_loss(suppressed, cfg.suppress_bound)
+            if plan.layout:
+                kl = layout_kl(maps[:, [plan.measured.index(i) for i in plan.layout]], plan.layout_targets)
+                objective = objective + cfg.layout_scale * kl.sum(dim=-1)
+            return _Measure(leaf, m, loss, objective, suppressed, kl)
 
     def guide(self, z: torch.Tensor, i: int, t) -> torch.Tensor:
         """A&E at loop index ``i``: measure, refine at a threshold step, one regular update (§1.7)."""
@@ -225,10 +272,10 @@ class _Sampler:
         if i in self.config.thresholds:
             threshold = self.config.thresholds[i]
             z, end, triggered, iterations = self.refine(z, t, first, threshold, alpha, need_final_grad=regular)
-            reached = end.loss <= max(0.0, 1.0 - threshold)
+            reached = ~end.violates(threshold, self.config.suppress_bound)
         updated = iterations > 0
         if regular:
-            move = end.loss != 0  # no update when the loss is exactly 0 (§1.5)
+            move = end.objective != 0  # no update when the loss is exactly 0 (§1.5)
             if move.any():
                 z = torch.where(move[:, None, None, None], z - alpha * end.grad(), z)
             updated = updated | move
@@ -236,42 +283,41 @@ class _Sampler:
         return z.detach()
 
     def refine(self, z, t, first: _Measure, threshold: float, alpha: float, need_final_grad: bool):
-        """Iterative refinement (§1.8) for the samples whose loss exceeds ``1 − threshold``.
+        """Iterative refinement (§1.8) for the samples that violate the threshold (loss above
+        ``1 − threshold``; with suppression also a suppressed token above ``max(bound, 1 − threshold)``).
 
-        Official exit rule, per sample: iteration k measures L at the current latent, steps if
-        L ≠ 0, and the loop goes on while that L (measured *before* the step) exceeds the target and
-        k < ``max_refinement_steps``; then one re-measure at the final latent, whose gradient the
-        regular update uses. Iteration 1 re-uses the step's first measurement (same latent, same
-        result), and one batched forward serves as the next iteration of the samples going on and
-        the re-measure of those that stop.
+        Official exit rule, per sample: iteration k measures at the current latent, steps if the
+        objective ≠ 0, and the loop goes on while that measurement (taken *before* the step) violates
+        the threshold and k < ``max_refinement_steps``; then one re-measure at the final latent, whose
+        gradient the regular update uses. Iteration 1 re-uses the step's first measurement (same
+        latent, same result), and one batched forward serves as the next iteration of the samples
+        going on and the re-measure of those that stop.
         """
-        target = max(0.0, 1.0 - threshold)
-        n = len(z)
-        triggered = first.loss > target
-        iterations = torch.zeros(n, dtype=torch.long, device=z.device)
+        bound = self.config.suppress_bound
+        triggered = first.violates(threshold, bound)
+        iterations = torch.zeros(len(z), dtype=torch.long, device=z.device)
         if not triggered.any() or self.config.max_refinement_steps == 0:
             return z, first, triggered, iterations
         grad_first = first.grad()
-        m_end, loss_end = first.m.detach().clone(), first.loss.detach().clone()
-        grad_end = grad_first.clone() if need_final_grad else None
+        end = first.detached(grad_first.clone() if need_final_grad else None)
         z = z.clone()
         active = triggered.nonzero()[:, 0]
-        loss_k, grad_k = first.loss[active], grad_first[active]
+        objective_k, violates_k, grad_k = first.objective[active], triggered[active], grad_first[active]
         while active.numel():
             iterations[active] += 1
-            moving = loss_k != 0
+            moving = objective_k != 0
             z[active[moving]] -= alpha * grad_k[moving]
-            going_on = (loss_k > target) & (iterations[active] < self.config.max_refinement_steps)
+            going_on = violates_k & (iterations[active] < self.config.max_refinement_steps)
             again = self.measure(z[active], t)  # next iteration's forward, or the final re-measure
-            need_grad = going_on.any() or grad_end is not None
+            need_grad = going_on.any() or end._grad is not None
             grad = again.grad() if need_grad else None
-            stop = active[~going_on]
-            m_end[stop], loss_end[stop] = again.m.detach()[~going_on], again.loss.detach()[~going_on]
-            if grad_end is not None:
-                grad_end[stop] = grad[~going_on]
-            active, loss_k = active[going_on], again.loss[going_on]
+            end.put(active[~going_on], again, ~going_on)
+            if end._grad is not None:
+                end._grad[active[~going_on]] = grad[~going_on]
+            active = active[going_on]
+            objective_k, violates_k = again.objective[going_on], again.violates(threshold, bound)[going_on]
             grad_k = grad[going_on] if grad is not None else None
-        return z, _Measure(None, m_end, loss_end, grad_end), triggered, iterations
+        return z, end, triggered, iterations
 
     # -- trace -----------------------------------------------------------------------------------
     def log(self, i, t, alpha, first, end, triggered, iterations, reached, updated):
@@ -284,26 +330,37 @@ class _Sampler:
                 threshold=threshold,
                 max_attention=first.m.detach().float().cpu().numpy(),
                 loss=first.loss.detach().float().cpu().numpy(),
+                suppress_loss=None if first.suppressed is None else _numpy(suppress_loss(first.suppressed, self.config.suppress_bound)),
+                layout_kl=None if first.kl is None else _numpy(first.kl),
+                objective=_numpy(first.objective),
                 triggered=triggered.cpu().numpy(),
                 refinement_iterations=iterations.cpu().numpy(),
                 reached=None if reached is None else reached.cpu().numpy(),
                 updated=updated.cpu().numpy(),
                 final_max_attention=end.m.detach().float().cpu().numpy(),
                 final_loss=end.loss.detach().float().cpu().numpy(),
+                final_objective=_numpy(end.objective),
             )
         )
 
     def trace(self) -> pd.DataFrame:
         """Long table, one row per (seed, guided step, token)."""
         plan = self.plan
-        n_seeds, n_tokens = len(plan.seeds), len(plan.token_indices)
+        n_seeds, n_tokens = len(plan.seeds), len(plan.measured)
+        layout_column = [list(plan.layout).index(i) if i in plan.layout else None for i in plan.measured]
         frames = []
 
         def per_sample(values):  # [B] → [B·T]
             return np.repeat(values, n_tokens)
 
+        def per_token_kl(kl):  # [B, L] → [B·T], NaN for tokens without a layout target
+            if kl is None:
+                return np.full(n_seeds * n_tokens, np.nan)
+            return np.stack([kl[:, c] if c is not None else np.full(n_seeds, np.nan) for c in layout_column], axis=1).reshape(-1)
+
         for row in self.rows:
             reached = pd.array([pd.NA] * n_seeds * n_tokens if row["reached"] is None else per_sample(row["reached"]), dtype="boolean")
+            suppress = np.full(n_seeds * n_tokens, np.nan) if row["suppress_loss"] is None else per_sample(row["suppress_loss"])
             frames.append(
                 pd.DataFrame(
                     {
@@ -311,9 +368,13 @@ class _Sampler:
                         "step": row["step"],
                         "timestep": row["timestep"],
                         "token": np.tile(plan.token_words, n_seeds),
-                        "token_index": np.tile(plan.token_indices, n_seeds),
+                        "token_index": np.tile(plan.measured, n_seeds),
+                        "role": np.tile(plan.roles, n_seeds),
                         "max_attention": row["max_attention"].reshape(-1),
                         "loss": per_sample(row["loss"]),
+                        "suppress_loss": suppress,
+                        "layout_kl": per_token_kl(row["layout_kl"]),
+                        "objective": per_sample(row["objective"]),
                         "step_size": row["step_size"],
                         "threshold": row["threshold"],
                         "triggered": per_sample(row["triggered"]),
@@ -322,6 +383,7 @@ class _Sampler:
                         "updated": per_sample(row["updated"]),
                         "final_max_attention": row["final_max_attention"].reshape(-1),
                         "final_loss": per_sample(row["final_loss"]),
+                        "final_objective": per_sample(row["final_objective"]),
                     }
                 )
             )
@@ -330,16 +392,22 @@ class _Sampler:
         return pd.concat(frames, ignore_index=True).sort_values(["seed", "step", "token_index"], ignore_index=True)
 
 
+def _numpy(values: torch.Tensor) -> np.ndarray:
+    return values.detach().float().cpu().numpy()
+
+
 def _empty_trace() -> pd.DataFrame:
     dtypes = dict.fromkeys(TRACE_COLUMNS, "float64") | {
-        "seed": "int64", "step": "int64", "timestep": "int64", "token": "object", "token_index": "int64",
+        "seed": "int64", "step": "int64", "timestep": "int64", "token": "object", "token_index": "int64", "role": "object",
         "triggered": "bool", "refinement_iterations": "int64", "reached": "boolean", "updated": "bool",
     }  # fmt: skip
     return pd.DataFrame({c: pd.Series(dtype=dtypes[c]) for c in TRACE_COLUMNS})
 
 
 # -- preparation ---------------------------------------------------------------------------------
-def _plan(pipe, prompt, tokens, seeds, config, steps, guidance_scale, height, width, output_type, record=None) -> _Plan:
+def _plan(
+    pipe, prompt, tokens, seeds, config, steps, guidance_scale, height, width, output_type, record=None, suppress=(), layout=None
+) -> _Plan:
     """Validate every argument before any denoising (each failure is one clear AnelabError)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise AnelabError(f"prompt must be a non-empty string, got {prompt!r}")
@@ -356,19 +424,22 @@ def _plan(pipe, prompt, tokens, seeds, config, steps, guidance_scale, height, wi
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < scale or value % scale:
             raise AnelabError(f"{name} must be a positive multiple of {scale}, got {value!r}")
-    if isinstance(tokens, (str, int)):
-        tokens = [tokens]
     token_indices = resolve_tokens(pipe.tokenizer, prompt, tokens)
-    words = [prompt_tokens(pipe.tokenizer, prompt)[i] for i in token_indices]
+    suppress_indices, targets = _suppress_and_layout(pipe.tokenizer, prompt, token_indices, suppress, layout, config)
+    measured = token_indices + suppress_indices + [i for i in targets if i not in token_indices + suppress_indices]
+    roles = ["excite"] * len(token_indices) + ["suppress"] * len(suppress_indices)
+    roles += ["layout"] * (len(measured) - len(roles))
+    words = [prompt_tokens(pipe.tokenizer, prompt)[i] for i in measured]
     layers = hk.cross_attention_layers(pipe.unet, height // scale, width // scale)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(int(steps))
     timesteps = [int(t) for t in scheduler.timesteps]
     guidance_layers: list[hk.Layer] = []
     step_sizes = np.zeros(len(timesteps))
+    layout_targets = None
     if config is not None:
-        if not token_indices:
-            raise AnelabError("guidance needs at least one subject token (tokens=[...]); use config=None for plain SD")
+        if not measured:
+            raise AnelabError("guidance needs subject tokens (tokens=[...]), suppress=[...] or layout={...}; use config=None for plain SD")
         guidance_layers = hk.layers_at(layers, config.attention_res)
         if not guidance_layers:
             available = sorted({layer.res for layer in layers}, reverse=True)
@@ -381,13 +452,20 @@ def _plan(pipe, prompt, tokens, seeds, config, steps, guidance_scale, height, wi
             raise AnelabError(f"kernel_size {config.kernel_size} is too large for {h}x{w} attention maps (at most {2 * min(h, w) - 1})")
         config.check_schedule(len(timesteps))
         step_sizes = config.step_sizes(len(timesteps))
+        if targets:
+            layout_targets = torch.stack([gaussian_target(p, (h, w), config.layout_sigma) for p in targets.values()])
     eot = eot_index(pipe.tokenizer, prompt)
     if record is not None:
-        record = plan_record(record, pipe, prompt, token_indices, eot, seeds, timesteps, layers, config, height, width)
+        record = plan_record(record, pipe, prompt, measured, eot, seeds, timesteps, layers, config, height, width)
     return _Plan(
         prompt=prompt,
         token_indices=token_indices,
+        suppress_indices=suppress_indices,
+        layout=targets,
+        measured=measured,
+        roles=roles,
         token_words=words,
+        layout_targets=layout_targets,
         eot=eot,
         seeds=seeds,
         config=config,
@@ -399,6 +477,33 @@ def _plan(pipe, prompt, tokens, seeds, config, steps, guidance_scale, height, wi
         guidance_layers=guidance_layers,
         record=record,
     )
+
+
+def _suppress_and_layout(tokenizer, prompt, excited, suppress, layout, config):
+    """Positions to suppress and layout targets ``{position: (x, y)}``, checked (STUDIES.md 05)."""
+    suppress_indices = resolve_tokens(tokenizer, prompt, suppress)
+    both = sorted(set(excited) & set(suppress_indices))
+    if both:
+        names = [prompt_tokens(tokenizer, prompt)[i] for i in both]
+        raise AnelabError(f"token(s) {names} are both excited (tokens=) and suppressed (suppress=); a token can only be one")
+    if layout is None:
+        layout = {}
+    if not isinstance(layout, Mapping):
+        raise AnelabError(f"layout must be a dict {{token: (x, y)}} with x, y in [0, 1], got {layout!r}")
+    targets = {}
+    for token, point in layout.items():
+        position = resolve_tokens(tokenizer, prompt, [token])[0]
+        ok = isinstance(point, (tuple, list)) and len(point) == 2 and all(
+            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and 0 <= v <= 1 for v in point
+        )
+        if not ok:
+            raise AnelabError(f"layout point for {token!r} must be (x, y) with 0 <= x, y <= 1 (x right, y down), got {point!r}")
+        if position in suppress_indices:
+            raise AnelabError(f"layout token {token!r} is also suppressed; a suppressed token cannot have a layout target")
+        targets[position] = (float(point[0]), float(point[1]))
+    if (suppress_indices or targets) and config is None:
+        raise AnelabError("suppress= and layout= need a GuidanceConfig (config=None is plain Stable Diffusion)")
+    return suppress_indices, targets
 
 
 def _check_seeds(seeds) -> list[int]:

@@ -241,7 +241,7 @@ def test_images_are_decoded(tiny_pipe):
         (dict(prompt="cat " * 80), "prompt is 82 tokens long"),
         (dict(height=100), "height must be a positive multiple of 8"),
         (dict(output_type="jpg"), "output_type must be one of"),
-        (dict(tokens=[]), "guidance needs at least one subject token"),
+        (dict(tokens=[]), "guidance needs subject tokens"),
         (dict(config={"attention_res": 16}), "config must be a GuidanceConfig"),
     ],
 )
