@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -49,6 +50,7 @@ TRACE_COLUMNS = [
     "reached",  # after refinement the threshold holds (NA off threshold steps)
     "updated",  # the latent was changed at this step
     "final_max_attention", "final_loss", "final_objective",  # what the regular update descended (after refinement)
+    "nonfinite",  # a NaN/inf objective or gradient (fp16 overflow) was met: that sample was not moved by it
 ]  # fmt: skip
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -159,13 +161,19 @@ class _Measure:
 
     def __init__(self, leaf, m, loss, objective=None, suppressed=None, kl=None, grad=None):
         self.leaf, self.m, self.loss, self.suppressed, self.kl, self._grad = leaf, m, loss, suppressed, kl, grad
+        self.nonfinite = None
         self.objective = loss if objective is None else objective  # excite only: the objective *is* the loss
 
     def grad(self) -> torch.Tensor:
-        """∇_z objective per sample (samples are independent in the UNet, so ∇ of the sum splits)."""
+        """∇_z objective per sample (samples are independent in the UNet, so ∇ of the sum splits).
+
+        fp16 safety: a sample whose objective or gradient is NaN/inf gets a zero gradient (its latent
+        is not moved) and is flagged in ``nonfinite``; the trace reports it."""
         if self._grad is None:
             with torch.enable_grad():
-                self._grad = torch.autograd.grad(self.objective.sum(), self.leaf)[0]
+                grad = torch.autograd.grad(self.objective.sum(), self.leaf)[0]
+            self.nonfinite = ~torch.isfinite(grad).flatten(1).all(dim=1) | ~torch.isfinite(self.objective.detach())
+            self._grad = torch.where(self.nonfinite[:, None, None, None], torch.zeros_like(grad), grad) if self.nonfinite.any() else grad
         return self._grad
 
     def violates(self, threshold: float, bound: float) -> torch.Tensor:
@@ -237,7 +245,15 @@ class _Sampler:
                 eps = self.unet(self.scheduler.scale_model_input(z, t), t, encoder_hidden_states=self.cond.expand(n, -1, -1)).sample
         if sinks:
             self.recorder.end_step(i, t)
-        return self.scheduler.step(eps, t, z).prev_sample
+        z = self.scheduler.step(eps, t, z).prev_sample
+        broken = ~torch.isfinite(z).flatten(1).all(dim=1)
+        if broken.any():  # the image would come out black or noise: stop and say so
+            seeds = [s for s, b in zip(self.plan.seeds, broken.tolist()) if b]
+            raise AnelabError(
+                f"the latent of seed(s) {seeds} became NaN/inf at loop index {i} (t={int(t)}), e.g. an fp16 overflow; "
+                "run in float32 (dtype=torch.float32) or with a smaller scale_factor"
+            )
+        return z
 
     # -- Attend-and-Excite ---------------------------------------------------------------------
     def measure(self, z: torch.Tensor, t) -> _Measure:
@@ -266,6 +282,7 @@ class _Sampler:
         alpha = float(self.plan.step_sizes[i])
         regular = i < self.last_update
         first = end = self.measure(z, t)
+        self.nonfinite = torch.zeros(len(z), dtype=torch.bool, device=z.device)
         triggered = torch.zeros(len(z), dtype=torch.bool, device=z.device)
         iterations = torch.zeros(len(z), dtype=torch.long, device=z.device)
         reached = None
@@ -277,7 +294,9 @@ class _Sampler:
         if regular:
             move = end.objective != 0  # no update when the loss is exactly 0 (§1.5)
             if move.any():
-                z = torch.where(move[:, None, None, None], z - alpha * end.grad(), z)
+                grad = self.gradient(end)
+                move = move & ~self.nonfinite
+                z = torch.where(move[:, None, None, None], z - alpha * grad, z)
             updated = updated | move
         self.log(i, t, alpha, first, end, triggered, iterations, reached, updated)
         return z.detach()
@@ -298,7 +317,7 @@ class _Sampler:
         iterations = torch.zeros(len(z), dtype=torch.long, device=z.device)
         if not triggered.any() or self.config.max_refinement_steps == 0:
             return z, first, triggered, iterations
-        grad_first = first.grad()
+        grad_first = self.gradient(first)
         end = first.detached(grad_first.clone() if need_final_grad else None)
         z = z.clone()
         active = triggered.nonzero()[:, 0]
@@ -310,7 +329,7 @@ class _Sampler:
             going_on = violates_k & (iterations[active] < self.config.max_refinement_steps)
             again = self.measure(z[active], t)  # next iteration's forward, or the final re-measure
             need_grad = going_on.any() or end._grad is not None
-            grad = again.grad() if need_grad else None
+            grad = self.gradient(again, active) if need_grad else None
             end.put(active[~going_on], again, ~going_on)
             if end._grad is not None:
                 end._grad[active[~going_on]] = grad[~going_on]
@@ -318,6 +337,14 @@ class _Sampler:
             objective_k, violates_k = again.objective[going_on], again.violates(threshold, bound)[going_on]
             grad_k = grad[going_on] if grad is not None else None
         return z, end, triggered, iterations
+
+    def gradient(self, measure: _Measure, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``measure.grad()``, noting the samples (batch ``rows``) whose gradient was not finite."""
+        grad = measure.grad()
+        if measure.nonfinite is not None and measure.nonfinite.any():
+            self.nonfinite[measure.nonfinite if rows is None else rows[measure.nonfinite]] = True
+            warnings.warn("non-finite A&E gradient: the affected samples were not moved at this step (see trace.nonfinite)", stacklevel=2)
+        return grad
 
     # -- trace -----------------------------------------------------------------------------------
     def log(self, i, t, alpha, first, end, triggered, iterations, reached, updated):
@@ -340,6 +367,7 @@ class _Sampler:
                 final_max_attention=end.m.detach().float().cpu().numpy(),
                 final_loss=end.loss.detach().float().cpu().numpy(),
                 final_objective=_numpy(end.objective),
+                nonfinite=self.nonfinite.cpu().numpy(),
             )
         )
 
@@ -384,6 +412,7 @@ class _Sampler:
                         "final_max_attention": row["final_max_attention"].reshape(-1),
                         "final_loss": per_sample(row["final_loss"]),
                         "final_objective": per_sample(row["final_objective"]),
+                        "nonfinite": per_sample(row["nonfinite"]),
                     }
                 )
             )
@@ -399,7 +428,7 @@ def _numpy(values: torch.Tensor) -> np.ndarray:
 def _empty_trace() -> pd.DataFrame:
     dtypes = dict.fromkeys(TRACE_COLUMNS, "float64") | {
         "seed": "int64", "step": "int64", "timestep": "int64", "token": "object", "token_index": "int64", "role": "object",
-        "triggered": "bool", "refinement_iterations": "int64", "reached": "boolean", "updated": "bool",
+        "triggered": "bool", "refinement_iterations": "int64", "reached": "boolean", "updated": "bool", "nonfinite": "bool",
     }  # fmt: skip
     return pd.DataFrame({c: pd.Series(dtype=dtypes[c]) for c in TRACE_COLUMNS})
 

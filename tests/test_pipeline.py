@@ -250,3 +250,31 @@ def test_bad_input_fails_before_denoising(tiny_pipe, kwargs, message, monkeypatc
     args = dict(prompt=PROMPT, tokens=TOKENS, seeds=[0], config=GuidanceConfig(attention_res=4)) | SMALL | kwargs
     with pytest.raises(AnelabError, match=message):
         anelab.generate(tiny_pipe, **args)
+
+
+def test_a_non_finite_gradient_leaves_that_sample_unmoved_and_is_flagged(tiny_pipe, monkeypatch):
+    """fp16 safety: a NaN objective for one sample zeroes its gradient; the others are guided as usual."""
+    import anelab.pipeline as pipeline
+
+    original = pipeline.excite_loss
+
+    def poisoned(m):
+        loss = original(m)
+        return torch.where(torch.arange(len(loss)) == 1, torch.full_like(loss, float("nan")), loss) if len(loss) == 2 else loss
+
+    config = GuidanceConfig(attention_res=8, thresholds={}, max_iter_to_alter=3)
+    clean = anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0, 1], config=config, **SMALL)
+    monkeypatch.setattr(pipeline, "excite_loss", poisoned)
+    with pytest.warns(UserWarning, match="non-finite A&E gradient"):
+        out = anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0, 1], config=config, **SMALL)
+    flagged = out.trace.groupby("seed").nonfinite.all()
+    assert flagged.to_dict() == {0: False, 1: True}
+    torch.testing.assert_close(out.latents[0], clean.latents[0])
+    plain = anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[1], **SMALL)
+    torch.testing.assert_close(out.latents[1], plain.latents[0], rtol=1e-4, atol=1e-4)  # never moved: plain SD
+
+
+def test_a_non_finite_latent_is_a_clear_error(tiny_pipe):
+    config = GuidanceConfig(attention_res=8, thresholds={}, max_iter_to_alter=2, scale_factor=1e38)
+    with pytest.raises(AnelabError, match="became NaN/inf at loop index .* run in float32"):
+        anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0], config=config, **SMALL)
