@@ -52,7 +52,11 @@ def test_thresholds_are_upper_bounds_for_suppressed_tokens(tiny_pipe):
     out = anelab.generate(tiny_pipe, "a cat and a dog", [], config=config, suppress=["dog"], **RUN)
     step0 = out.trace.query("step == 0")
     assert (step0.max_attention > 0.4).all() and step0.triggered.all()  # above the upper bound 1 - 0.6
-    assert (step0.refinement_iterations > 0).all() and step0.reached.sum() >= 3
+    # the official exit rule reads the measurement taken before each step, so a sample that stopped
+    # early met the bound one step before the final re-measure: it ends at or just around 0.4
+    stopped_early = step0.refinement_iterations < 30
+    assert (step0.refinement_iterations > 0).all() and stopped_early.sum() >= 3
+    assert (step0.final_max_attention[stopped_early] <= 0.42).all()
     assert (step0.final_max_attention[step0.reached.astype(bool)] <= 0.4).all()
     assert (step0.final_max_attention < step0.max_attention).all()
 
