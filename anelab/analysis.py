@@ -119,3 +119,95 @@ def calibration_stats(
                        height=size, width=size, output_type="latent", record=record, progress=False)  # fmt: skip
         frames.append(out.attention.stats())
     return pd.concat(frames, ignore_index=True)
+
+
+def cross_resolution_effect(stats: pd.DataFrame, baseline: str = "sd", steps: Sequence[int] | None = None) -> pd.DataFrame:
+    """Mean smoothed max attention of the lower-attended subject per variant (rows) and resolution (columns),
+    minus the ``baseline`` variant's: how guiding at one resolution moves attention at the others (STUDIES.md 02)."""
+    _require(stats, ["variant"], "cross_resolution_effect")
+    frame = stats if steps is None else stats[stats.step.isin(list(steps))]
+    extremes = subject_extremes(frame, by=["variant"])
+    table = extremes.groupby(["variant", "res"]).lower.mean().unstack("res")
+    if baseline not in table.index:
+        raise AnelabError(f"baseline variant {baseline!r} is not in these statistics ({list(table.index)})")
+    order = list(dict.fromkeys(stats.variant))
+    return (table - table.loc[baseline]).reindex([v for v in order if v in table.index])
+
+
+def steered_subject(stats: pd.DataFrame, results: pd.DataFrame, subject: int, steps: Sequence[int] | None = None) -> pd.DataFrame:
+    """Per image (variant, prompt, seed): statistics of the prompt's ``subject``-th subject token at the
+    recorded resolution, averaged over ``steps`` (default all recorded): max_attention, centroid_x/y."""
+    _require(results, ["variant", "prompt", "seed", "tokens"], "steered_subject")
+    words = {p: t.split(",")[subject] for p, t in zip(results.prompt, results.tokens)}
+    frame = stats if steps is None else stats[stats.step.isin(list(steps))]
+    frame = frame[frame.token == frame.prompt.map(words)]
+    return frame.groupby(["variant", "prompt", "seed"], sort=False)[["max_attention", "centroid_x", "centroid_y"]].mean().reset_index()
+
+
+#: The image–text measures the notebooks report (STUDIES.md, measures).
+SIMILARITY_MEASURES = ("full_prompt", "min_object", "text_text")
+_SUB_PROMPT = {0: "first_half", 1: "second_half"}
+
+
+def variant_table(results: pd.DataFrame, trace: pd.DataFrame, measures: Sequence[str] = SIMILARITY_MEASURES) -> pd.DataFrame:
+    """One row per variant (in the sweep's order): guidance rate, success rate and mean refinement rounds
+    over all threshold steps, seconds per image, and the mean of each measure over all images
+    (STUDIES.md 03 and 04: efficiency against similarity). Plain SD has no guidance statistics (NaN)."""
+    from .metrics import guidance_stats
+
+    _require(results, ["variant", "seconds", *measures], "variant_table")
+    gs = guidance_stats(trace, by=["variant"])
+    efficiency = gs[gs.step.isna()].set_index("variant")[["guidance_rate", "success_rate", "mean_refinement_rounds"]]
+    overall = summarize(results, measures, by="category", groups=["variant"]).query("category == 'overall'")
+    similarity = overall.pivot(index="variant", columns="measure", values="mean").reindex(columns=list(measures))
+    seconds = results.groupby("variant").seconds.mean().rename("seconds_per_image")
+    return pd.concat([efficiency, seconds, similarity], axis=1).reindex(list(dict.fromkeys(results.variant)))
+
+
+def suppression_table(steered: pd.DataFrame, results: pd.DataFrame, subject: int, bound: float) -> pd.DataFrame:
+    """Per variant, for the suppressed ``subject`` (rows of :func:`steered_subject`): mean smoothed max
+    attention, share of images at or under ``bound``, and mean CLIP similarity to that subject's
+    sub-prompt (STUDIES.md 05: does the subject disappear, and how often)."""
+    if subject not in _SUB_PROMPT:
+        raise AnelabError(f"subject must be 0 (first) or 1 (second), got {subject!r}")
+    _require(results, ["variant", _SUB_PROMPT[subject]], "suppression_table")
+    table = steered.groupby("variant", sort=False).max_attention.agg(
+        mean_attention="mean", share_under_bound=lambda a: float((a <= bound).mean())
+    )
+    column = _SUB_PROMPT[subject]
+    table[f"{column}_similarity"] = results.groupby("variant")[column].mean()
+    return table
+
+
+def layout_table(steered: pd.DataFrame, targets: dict[str, Sequence[float]], reference: str = "ae") -> pd.DataFrame:
+    """For each steered variant and its target point (x right, y down): mean centroid and mean distance
+    to the target, of the ``reference`` run and of the steered run (rows of :func:`steered_subject`;
+    STUDIES.md 05: does the subject move there)."""
+    variants = set(steered.variant)
+    missing = [v for v in [reference, *targets] if v not in variants]
+    if missing:
+        raise AnelabError(f"variant(s) {missing} are not in these statistics ({sorted(variants)})")
+    rows = []
+    for name, (tx, ty) in targets.items():
+        for run, variant in (("reference", reference), ("steered", name)):
+            part = steered[steered.variant == variant]
+            distance = np.hypot(part.centroid_x - tx, part.centroid_y - ty)
+            rows.append({"target": name, "target_x": tx, "target_y": ty, "run": run, "variant": variant,
+                         "centroid_x": part.centroid_x.mean(), "centroid_y": part.centroid_y.mean(), "distance": distance.mean()})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def calibrated_study(study, sd_stats: pd.DataFrame, variants: dict[int, str], quantile: float = 0.5):
+    """A copy of ``study`` with plain SD and, for each ``{resolution: variant}``, that variant with
+    thresholds calibrated from ``sd_stats`` at its own threshold steps (:func:`calibrate_thresholds`),
+    named ``<variant>_calibrated``. Returns ``(study, {resolution: thresholds})`` (STUDIES.md 02)."""
+    import dataclasses
+
+    unknown = [v for v in variants.values() if study.variants.get(v) is None]
+    if unknown:
+        raise AnelabError(f"variant(s) {unknown} are not guided variants of study {study.name!r}")
+    thresholds = {
+        res: calibrate_thresholds(sd_stats, res, list(study.variants[name].thresholds), quantile) for res, name in variants.items()
+    }
+    configs = {f"{name}_calibrated": study.variants[name].replace(thresholds=thresholds[res]) for res, name in variants.items()}
+    return dataclasses.replace(study, name=f"{study.name}_calibrated", variants={"sd": None, **configs}), thresholds

@@ -21,7 +21,7 @@ import torch
 from .errors import AnelabError
 from .hooks import Layer
 
-STAT_COLUMNS = ["max_attention", "raw_max", "mass"]
+STAT_COLUMNS = ["max_attention", "raw_max", "mass", "centroid_x", "centroid_y"]
 FRAME_COLUMNS = [
     "prompt", "seed", "step", "timestep",
     "layer",  # diffusers module path, or "mean" for the mean over the resolution's layers (what the loss reads)

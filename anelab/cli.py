@@ -19,20 +19,7 @@ app = typer.Typer(
 )
 
 #: Options that take several values after one flag (``--tokens cat dog``), as in the README.
-MULTI_VALUE_OPTIONS = ("--tokens", "--seeds", "--suppress")
-
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
-
-
-def _torch_dtype(name: str | None):
-    import torch
-
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise AnelabError(f"dtype must be one of {sorted(set(DTYPES))}, got {name!r}")
-    return getattr(torch, DTYPES[name])
-
+MULTI_VALUE_OPTIONS = ("--tokens", "--seeds", "--suppress", "--only", "--workload")
 
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
@@ -81,7 +68,7 @@ def generate(
             scale_factor=scale_factor,
             max_iter_to_alter=max_iter_to_alter,
         )
-    pipe = anelab.load_pipeline(model, device=device, dtype=_torch_dtype(dtype))
+    pipe = anelab.load_pipeline(model, device=device, dtype=dtype)
     result = anelab.generate(
         pipe, prompt, token_args, seeds=seeds, config=config, suppress=suppress, layout=targets, num_inference_steps=steps,
         guidance_scale=guidance_scale, height=height, width=width,
@@ -116,7 +103,7 @@ def sweep(
     share = parse_shard(shard)
     for note in spec.notes:
         typer.echo(f"note: {note}", err=True)
-    pipe = anelab.load_pipeline(model, device=device or process_share()[2], dtype=_torch_dtype(dtype))
+    pipe = anelab.load_pipeline(model, device=device or process_share()[2], dtype=dtype)
     summary = run_sweep(spec, pipe, out, model=model, shard=share, force=force, chunk_blocks=chunk)
     typer.echo(describe(summary, spec, out))
 
@@ -139,6 +126,42 @@ def score(
         typer.echo(f"note: {notice}", err=True)
     means = ", ".join(f"{c} {table[c].mean():.4f}" for c in ("full_prompt", "min_object", "text_text") if table[c].notna().any())
     typer.echo(f"{len(table) - before} image(s) scored, {before} already scored -> {directory / 'metrics.parquet'} (means: {means})")
+
+
+@app.command()
+def report(
+    model: str = typer.Option("tiny", help="'tiny' (offline random model), a Hub id, or a local directory."),
+    smoke: Optional[bool] = typer.Option(None, "--smoke/--full", help="Smoke slice or full protocol (default: smoke for 'tiny', full otherwise)."),
+    only: list[str] = typer.Option([], help="Run only these notebooks (name or number prefix, e.g. --only 02)."),
+    out: Path = typer.Option(Path("reports"), help="Where the executed notebooks, HTML and index.html go."),
+    runs: Optional[Path] = typer.Option(None, help="Where the notebooks' sweeps go (default runs/report-<model>-<mode>)."),
+    device: Optional[str] = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
+):
+    """Execute every notebook with papermill into OUT (ipynb + html) and write OUT/index.html."""
+    from anelab.report import run_report
+
+    _check_out_dir(out)
+    results = run_report(model=model, smoke=(model == "tiny") if smoke is None else smoke, only=only or None, out=out, runs=runs, device=device)
+    for r in results:
+        typer.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.name:28s} {r.seconds:6.0f} s" + ("" if r.ok else f"  {r.error}"))
+    typer.echo(f"report: {sum(r.ok for r in results)}/{len(results)} notebooks ok -> {out / 'index.html'}")
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    workload: list[str] = typer.Option(["tiny"], help="tiny (CPU), sd14-cpu (SD-1.4 size, CPU, 4 steps), sd14-gpu (fp16, 50 steps)."),
+    repeats: int = typer.Option(3, min=1, help="Runs per program; figures are medians."),
+):
+    """Speed and memory: anelab vs diffusers' A&E port, vs plain SD, batching, recording -> benchmarks/results/<workload>.json."""
+    from anelab.bench import WORKLOADS, run_bench, table
+
+    for name in workload:
+        if name not in WORKLOADS:
+            raise AnelabError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    for name in workload:
+        typer.echo(table(run_bench(name, repeats)))
 
 
 def _rows(path: Path) -> int:

@@ -43,16 +43,30 @@ def load_or_explain(what: str, spec: str, marker: str, load: Callable[[str], obj
         raise AnelabError(_explain_load_failure(what, spec, local.exists(), error)) from error
 
 
-def load_pipeline(spec="tiny", device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+#: dtype names accepted where a torch.dtype is (CLI options, notebook parameters).
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from a name (``"fp16"``, ``"float16"``, ...) or a dtype; ``None`` stays ``None``."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise AnelabError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
+    return getattr(torch, DTYPES[dtype])
+
+
+def load_pipeline(spec="tiny", device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
     """A diffusers ``StableDiffusionPipeline`` ready for :func:`anelab.generate`.
 
     ``spec``: ``"tiny"`` (offline random SD-1.x-shaped model, see :mod:`anelab.testing`), a Hub id
     such as ``"CompVis/stable-diffusion-v1-4"``, a local directory saved with ``save_pretrained``,
     or an already built ``StableDiffusionPipeline`` (used as is). ``device`` defaults to CUDA when
-    available; ``dtype`` to the weights' own (fp32 for the tiny model). The safety checker is not
+    available; ``dtype`` (a torch dtype or a name such as ``"fp16"``) to the weights' own (fp32 for the tiny model). The safety checker is not
     loaded (reference runs compare raw images). UNet parameters are frozen: guidance needs
     gradients with respect to the latent only.
     """
+    dtype = resolve_dtype(dtype)
     with quiet_transformers():
         from diffusers import StableDiffusionPipeline
 

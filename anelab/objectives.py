@@ -108,7 +108,8 @@ def token_statistics(maps: torch.Tensor, token_indices: list[int], eot_index: in
 
     ``max_attention``: the smoothed max under the loss's own normalisation (NaN for a token
     outside the softmax columns, e.g. ``<eot>`` with ``softmax_tokens="prompt"``); ``raw_max``: the
-    max of the raw probability; ``mass``: its mean over the grid (the token's share of attention).
+    max of the raw probability; ``mass``: its mean over the grid (the token's share of attention);
+    ``centroid_x``/``centroid_y``: the centroid of the raw map (x right, y down, in [0, 1]).
     """
     columns = token_columns(config.softmax_tokens, eot_index, maps.shape[-1])
     raw = maps[..., token_indices].flatten(1, 2)  # [B, h·w, T]
@@ -117,4 +118,6 @@ def token_statistics(maps: torch.Tensor, token_indices: list[int], eot_index: in
     if any(inside):
         picked = [i for i, ok in zip(token_indices, inside) if ok]
         smoothed[:, torch.tensor(inside)] = max_attention(maps, picked, eot_index, config)
-    return {"max_attention": smoothed, "raw_max": raw.amax(dim=1), "mass": raw.mean(dim=1)}
+    points = centroid(maps[..., token_indices].permute(0, 3, 1, 2))  # [B, T, 2]
+    return {"max_attention": smoothed, "raw_max": raw.amax(dim=1), "mass": raw.mean(dim=1),
+            "centroid_x": points[..., 0], "centroid_y": points[..., 1]}  # fmt: skip

@@ -7,6 +7,7 @@ notebook shows each exactly once: where it is returned or ``display``-ed.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -159,3 +160,157 @@ def attention_trends(
     n_images = int(trends.images.max())
     fig.suptitle(f"Quantiles over images ({n_images} per step) of the higher/lower-attended subject token", fontsize=10)
     return fig
+
+
+def measure_bars(summary: pd.DataFrame, measure: str, hue: str = "variant", x: str = "category", ax=None) -> Figure:
+    """Mean of ``measure`` per ``x`` (category) and ``hue`` (variant) with 95% CI error bars, from :func:`anelab.analysis.summarize`."""
+    data = summary[summary.measure == measure]
+    if data.empty:
+        raise AnelabError(f"no rows for measure {measure!r}; have {sorted(summary.measure.unique())}")
+    fig, axes = _axes_grid(ax, 1, 1, panel=4.0)
+    panel = axes[0, 0]
+    xs, hues = list(dict.fromkeys(data[x])), list(dict.fromkeys(data[hue]))
+    width = 0.8 / len(hues)
+    for k, name in enumerate(hues):
+        part = data[data[hue] == name].set_index(x).reindex(xs)
+        positions = np.arange(len(xs)) + (k - (len(hues) - 1) / 2) * width
+        errors = np.vstack([part["mean"] - part.ci_low, part.ci_high - part["mean"]]).clip(min=0)
+        panel.bar(positions, part["mean"], width, yerr=np.nan_to_num(errors), capsize=3, label=str(name))
+    panel.set_xticks(np.arange(len(xs)), xs, rotation=15)
+    panel.set_ylabel(f"{measure} (mean, 95% CI)")
+    panel.set_xlabel(x)
+    low, high = np.nanmin(data.ci_low.fillna(data["mean"])), np.nanmax(data.ci_high.fillna(data["mean"]))
+    pad = 0.1 * (high - low or 1.0)
+    panel.set_ylim(low - pad, high + pad)
+    panel.legend(title=hue, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    panel.set_title(f"{measure} by {x} and {hue}", fontsize=10)
+    panel.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def image_grid(images: Sequence, row_labels: Sequence[str], col_labels: Sequence[str], title: str = "", ax=None) -> Figure:
+    """Images (PIL, arrays or paths) in ``len(row_labels) x len(col_labels)`` order, labelled."""
+    from PIL import Image
+
+    rows, cols = len(row_labels), len(col_labels)
+    if len(images) != rows * cols:
+        raise AnelabError(f"image_grid needs {rows}x{cols} = {rows * cols} images, got {len(images)}")
+    fig, axes = _axes_grid(ax, rows, cols, panel=2.0)
+    for k, image in enumerate(images):
+        panel = axes[k // cols, k % cols]
+        panel.imshow(np.asarray(Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image))
+        panel.set_xticks([])
+        panel.set_yticks([])
+        if k // cols == 0:
+            panel.set_title(col_labels[k % cols], fontsize=8)
+        if k % cols == 0:
+            panel.set_ylabel(row_labels[k // cols], fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def guidance_rates(stats: pd.DataFrame, hue: str = "variant", ax=None) -> Figure:
+    """Guidance rate and success rate per threshold step, one line per ``hue`` (from :func:`anelab.metrics.guidance_stats`)."""
+    import seaborn as sns
+
+    per_step = stats[stats.step.notna()].astype({"step": int})
+    if per_step.empty:
+        raise AnelabError("no threshold steps in these guidance statistics")
+    fig, axes = _axes_grid(ax, 1, 2, panel=3.6)
+    for panel, column, label in zip(axes[0], ("guidance_rate", "success_rate"), ("guidance rate (share triggered)", "success rate (share reaching)")):
+        sns.lineplot(data=per_step, x="step", y=column, hue=hue, marker="o", ax=panel, legend=panel is axes[0, 1])
+        panel.set_ylim(-0.03, 1.03)
+        panel.set_xlabel("threshold step (loop index)")
+        panel.set_ylabel(label)
+        panel.set_title(label, fontsize=10)
+        panel.grid(alpha=0.3)
+    if axes[0, 1].get_legend() is not None:
+        axes[0, 1].legend(title=hue, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    return fig
+
+
+def step_size_schedules(configs: Mapping, n_iterations: int = 51, ax=None) -> Figure:
+    """α_i over the loop for each named GuidanceConfig, up to its last regular update."""
+    fig, axes = _axes_grid(ax, 1, 1, panel=4.2)
+    panel = axes[0, 0]
+    for name, config in configs.items():
+        if config is None:
+            continue
+        alphas = config.step_sizes(n_iterations)[: min(config.last_update_iteration(n_iterations), n_iterations)]
+        panel.plot(np.arange(len(alphas)), alphas, label=str(name))
+    panel.set_xlabel("loop index i")
+    panel.set_ylabel("step size α_i")
+    panel.set_title("Step-size schedules (regular updates)", fontsize=10)
+    panel.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    panel.grid(alpha=0.3)
+    return fig
+
+
+def tradeoff(frame: pd.DataFrame, x: str, measures: Sequence[str], ax=None) -> Figure:
+    """Each measure against a swept parameter ``x`` (one panel per measure)."""
+    fig, axes = _axes_grid(ax, 1, len(measures), panel=3.0)
+    ordered = frame.sort_values(x)
+    for panel, measure in zip(axes[0], measures):
+        panel.plot(ordered[x], ordered[measure], marker="o")
+        panel.set_xlabel(x)
+        panel.set_ylabel(measure)
+        panel.set_title(f"{measure} vs {x}", fontsize=10)
+        panel.grid(alpha=0.3)
+    return fig
+
+
+def attention_box(steered: pd.DataFrame, variants: Sequence[str], bound: float | None = None, title: str = "", ax=None) -> Figure:
+    """Per-image smoothed max attention of a steered subject (rows of :func:`anelab.analysis.steered_subject`)
+    per variant as box plots, with the suppression bound as a dashed line."""
+    import seaborn as sns
+
+    data = steered[steered.variant.isin(list(variants))]
+    if data.empty:
+        raise AnelabError(f"no rows for variants {list(variants)}; have {sorted(steered.variant.unique())}")
+    fig, axes = _axes_grid(ax, 1, 1, panel=4.4)
+    panel = axes[0, 0]
+    sns.boxplot(data=data, x="variant", y="max_attention", order=list(variants), ax=panel)
+    if bound is not None:
+        panel.axhline(bound, color="grey", ls="--", label=f"suppress_bound {bound}")
+        panel.legend(fontsize=8, loc="upper right")
+    panel.set_xlabel("variant")
+    panel.set_ylabel("smoothed max attention (per image)")
+    panel.set_title(title or "Smoothed max attention of the steered subject", fontsize=10)
+    panel.tick_params(axis="x", rotation=15)
+    panel.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def layout_arrows(layout: pd.DataFrame, ax=None) -> Figure:
+    """Mean attention centroid of the reference run (arrow start) and of each steered run (arrow end)
+    with its target (cross), image coordinates (x right, y down), from :func:`anelab.analysis.layout_table`."""
+    fig, axes = _axes_grid(ax, 1, 1, panel=4.4)
+    panel = axes[0, 0]
+    colours = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"] * 4)
+    for name, rows in layout.groupby("target", sort=False):
+        start, end = rows.set_index("run").loc["reference"], rows.set_index("run").loc["steered"]
+        colour = next(colours)
+        panel.annotate("", xy=(end.centroid_x, end.centroid_y), xytext=(start.centroid_x, start.centroid_y),
+                       arrowprops=dict(arrowstyle="->", color=colour, lw=1.5))  # fmt: skip
+        panel.scatter([end.target_x], [end.target_y], marker="x", s=70, color=colour, label=f"{name} target")
+    panel.set_xlim(0, 1)
+    panel.set_ylim(1, 0)  # y down, as in the image
+    panel.set_aspect("equal")
+    panel.set_xlabel("centroid x (0 = left, 1 = right)")
+    panel.set_ylabel("centroid y (0 = top, 1 = bottom)")
+    panel.set_title("Attention centroid: reference (arrow start) → steered (arrow end)", fontsize=10)
+    panel.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    panel.grid(alpha=0.3)
+    return fig
+
+
+def sweep_images(out: str | Path, results: pd.DataFrame, variants: Sequence[str], examples: int = 3, title: str = "", ax=None) -> Figure:
+    """The first ``examples`` (prompt, seed) pairs of a sweep (columns) under each variant (rows), read from ``out``."""
+    missing = [v for v in variants if v not in set(results.variant)]
+    if missing:
+        raise AnelabError(f"variant(s) {missing} are not in these results ({sorted(set(results.variant))})")
+    pairs = list(results.drop_duplicates(["prompt", "seed"]).head(examples)[["prompt", "seed"]].itertuples(index=False))
+    where = results.set_index(["variant", "prompt", "seed"]).image
+    images = [Path(out) / where[(v, p, s)] for v in variants for p, s in pairs]
+    return image_grid(images, list(variants), [f"{p} · seed {s}" for p, s in pairs], title=title, ax=ax)

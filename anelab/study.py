@@ -30,11 +30,14 @@ TOP_KEYS = {
     "guidance_scale": "classifier-free guidance scale (number, default 7.5)",
     "batch": "seeds generated together (int, default 8)",
     "base": "GuidanceConfig fields shared by the guided variants",
-    "variants": "name -> GuidanceConfig overrides of base, or null for plain Stable Diffusion",
+    "variants": "name -> GuidanceConfig overrides of base (+ excite/suppress/layout by subject index), or null for plain SD",
     "record": "Record fields (resolutions, steps, tokens); statistics only, maps: false",
     "description": "free text",
 }
 CONFIG_FIELDS = [f.name for f in dataclasses.fields(GuidanceConfig)]
+#: Variant keys that pick what is steered, by index into each prompt's subject tokens (STUDIES.md 05).
+STEERING_KEYS = {"excite": "subject indices to excite (default: all)", "suppress": "subject indices to suppress",
+                 "layout": "{subject index: [x, y]} target points"}  # fmt: skip
 RECORD_FIELDS = ["resolutions", "steps", "tokens", "maps"]
 
 
@@ -51,6 +54,7 @@ class Study:
     batch: int
     variants: dict[str, GuidanceConfig | None]  # None = plain Stable Diffusion
     record: Record | None
+    steering: dict[str, dict] = dataclasses.field(default_factory=dict)  # variant -> excite/suppress/layout by subject index
     source: str = ""
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -66,6 +70,7 @@ class Study:
             "batch": self.batch,
             "variants": {name: None if c is None else c.to_dict() for name, c in self.variants.items()},
             "record": None if self.record is None else self.record.to_dict(),
+            **({"steering": self.steering} if self.steering else {}),
         }
 
     def spec_hash(self, model: str) -> str:
@@ -116,14 +121,20 @@ def study_path(name_or_path: str | Path) -> Path:
 
 def load_study(
     source: str | Path | Mapping, *, prompts: int | None = None, seeds: int | None = None,
-    steps: int | None = None, batch: int | None = None, size: int | None = None,
+    steps: int | None = None, batch: int | None = None, size: int | None = None, base: Mapping | None = None, smoke: bool = False,
 ) -> Study:  # fmt: skip
     """Read and validate a study (a YAML path, a study name, or a dict), applying overrides.
 
+    ``smoke=True`` shrinks it to :data:`SMOKE` (explicit overrides win).
+
     ``prompts`` keeps the first K prompts per category (or of an explicit list), ``seeds`` the
     first K seeds; ``steps`` rescales the variants' threshold steps and ``max_iter_to_alter``
-    proportionally (:meth:`GuidanceConfig.rescaled`).
+    proportionally (:meth:`GuidanceConfig.rescaled`); ``base`` overrides GuidanceConfig fields of
+    every guided variant (e.g. ``{"max_refinement_steps": 3}`` for a smoke run).
     """
+    if smoke:
+        given = dict(prompts=prompts, seeds=seeds, steps=steps, batch=batch, base=base)
+        prompts, seeds, steps, batch, base = (SMOKE[k] if given[k] is None else given[k] for k in given)
     if isinstance(source, Mapping):
         data, lines, label = dict(source), _Lines(""), "study"
     else:
@@ -167,17 +178,20 @@ def load_study(
         fail(("guidance_scale",), f"must be a number, got {scale!r}")
     table = _prompts(data["prompts"], fail)
     seed_list = _seeds(data["seeds"], fail)
-    base = data.get("base") or {}
-    if not isinstance(base, Mapping):
-        fail(("base",), f"must be a mapping of GuidanceConfig fields, got {base!r}")
+    base_fields = data.get("base") or {}
+    if not isinstance(base_fields, Mapping):
+        fail(("base",), f"must be a mapping of GuidanceConfig fields, got {base_fields!r}")
     variants_data = data["variants"]
     if not isinstance(variants_data, Mapping) or not variants_data:
         fail(("variants",), "must map variant names to overrides (or null for plain SD)")
-    variants = {}
+    variants, steering = {}, {}
     for name, overrides in variants_data.items():
         if overrides is not None and not isinstance(overrides, Mapping):
             fail(("variants", name), f"must be a mapping of GuidanceConfig overrides or null, got {overrides!r}")
-        variants[str(name)] = None if overrides is None else _config(base, overrides, ("variants", str(name)), fail)
+        if overrides is not None and any(k in STEERING_KEYS for k in overrides):
+            steering[str(name)] = _steering(overrides, ("variants", str(name)), fail)
+            overrides = {k: v for k, v in overrides.items() if k not in STEERING_KEYS}
+        variants[str(name)] = None if overrides is None else _config(base_fields, overrides, ("variants", str(name)), fail)
     record = _record(data.get("record"), fail)
 
     # overrides (CLI / notebook parameters)
@@ -190,14 +204,20 @@ def load_study(
         batch_size = batch
     if size is not None:
         side = size
+    if base:
+        variants = {k: None if c is None else c.replace(**base) for k, c in variants.items()}
     if steps is not None and steps != n_steps:
         variants = {k: None if c is None else c.rescaled(n_steps, steps) for k, c in variants.items()}
         notes.append(f"steps {n_steps} -> {steps}: threshold steps and max_iter_to_alter rescaled proportionally")
         n_steps = steps
     return Study(
         name=data["name"], prompts=table, seeds=seed_list, steps=n_steps, size=side, guidance_scale=float(scale),
-        batch=batch_size, variants=variants, record=record, source=label, notes=notes,
+        batch=batch_size, variants=variants, record=record, steering=steering, source=label, notes=notes,
     )  # fmt: skip
+
+
+#: What smoke mode (tiny model, `make report`) shrinks a study to: minutes for the whole suite on a CPU.
+SMOKE = dict(prompts=1, seeds=2, steps=4, batch=2, base={"max_refinement_steps": 3})
 
 
 def _prompts(spec, fail) -> pd.DataFrame:
@@ -228,6 +248,27 @@ def _prompts(spec, fail) -> pd.DataFrame:
             fail(("prompts",), f"repeated prompts: {sorted(set(frame.prompt[frame.prompt.duplicated()]))}")
         return frame
     fail(("prompts",), "must be {set: ane, categories: [...], limit: K} or a non-empty list of {prompt, tokens}")
+
+
+def _steering(spec, path, fail) -> dict:
+    """``excite``/``suppress``: lists of subject indices; ``layout``: {subject index: [x, y]}."""
+    out = {}
+    for key in ("excite", "suppress"):
+        if key in spec:
+            value = spec[key]
+            if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+                fail((*path, key), f"must be a list of subject indices (0 = the prompt's first subject), got {value!r}")
+            out[key] = list(value)
+    if "layout" in spec:
+        value = spec["layout"]
+        ok = isinstance(value, Mapping) and all(
+            isinstance(i, int) and isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in p)
+            for i, p in value.items()
+        )
+        if not ok:
+            fail((*path, "layout"), f"must map subject indices to [x, y] points in [0, 1], got {value!r}")
+        out["layout"] = {int(i): [float(v) for v in p] for i, p in value.items()}
+    return out
 
 
 def _seeds(spec, fail) -> list[int]:

@@ -172,7 +172,8 @@ def run_sweep(
     for block in todo:
         bar.set_postfix_str(f"{block.variant}: {block.prompt[:40]}", refresh=False)
         result = generate(
-            pipe, block.prompt, list(block.tokens), seeds=list(block.seeds), config=study.variants[block.variant],
+            pipe, block.prompt, seeds=list(block.seeds), config=study.variants[block.variant],
+            **steering_arguments(block.tokens, study.steering.get(block.variant, {}), study.variants[block.variant]),
             num_inference_steps=study.steps, guidance_scale=study.guidance_scale, height=study.size, width=study.size,
             record=study.record, progress=False,
         )  # fmt: skip
@@ -192,6 +193,23 @@ def run_sweep(
     bar.close()
     summary["total_seconds"] = time.perf_counter() - start
     return summary
+
+
+def steering_arguments(subjects: tuple, steering: dict, config) -> dict:
+    """``tokens``/``suppress``/``layout`` of :func:`generate` for one prompt's subjects and a variant's steering."""
+    def pick(indices):
+        missing = [i for i in indices if i >= len(subjects)]
+        if missing:
+            raise AnelabError(f"subject index {missing} out of range for subjects {list(subjects)}")
+        return [subjects[i] for i in indices]
+
+    suppressed = pick(steering.get("suppress", []))
+    excited = pick(steering["excite"]) if "excite" in steering else [t for t in subjects if t not in suppressed]
+    arguments = {"tokens": excited}
+    if config is not None:
+        arguments["suppress"] = suppressed
+        arguments["layout"] = {subjects[i]: tuple(p) for i, p in steering.get("layout", {}).items() if pick([i])}
+    return arguments
 
 
 def _wait_for(path: Path, timeout: float = 120.0) -> None:
@@ -296,6 +314,29 @@ def load_trace(out: str | Path) -> pd.DataFrame:
 def load_stats(out: str | Path) -> pd.DataFrame:
     """Recorded token statistics of every finished image (:meth:`AttentionCache.stats` + variant, category)."""
     return _read_chunks(_sweep_dir(out), "stats")
+
+
+def run_study(
+    study: Study | str, model: str = "tiny", out: str | Path = "runs/study", *, smoke: bool = False, device=None, dtype=None,
+    clip: str | None = None, blip: str | None = None, progress: bool = True, pipe=None, **overrides,
+) -> pd.DataFrame:  # fmt: skip
+    """For notebooks: run a study (name, file or :class:`Study`), score it and return :func:`load_results`.
+
+    ``smoke=True`` shrinks a study given by name or file (:data:`anelab.study.SMOKE`); the scorers default to ``"tiny"`` for the
+    tiny model and to the protocol's CLIP/BLIP otherwise. Finished work in ``out`` is reused.
+    """
+    from .loading import load_pipeline
+    from .metrics import DEFAULT_BLIP, DEFAULT_CLIP, score_folder
+    from .study import load_study
+
+    if not isinstance(study, Study):
+        study = load_study(study, smoke=smoke, **overrides)
+    pipe = pipe or load_pipeline(model, device=device, dtype=dtype)
+    summary = run_sweep(study, pipe, out, model=str(model), progress=progress)
+    tiny = str(model) == "tiny"
+    score_folder(out, clip or ("tiny" if tiny else DEFAULT_CLIP), blip or ("tiny" if tiny else DEFAULT_BLIP), device=device, progress=progress)
+    print(describe(summary, study, Path(out)))
+    return load_results(out)
 
 
 def describe(summary: dict, study: Study, out: Path) -> str:

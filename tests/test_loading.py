@@ -52,6 +52,10 @@ def test_loading_with_a_dtype(tmp_path, tiny_pipe):
     tiny_pipe.save_pretrained(tmp_path / "model")
     half = anelab.load_pipeline(tmp_path / "model", device="cpu", dtype=torch.bfloat16)
     assert half.unet.dtype == torch.bfloat16
+    named = anelab.load_pipeline(tmp_path / "model", device="cpu", dtype="bf16")  # names, as notebook parameters give them
+    assert named.unet.dtype == torch.bfloat16
+    with pytest.raises(AnelabError, match="dtype must be one of \\['bf16', 'bfloat16', 'float16', 'float32', 'fp16', 'fp32'\\] or a torch.dtype, got 'half'"):
+        anelab.load_pipeline("tiny", dtype="half")
 
 
 @pytest.mark.parametrize(

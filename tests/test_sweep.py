@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from anelab import AnelabError
-from anelab.study import STUDY_DIR, load_study
+from anelab.study import SMOKE, STUDY_DIR, load_study
 from anelab.sweep import _read_chunks, load_results, load_stats, load_trace, parse_shard, run_sweep, work_plan
 
 STUDY = """\
@@ -73,6 +73,9 @@ def test_study_loads_with_overrides(study_file):
     assert len(small.prompts) == 1 and small.seeds == [0, 1, 2] and [len(b.seeds) for b in work_plan(small)][:2] == [2, 1]
     assert small.variants["ae8"].thresholds == {0: 0.05, 6: 0.5} and small.variants["ae8"].max_iter_to_alter == 6
     assert small.spec_hash("tiny") != study.spec_hash("tiny") and study.spec_hash("tiny") != study.spec_hash("other")
+    smoke = load_study(study_file, smoke=True, seeds=3)  # the smoke slice, explicit overrides win
+    assert len(smoke.prompts) == 1 and smoke.seeds == [0, 1, 2] and smoke.steps == SMOKE["steps"] and smoke.batch == SMOKE["batch"]
+    assert smoke.variants["sd"] is None and smoke.variants["ae8"].max_refinement_steps == SMOKE["base"]["max_refinement_steps"]
 
 
 def test_every_committed_study_file_loads():
