@@ -1,0 +1,225 @@
+"""`anelab bench`: speed and memory of guided sampling, measured against plain SD and diffusers' port.
+
+Every figure is a median over ``repeats`` runs; the programs of one comparison are run alternately
+in the same process. Workloads (issue: speed and memory):
+
+- ``tiny``: the tiny pipeline on the CPU, 256 px, 25 steps, thresholds and ``max_iter_to_alter``
+  rescaled from the 50-step defaults;
+- ``sd14-cpu``: random weights of SD-1.4's real size on the CPU, 512 px, 4 steps, at most 2
+  refinement rounds (a CPU cannot afford more);
+- ``sd14-gpu``: the same model on CUDA in fp16, 512 px, the full 50 steps and defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from .config import GuidanceConfig
+from .pipeline import generate
+from .recording import Record
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+PROMPT, TOKENS, INDICES = "a cat and a dog", ["cat", "dog"], [2, 5]
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    size: int
+    steps: int
+    device: str
+    dtype: torch.dtype
+    max_refinement_steps: int = 20
+
+    def config(self, **changes) -> GuidanceConfig:
+        return GuidanceConfig(max_refinement_steps=self.max_refinement_steps).rescaled(50, self.steps).replace(**changes)
+
+
+WORKLOADS = {
+    "tiny": Workload("tiny", 256, 25, "cpu", torch.float32),
+    "sd14-cpu": Workload("sd14-cpu", 512, 4, "cpu", torch.float32, max_refinement_steps=2),
+    "sd14-gpu": Workload("sd14-gpu", 512, 50, "cuda", torch.float16),
+}
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA's allocator peak, or the process RSS sampled every 5 ms on the CPU (above the start)."""
+
+    def __init__(self, device: str):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            import psutil
+
+            self.process, self.stop = psutil.Process(), threading.Event()
+            self.base = self.peak_rss = self.process.memory_info().rss
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.is_set():
+            self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.peak = self.peak_rss - self.base
+
+
+def _timed(device: str, run) -> tuple[float, int, object]:
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        result = run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return seconds, memory.peak, result
+
+
+def _alternate(programs: dict, repeats: int, device: str) -> dict:
+    """Run the programs alternately ``repeats`` times; median seconds and peak memory of each."""
+    times = {k: [] for k in programs}
+    peaks = {k: [] for k in programs}
+    last = {}
+    for _ in range(repeats):
+        for name, run in programs.items():
+            seconds, peak, last[name] = _timed(device, run)
+            times[name].append(seconds)
+            peaks[name].append(peak)
+    return {k: {"seconds": statistics.median(times[k]), "peak_bytes": int(statistics.median(peaks[k])), "runs": times[k], "result": last[k]}
+            for k in programs}  # fmt: skip
+
+
+def _port(pipe, max_refinement_steps: int):
+    """diffusers' port on the same components; its refinement cap (20, not a ``__call__`` argument) set to ours."""
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+
+    components = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+    port = StableDiffusionAttendAndExcitePipeline(**components, requires_safety_checker=False)
+    port.set_progress_bar_config(disable=True)
+    port._perform_iterative_refinement_step = functools.partial(port._perform_iterative_refinement_step, max_refinement_steps=max_refinement_steps)
+    return port
+
+
+def run_bench(workload: str | Workload = "tiny", repeats: int = 3, progress: bool = True, results_dir: Path = RESULTS_DIR) -> dict:
+    """Measure comparisons (a)–(d) on one workload (a name of :data:`WORKLOADS` or a :class:`Workload`
+    on the tiny pipeline); returns the results, also written to ``results_dir/<workload>.json``."""
+    from .loading import load_pipeline
+    from .testing import sd14_sized_pipeline
+
+    w = WORKLOADS[workload] if isinstance(workload, str) else workload
+    if w.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the sd14-gpu workload needs CUDA")
+    pipe = sd14_sized_pipeline(device=w.device, dtype=w.dtype) if w.name.startswith("sd14") else load_pipeline("tiny", device=w.device)
+    common = dict(num_inference_steps=w.steps, height=w.size, width=w.size, output_type="latent", progress=False)
+    defaults, no_refinement = w.config(), w.config(thresholds={})
+    results = {"workload": dataclasses.asdict(w) | {"dtype": str(w.dtype)}, "device": _device_name(w.device), "repeats": repeats}
+    say = print if progress else (lambda *a, **k: None)
+
+    # (a) anelab vs diffusers' StableDiffusionAttendAndExcitePipeline, identical inputs, default thresholds
+    port = _port(pipe, w.max_refinement_steps)
+
+    def run_port():
+        return port(PROMPT, token_indices=INDICES, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=w.steps,
+                    height=w.size, width=w.size, attn_res=(defaults.attention_res,) * 2, thresholds=defaults.thresholds,
+                    max_iter_to_alter=defaults.max_iter_to_alter, output_type="latent").images  # fmt: skip
+
+    say(f"[{w.name}] (a) anelab vs diffusers port ...")
+    a = _alternate({"anelab": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common).latents,
+                    "diffusers_port": run_port}, repeats, w.device)  # fmt: skip
+    difference = (a["anelab"].pop("result").float() - a["diffusers_port"].pop("result").float()).abs().max().item()
+    results["a_vs_diffusers_port"] = a | {"time_ratio": a["anelab"]["seconds"] / a["diffusers_port"]["seconds"], "max_abs_latent_difference": difference}
+
+    say(f"[{w.name}] (b) A&E vs plain SD ...")
+    b = _alternate({
+        "sd": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=None, **common),
+        "ae_no_refinement": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common),
+        "ae_defaults": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common),
+    }, repeats, w.device)  # fmt: skip
+    for v in b.values():
+        v.pop("result")
+    results["b_vs_plain_sd"] = b | {
+        "ratio_no_refinement": b["ae_no_refinement"]["seconds"] / b["sd"]["seconds"],
+        "ratio_defaults": b["ae_defaults"]["seconds"] / b["sd"]["seconds"],
+        "memory_ratio_no_refinement": b["ae_no_refinement"]["peak_bytes"] / max(b["sd"]["peak_bytes"], 1),
+    }
+
+    say(f"[{w.name}] (c) 8 seeds in one batch vs 8 single-seed runs ...")
+    seeds = list(range(8))
+    c = _alternate({
+        "batch_of_8": lambda: generate(pipe, PROMPT, TOKENS, seeds=seeds, config=no_refinement, **common),
+        "8_single_runs": lambda: [generate(pipe, PROMPT, TOKENS, seeds=[s], config=no_refinement, **common) for s in seeds],
+    }, max(1, repeats // 2) if w.name.startswith("sd14") else repeats, w.device)  # fmt: skip
+    for v in c.values():
+        v.pop("result")
+    results["c_batching"] = c | {"throughput_gain": c["8_single_runs"]["seconds"] / c["batch_of_8"]["seconds"]}
+
+    say(f"[{w.name}] (d) recording all resolutions vs none ...")
+    d = _alternate({
+        "no_recording": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common),
+        "record_all": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, record=Record(), **common),
+    }, repeats, w.device)  # fmt: skip
+    for v in d.values():
+        v.pop("result")
+    results["d_recording"] = d | {"ratio": d["record_all"]["seconds"] / d["no_recording"]["seconds"]}
+    _write(results, results_dir)
+    return results
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} cpu ({torch.get_num_threads()} threads)"
+
+
+def _write(results: dict, results_dir: Path) -> Path:
+    from .io import atomic_path
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{results['workload']['name']}.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=1))
+    return path
+
+
+def table(results: dict) -> str:
+    """The printed table of one workload's results."""
+    a, b, c, d = results["a_vs_diffusers_port"], results["b_vs_plain_sd"], results["c_batching"], results["d_recording"]
+    mib = 2**20
+    rows = [
+        ("(a) anelab A&E, defaults", a["anelab"]["seconds"], a["anelab"]["peak_bytes"] / mib, f"{a['time_ratio']:.2f}x the port (target <= 0.5)"),
+        ("(a) diffusers A&E port", a["diffusers_port"]["seconds"], a["diffusers_port"]["peak_bytes"] / mib, f"max |latent diff| {a['max_abs_latent_difference']:.2e}"),
+        ("(b) plain SD", b["sd"]["seconds"], b["sd"]["peak_bytes"] / mib, ""),
+        ("(b) A&E, refinement never triggered", b["ae_no_refinement"]["seconds"], b["ae_no_refinement"]["peak_bytes"] / mib,
+         f"{b['ratio_no_refinement']:.2f}x SD (target <= 1.3 GPU / 1.4 CPU); memory {b['memory_ratio_no_refinement']:.2f}x"),
+        ("(b) A&E, default thresholds", b["ae_defaults"]["seconds"], b["ae_defaults"]["peak_bytes"] / mib, f"{b['ratio_defaults']:.2f}x SD"),
+        ("(c) 8 seeds, one batch", c["batch_of_8"]["seconds"], c["batch_of_8"]["peak_bytes"] / mib, f"{c['throughput_gain']:.2f}x throughput (target >= 2 GPU)"),
+        ("(c) 8 single-seed runs", c["8_single_runs"]["seconds"], c["8_single_runs"]["peak_bytes"] / mib, ""),
+        ("(d) no recording", d["no_recording"]["seconds"], d["no_recording"]["peak_bytes"] / mib, ""),
+        ("(d) recording 4 resolutions", d["record_all"]["seconds"], d["record_all"]["peak_bytes"] / mib, f"{d['ratio']:.2f}x (target <= 1.15)"),
+    ]  # fmt: skip
+    w = results["workload"]
+    head = f"workload {w['name']}: {results['device']}, {w['size']} px, {w['steps']} steps, {w['dtype']}, medians of {results['repeats']}"
+    lines = [head, f"{'program':40s} {'s/run':>8s} {'peak MiB':>9s}  note"]
+    lines += [f"{name:40s} {sec:8.2f} {mem:9.0f}  {note}" for name, sec, mem, note in rows]
+    return "\n".join(lines)

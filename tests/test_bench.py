@@ -1,0 +1,20 @@
+"""`anelab bench` on a very small workload: every comparison measured, written, and the port's result equal."""
+
+import json
+
+import torch
+
+from anelab.bench import Workload, run_bench, table
+
+
+def test_bench_measures_every_comparison_and_writes_json(tmp_path):
+    results = run_bench(Workload("test", 128, 6, "cpu", torch.float32, max_refinement_steps=2), repeats=1, progress=False, results_dir=tmp_path)
+    saved = json.loads((tmp_path / "test.json").read_text())
+    assert saved["a_vs_diffusers_port"]["max_abs_latent_difference"] < 1e-3  # same work as diffusers' port
+    for key, programs in {"a_vs_diffusers_port": ("anelab", "diffusers_port"), "b_vs_plain_sd": ("sd", "ae_no_refinement", "ae_defaults"),
+                          "c_batching": ("batch_of_8", "8_single_runs"), "d_recording": ("no_recording", "record_all")}.items():  # fmt: skip
+        for program in programs:
+            assert saved[key][program]["seconds"] > 0 and len(saved[key][program]["runs"]) == 1, (key, program)
+    assert saved["b_vs_plain_sd"]["ratio_no_refinement"] > 0 and saved["d_recording"]["ratio"] > 0
+    printed = table(results)
+    assert "(a) diffusers A&E port" in printed and "target <= 0.5" in printed and printed.count("\n") == 10
