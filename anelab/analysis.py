@@ -76,6 +76,33 @@ def summarize(
     return table.assign(ci_low=table["mean"] - half, ci_high=table["mean"] + half)
 
 
+def wide_summary(summary: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """:func:`summarize`'s long table for reading: one row per category, one column per
+    (measure, variant), cells ``mean [ci_low, ci_high]``."""
+    _require(summary, ["variant", "category", "measure", "mean", "ci_low", "ci_high"], "wide_summary")
+
+    def cell(row) -> str:
+        interval = "" if pd.isna(row.ci_low) else f" [{row.ci_low:.{digits}f}, {row.ci_high:.{digits}f}]"
+        return f"{row['mean']:.{digits}f}{interval}"
+
+    table = summary.assign(cell=summary.apply(cell, axis=1))
+    wide = table.pivot(index="category", columns=["measure", "variant"], values="cell")
+    order = [(m, v) for m in dict.fromkeys(summary.measure) for v in dict.fromkeys(summary.variant)]
+    return wide.reindex(index=list(dict.fromkeys(summary.category)), columns=[c for c in order if c in wide.columns])
+
+
+def step_table(rates: pd.DataFrame) -> pd.DataFrame:
+    """:func:`anelab.metrics.guidance_stats` for reading: indexed by its grouping columns and the
+    threshold step, the over-all-steps row labelled ``all``."""
+    keys = [c for c in rates.columns if c not in ("step", "pairs", "triggered", "guidance_rate", "success_rate", "mean_refinement_rounds")]
+    frame = rates.assign(_all=rates.step.isna(), step=["all" if pd.isna(s) else str(int(s)) for s in rates.step])
+    if keys:  # each group's steps, then its "all" row; groups in order of first appearance
+        rank = {key: i for i, key in enumerate(dict.fromkeys(frame[keys].itertuples(index=False)))}
+        frame = frame.assign(_group=[rank[k] for k in frame[keys].itertuples(index=False)])
+        frame = frame.sort_values(["_group", "_all"], kind="stable").drop(columns="_group")
+    return frame.drop(columns="_all").set_index([*keys, "step"])
+
+
 def calibrate_thresholds(
     stats: pd.DataFrame, resolution: int, steps: Sequence[int] = (0, 10, 20), quantile: float = 0.5, token_rank: str = "lower"
 ) -> dict[int, float]:
@@ -198,9 +225,10 @@ def layout_table(steered: pd.DataFrame, targets: dict[str, Sequence[float]], ref
 
 
 def calibrated_study(study, sd_stats: pd.DataFrame, variants: dict[int, str], quantile: float = 0.5):
-    """A copy of ``study`` with plain SD and, for each ``{resolution: variant}``, that variant with
-    thresholds calibrated from ``sd_stats`` at its own threshold steps (:func:`calibrate_thresholds`),
-    named ``<variant>_calibrated``. Returns ``(study, {resolution: thresholds})`` (STUDIES.md 02)."""
+    """A copy of ``study`` holding, for each ``{resolution: variant}``, that variant with thresholds
+    calibrated from ``sd_stats`` at its own threshold steps (:func:`calibrate_thresholds`), named
+    ``<variant>_calibrated`` (plain SD is left out: the study's own SD run is the baseline).
+    Returns ``(study, {resolution: thresholds})`` (STUDIES.md 02)."""
     import dataclasses
 
     unknown = [v for v in variants.values() if study.variants.get(v) is None]
@@ -210,4 +238,4 @@ def calibrated_study(study, sd_stats: pd.DataFrame, variants: dict[int, str], qu
         res: calibrate_thresholds(sd_stats, res, list(study.variants[name].thresholds), quantile) for res, name in variants.items()
     }
     configs = {f"{name}_calibrated": study.variants[name].replace(thresholds=thresholds[res]) for res, name in variants.items()}
-    return dataclasses.replace(study, name=f"{study.name}_calibrated", variants={"sd": None, **configs}), thresholds
+    return dataclasses.replace(study, name=f"{study.name}_calibrated", variants=configs), thresholds

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .analysis import DEFAULT_QUANTILES, quantile_trends
 from .cache import AttentionCache
@@ -80,9 +81,10 @@ def attention_map(
 def attention_grid(
     cache: AttentionCache, *, step: int | Sequence[int] | None = None, res: int | Sequence[int] | None = None,
     tokens: Sequence[str | int] | None = None, layer: str | None = None, seed: int | None = None,
-    image=None, alpha: float = 0.6, max_columns: int = 6, ax=None,
+    image=None, alpha: float = 0.6, max_columns: int = 6, title: str = "", ax=None,
 ) -> Figure:  # fmt: skip
     """Tokens × resolutions at one ``step``, or tokens × steps at one ``res``, on one colour scale.
+    ``title`` goes before the generated one (prompt, seed, step), e.g. the run's name.
 
     ``step=3`` → columns are ``res`` (default: every recorded resolution); ``res=16`` → columns are
     ``step`` (default: ``max_columns`` recorded steps spread over the schedule). Rows are ``tokens``
@@ -114,7 +116,7 @@ def attention_grid(
         axes[r, 0].set_ylabel(cache.tokens[token], fontsize=10)
     fig.colorbar(mappable, ax=axes, label="attention probability (shared scale)", shrink=0.8)
     fixed = _step_label(cache, step) if one_step else f"res {res} {'mean' if layer in (None, 'mean') else layer}"
-    fig.suptitle(f"{cache.prompt!r} · seed {cache.seeds[cache.seed_row(seed)]} · {fixed}", fontsize=10)
+    fig.suptitle(f"{title + ': ' if title else ''}{cache.prompt!r} · seed {cache.seeds[cache.seed_row(seed)]} · {fixed}", fontsize=10)
     return fig
 
 
@@ -162,8 +164,9 @@ def attention_trends(
     return fig
 
 
-def measure_bars(summary: pd.DataFrame, measure: str, hue: str = "variant", x: str = "category", ax=None) -> Figure:
-    """Mean of ``measure`` per ``x`` (category) and ``hue`` (variant) with 95% CI error bars, from :func:`anelab.analysis.summarize`."""
+def measure_intervals(summary: pd.DataFrame, measure: str, hue: str = "variant", x: str = "category", ax=None) -> Figure:
+    """Mean of ``measure`` per ``x`` (category) and ``hue`` (variant) as points with 95% CI whiskers,
+    from :func:`anelab.analysis.summarize` (points, not bars: the axis does not start at zero)."""
     data = summary[summary.measure == measure]
     if data.empty:
         raise AnelabError(f"no rows for measure {measure!r}; have {sorted(summary.measure.unique())}")
@@ -175,13 +178,11 @@ def measure_bars(summary: pd.DataFrame, measure: str, hue: str = "variant", x: s
         part = data[data[hue] == name].set_index(x).reindex(xs)
         positions = np.arange(len(xs)) + (k - (len(hues) - 1) / 2) * width
         errors = np.vstack([part["mean"] - part.ci_low, part.ci_high - part["mean"]]).clip(min=0)
-        panel.bar(positions, part["mean"], width, yerr=np.nan_to_num(errors), capsize=3, label=str(name))
+        panel.errorbar(positions, part["mean"], yerr=np.nan_to_num(errors), fmt="o", capsize=3, label=str(name))
     panel.set_xticks(np.arange(len(xs)), xs, rotation=15)
+    panel.set_xlim(-0.5, len(xs) - 0.5)
     panel.set_ylabel(f"{measure} (mean, 95% CI)")
     panel.set_xlabel(x)
-    low, high = np.nanmin(data.ci_low.fillna(data["mean"])), np.nanmax(data.ci_high.fillna(data["mean"]))
-    pad = 0.1 * (high - low or 1.0)
-    panel.set_ylim(low - pad, high + pad)
     panel.legend(title=hue, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
     panel.set_title(f"{measure} by {x} and {hue}", fontsize=10)
     panel.grid(axis="y", alpha=0.3)
@@ -221,6 +222,7 @@ def guidance_rates(stats: pd.DataFrame, hue: str = "variant", ax=None) -> Figure
     for panel, column, label in zip(axes[0], ("guidance_rate", "success_rate"), ("guidance rate (share triggered)", "success rate (share reaching)")):
         sns.lineplot(data=per_step, x="step", y=column, hue=hue, marker="o", ax=panel, legend=panel is axes[0, 1])
         panel.set_ylim(-0.03, 1.03)
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True))
         panel.set_xlabel("threshold step (loop index)")
         panel.set_ylabel(label)
         panel.set_title(label, fontsize=10)
@@ -247,13 +249,16 @@ def step_size_schedules(configs: Mapping, n_iterations: int = 51, ax=None) -> Fi
     return fig
 
 
-def tradeoff(frame: pd.DataFrame, x: str, measures: Sequence[str], ax=None) -> Figure:
-    """Each measure against a swept parameter ``x`` (one panel per measure)."""
+def tradeoff(frame: pd.DataFrame, x: str, measures: Sequence[str], log_x: bool = False, ax=None) -> Figure:
+    """Each measure against a swept parameter ``x`` (one panel per measure; ``log_x`` for doubling sweeps)."""
     fig, axes = _axes_grid(ax, 1, len(measures), panel=3.0)
     ordered = frame.sort_values(x)
     for panel, measure in zip(axes[0], measures):
         panel.plot(ordered[x], ordered[measure], marker="o")
-        panel.set_xlabel(x)
+        if log_x:
+            panel.set_xscale("log", base=2)
+            panel.set_xticks(ordered[x].tolist(), [f"{v:g}" for v in ordered[x]])
+        panel.set_xlabel(x + (" (log scale)" if log_x else ""))
         panel.set_ylabel(measure)
         panel.set_title(f"{measure} vs {x}", fontsize=10)
         panel.grid(alpha=0.3)
@@ -263,14 +268,13 @@ def tradeoff(frame: pd.DataFrame, x: str, measures: Sequence[str], ax=None) -> F
 def attention_box(steered: pd.DataFrame, variants: Sequence[str], bound: float | None = None, title: str = "", ax=None) -> Figure:
     """Per-image smoothed max attention of a steered subject (rows of :func:`anelab.analysis.steered_subject`)
     per variant as box plots, with the suppression bound as a dashed line."""
-    import seaborn as sns
-
-    data = steered[steered.variant.isin(list(variants))]
-    if data.empty:
-        raise AnelabError(f"no rows for variants {list(variants)}; have {sorted(steered.variant.unique())}")
+    missing = [v for v in variants if v not in set(steered.variant)]
+    if missing:
+        raise AnelabError(f"no rows for variants {missing}; have {sorted(steered.variant.unique())}")
     fig, axes = _axes_grid(ax, 1, 1, panel=4.4)
     panel = axes[0, 0]
-    sns.boxplot(data=data, x="variant", y="max_attention", order=list(variants), ax=panel)
+    values = [steered.loc[steered.variant == v, "max_attention"].to_numpy() for v in variants]
+    panel.boxplot(values, tick_labels=list(variants), showmeans=True)
     if bound is not None:
         panel.axhline(bound, color="grey", ls="--", label=f"suppress_bound {bound}")
         panel.legend(fontsize=8, loc="upper right")
@@ -288,11 +292,14 @@ def layout_arrows(layout: pd.DataFrame, ax=None) -> Figure:
     fig, axes = _axes_grid(ax, 1, 1, panel=4.4)
     panel = axes[0, 0]
     colours = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"] * 4)
+    reference = layout[layout.run == "reference"].iloc[0]
+    panel.scatter([reference.centroid_x], [reference.centroid_y], marker="o", s=40, color="black", label=f"{reference.variant} (reference)")
     for name, rows in layout.groupby("target", sort=False):
         start, end = rows.set_index("run").loc["reference"], rows.set_index("run").loc["steered"]
         colour = next(colours)
         panel.annotate("", xy=(end.centroid_x, end.centroid_y), xytext=(start.centroid_x, start.centroid_y),
-                       arrowprops=dict(arrowstyle="->", color=colour, lw=1.5))  # fmt: skip
+                       arrowprops=dict(arrowstyle="->", color=colour, lw=1.5, shrinkA=0, shrinkB=0))  # fmt: skip
+        panel.scatter([end.centroid_x], [end.centroid_y], marker="o", s=25, color=colour, label=f"{name} (steered)")
         panel.scatter([end.target_x], [end.target_y], marker="x", s=70, color=colour, label=f"{name} target")
     panel.set_xlim(0, 1)
     panel.set_ylim(1, 0)  # y down, as in the image

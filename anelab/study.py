@@ -204,6 +204,8 @@ def load_study(
         batch_size = batch
     if size is not None:
         side = size
+    elif smoke:
+        side = smallest_size(variants, record, side)
     if base:
         variants = {k: None if c is None else c.replace(**base) for k, c in variants.items()}
     if steps is not None and steps != n_steps:
@@ -217,7 +219,19 @@ def load_study(
 
 
 #: What smoke mode (tiny model, `make report`) shrinks a study to: minutes for the whole suite on a CPU.
-SMOKE = dict(prompts=1, seeds=2, steps=4, batch=2, base={"max_refinement_steps": 3})
+#: The image side also shrinks, to the smallest that still has every resolution the study reads
+#: (:func:`smallest_size`): self-attention at 64x64 makes 512 px images ~5x slower than 256 px.
+SMOKE = dict(prompts=1, seeds=1, steps=4, batch=1, base={"max_refinement_steps": 3})
+
+
+def smallest_size(variants: Mapping[str, GuidanceConfig | None], record: Record | None, size: int, floor: int = 128) -> int:
+    """The smallest image side, at most ``size`` and at least ``floor``, whose top attention resolution
+    (side / 8 on SD 1.x and the tiny model) covers every ``attention_res`` of the variants and every
+    recorded resolution (``Record(resolutions=None)`` records all: ``size`` stays)."""
+    if record is not None and record.resolutions is None:
+        return size
+    needed = [c.attention_res for c in variants.values() if c is not None] + list(record.resolutions if record else ())
+    return min(size, max([floor, *(8 * r for r in needed)]))
 
 
 def _prompts(spec, fail) -> pd.DataFrame:

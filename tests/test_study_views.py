@@ -80,7 +80,7 @@ def test_calibrated_study_guides_each_resolution_with_its_own_quantiles():
                 stats.append(dict(prompt="a cat and a dog", seed=seed, step=step, timestep=1000 - 20 * step, res=32, token=token, subject=True, max_attention=value))
     calibrated, thresholds = analysis.calibrated_study(study, pd.DataFrame(stats), {32: "res32"}, quantile=0.5)
     assert thresholds == {32: {0: pytest.approx(0.2), 10: pytest.approx(0.2), 20: pytest.approx(0.2)}}
-    assert list(calibrated.variants) == ["sd", "res32_calibrated"] and calibrated.name == "resolution_calibrated"
+    assert list(calibrated.variants) == ["res32_calibrated"] and calibrated.name == "resolution_calibrated"
     config = calibrated.variants["res32_calibrated"]
     assert isinstance(config, GuidanceConfig) and config.attention_res == 32 and config.thresholds == thresholds[32]
     with pytest.raises(AnelabError, match="not guided variants"):
@@ -95,13 +95,26 @@ def _labelled(fig):
     return panels
 
 
-def test_measure_bars_draw_a_bar_per_variant_and_category_with_intervals():
+def test_measure_intervals_draw_a_point_per_variant_and_category_with_intervals():
     table = analysis.summarize(_results(), ["min_object"], by="category", groups=["variant"])
-    fig = plotting.measure_bars(table, "min_object")
+    fig = plotting.measure_intervals(table, "min_object")
     (ax,) = _labelled(fig)
-    assert len(ax.patches) == 2 * 2 and [t.get_text() for t in ax.get_legend().get_texts()] == ["sd", "ae"]
+    assert len(ax.containers) == 2 and [t.get_text() for t in ax.get_legend().get_texts()] == ["sd", "ae"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["animal_animal", "overall"]
     with pytest.raises(AnelabError, match="no rows for measure 'clip'"):
-        plotting.measure_bars(table, "clip")
+        plotting.measure_intervals(table, "clip")
+
+
+def test_wide_summary_and_step_table_are_readable():
+    table = analysis.summarize(_results(), ["min_object", "text_text"], by="category", groups=["variant"])
+    wide = analysis.wide_summary(table)
+    assert list(wide.index) == ["animal_animal", "overall"]
+    assert list(wide.columns) == [("min_object", "sd"), ("min_object", "ae"), ("text_text", "sd"), ("text_text", "ae")]
+    assert wide.loc["overall", ("min_object", "ae")].startswith("0.300 [") and wide.loc["overall", ("text_text", "sd")] == "0.500 [0.500, 0.500]"
+    from anelab.metrics import guidance_stats
+
+    rates = analysis.step_table(guidance_stats(_trace(), by=["variant"]))
+    assert list(rates.index) == [("ae", "0"), ("ae", "all")] and rates.loc[("ae", "all"), "guidance_rate"] == 0.5
 
 
 def test_guidance_rates_tradeoff_and_schedules_are_labelled():
@@ -111,6 +124,8 @@ def test_guidance_rates_tradeoff_and_schedules_are_labelled():
     assert len(_labelled(plotting.guidance_rates(rates))) == 2
     curve = pd.DataFrame({"scale_factor": [5, 20, 80], "success_rate": [0.2, 0.6, 0.9], "min_object": [0.3, 0.3, 0.2]})
     assert len(_labelled(plotting.tradeoff(curve, "scale_factor", ["success_rate", "min_object"]))) == 2
+    logged = _labelled(plotting.tradeoff(curve, "scale_factor", ["success_rate"], log_x=True))[0]
+    assert logged.get_xscale() == "log" and [t.get_text() for t in logged.get_xticklabels()] == ["5", "20", "80"]
     fig = plotting.step_size_schedules({"sqrt": GuidanceConfig(), "constant": GuidanceConfig(step_schedule="constant"), "sd": None})
     (ax,) = _labelled(fig)
     assert len(ax.lines) == 2 and ax.get_legend() is not None
@@ -123,6 +138,7 @@ def test_attention_box_and_layout_arrows():
     layout = analysis.layout_table(_steered(), {"left": (0.0, 0.5)})
     (ax,) = _labelled(plotting.layout_arrows(layout))
     assert ax.get_ylim() == (1.0, 0.0) and len(ax.texts) == 1  # y down as in the image; one arrow
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ae (reference)", "left (steered)", "left target"]
     with pytest.raises(AnelabError, match="no rows for variants"):
         plotting.attention_box(_steered(), ["nope"])
 

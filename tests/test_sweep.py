@@ -76,6 +76,8 @@ def test_study_loads_with_overrides(study_file):
     smoke = load_study(study_file, smoke=True, seeds=3)  # the smoke slice, explicit overrides win
     assert len(smoke.prompts) == 1 and smoke.seeds == [0, 1, 2] and smoke.steps == SMOKE["steps"] and smoke.batch == SMOKE["batch"]
     assert smoke.variants["sd"] is None and smoke.variants["ae8"].max_refinement_steps == SMOKE["base"]["max_refinement_steps"]
+    assert smoke.size == 128  # the floor: attention_res 8 and the recorded 8 and 4 need only 64 px (side / 8)
+    assert load_study("resolution", smoke=True).size == 512 and load_study("reproduction", smoke=True).size == 128
 
 
 def test_every_committed_study_file_loads():
