@@ -21,5 +21,10 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	MPLBACKEND=agg $(PY) -m pytest $(PYTEST_ARGS)
 
+# The main job: every notebook executed with papermill into reports/ (smoke slice on the tiny model,
+# the full protocol on real weights, e.g. make report MODEL=CompVis/stable-diffusion-v1-4).
+report: install
+	MPLBACKEND=agg $(PY) -m anelab report --model "$(MODEL)" $(if $(filter tiny,$(MODEL)),--smoke,--full) --out reports
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
