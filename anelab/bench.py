@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import GuidanceConfig
+from .errors import AnelabError
 from .pipeline import generate
 from .recording import Record
 
@@ -121,13 +122,18 @@ def _port(pipe, max_refinement_steps: int):
     return port
 
 
-def run_bench(workload: str | Workload = "tiny", repeats: int = 3, progress: bool = True, results_dir: Path = RESULTS_DIR) -> dict:
-    """Measure comparisons (a)–(d) on one workload (a name of :data:`WORKLOADS` or a :class:`Workload`
+def run_bench(
+    workload: str | Workload = "tiny", repeats: int = 3, progress: bool = True, results_dir: Path = RESULTS_DIR, comparisons: str = "abcd",
+) -> dict:  # fmt: skip
+    """Measure ``comparisons`` (a)–(d) on one workload (a name of :data:`WORKLOADS` or a :class:`Workload`
     on the tiny pipeline); returns the results, also written to ``results_dir/<workload>.json``."""
     from .loading import load_pipeline
     from .testing import sd14_sized_pipeline
 
     w = WORKLOADS[workload] if isinstance(workload, str) else workload
+    unknown = set(comparisons) - set("abcd")
+    if unknown or not comparisons:
+        raise AnelabError(f"comparisons must be letters of 'abcd', got {comparisons!r}")
     if w.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("the sd14-gpu workload needs CUDA")
     pipe = sd14_sized_pipeline(device=w.device, dtype=w.dtype) if w.name.startswith("sd14") else load_pipeline("tiny", device=w.device)
@@ -136,52 +142,59 @@ def run_bench(workload: str | Workload = "tiny", repeats: int = 3, progress: boo
     results = {"workload": dataclasses.asdict(w) | {"dtype": str(w.dtype)}, "device": _device_name(w.device), "repeats": repeats}
     say = print if progress else (lambda *a, **k: None)
 
-    # (a) anelab vs diffusers' StableDiffusionAttendAndExcitePipeline, identical inputs, default thresholds
-    port = _port(pipe, w.max_refinement_steps)
+    if "a" in comparisons:
+        # (a) anelab vs diffusers' StableDiffusionAttendAndExcitePipeline, identical inputs, default thresholds
+        port = _port(pipe, w.max_refinement_steps)
 
-    def run_port():
-        return port(PROMPT, token_indices=INDICES, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=w.steps,
-                    height=w.size, width=w.size, attn_res=(defaults.attention_res,) * 2, thresholds=defaults.thresholds,
-                    max_iter_to_alter=defaults.max_iter_to_alter, output_type="latent").images  # fmt: skip
+        def run_port():
+            return port(PROMPT, token_indices=INDICES, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=w.steps,
+                        height=w.size, width=w.size, attn_res=(defaults.attention_res,) * 2, thresholds=defaults.thresholds,
+                        max_iter_to_alter=defaults.max_iter_to_alter, output_type="latent").images  # fmt: skip
 
-    say(f"[{w.name}] (a) anelab vs diffusers port ...")
-    a = _alternate({"anelab": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common).latents,
-                    "diffusers_port": run_port}, repeats, w.device)  # fmt: skip
-    difference = (a["anelab"].pop("result").float() - a["diffusers_port"].pop("result").float()).abs().max().item()
-    results["a_vs_diffusers_port"] = a | {"time_ratio": a["anelab"]["seconds"] / a["diffusers_port"]["seconds"], "max_abs_latent_difference": difference}
+        say(f"[{w.name}] (a) anelab vs diffusers port ...")
+        a = _alternate({"anelab": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common).latents,
+                        "diffusers_port": run_port}, repeats, w.device)  # fmt: skip
+        mine, theirs = a["anelab"].pop("result").double(), a["diffusers_port"].pop("result").double()
+        difference = (mine - theirs).abs().max().item()
+        results["a_vs_diffusers_port"] = a | {"time_ratio": a["anelab"]["seconds"] / a["diffusers_port"]["seconds"],
+                                              "max_abs_latent_difference": difference,
+                                              "relative_latent_difference": difference / theirs.abs().max().item()}  # fmt: skip
 
-    say(f"[{w.name}] (b) A&E vs plain SD ...")
-    b = _alternate({
-        "sd": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=None, **common),
-        "ae_no_refinement": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common),
-        "ae_defaults": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common),
-    }, repeats, w.device)  # fmt: skip
-    for v in b.values():
-        v.pop("result")
-    results["b_vs_plain_sd"] = b | {
-        "ratio_no_refinement": b["ae_no_refinement"]["seconds"] / b["sd"]["seconds"],
-        "ratio_defaults": b["ae_defaults"]["seconds"] / b["sd"]["seconds"],
-        "memory_ratio_no_refinement": b["ae_no_refinement"]["peak_bytes"] / max(b["sd"]["peak_bytes"], 1),
-    }
+    if "b" in comparisons:
+        say(f"[{w.name}] (b) A&E vs plain SD ...")
+        b = _alternate({
+            "sd": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=None, **common),
+            "ae_no_refinement": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common),
+            "ae_defaults": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common),
+        }, repeats, w.device)  # fmt: skip
+        for v in b.values():
+            v.pop("result")
+        results["b_vs_plain_sd"] = b | {
+            "ratio_no_refinement": b["ae_no_refinement"]["seconds"] / b["sd"]["seconds"],
+            "ratio_defaults": b["ae_defaults"]["seconds"] / b["sd"]["seconds"],
+            "memory_ratio_no_refinement": b["ae_no_refinement"]["peak_bytes"] / max(b["sd"]["peak_bytes"], 1),
+        }
 
-    say(f"[{w.name}] (c) 8 seeds in one batch vs 8 single-seed runs ...")
-    seeds = list(range(8))
-    c = _alternate({
-        "batch_of_8": lambda: generate(pipe, PROMPT, TOKENS, seeds=seeds, config=no_refinement, **common),
-        "8_single_runs": lambda: [generate(pipe, PROMPT, TOKENS, seeds=[s], config=no_refinement, **common) for s in seeds],
-    }, max(1, repeats // 2) if w.name.startswith("sd14") else repeats, w.device)  # fmt: skip
-    for v in c.values():
-        v.pop("result")
-    results["c_batching"] = c | {"throughput_gain": c["8_single_runs"]["seconds"] / c["batch_of_8"]["seconds"]}
+    if "c" in comparisons:
+        say(f"[{w.name}] (c) 8 seeds in one batch vs 8 single-seed runs ...")
+        seeds = list(range(8))
+        c = _alternate({
+            "batch_of_8": lambda: generate(pipe, PROMPT, TOKENS, seeds=seeds, config=no_refinement, **common),
+            "8_single_runs": lambda: [generate(pipe, PROMPT, TOKENS, seeds=[s], config=no_refinement, **common) for s in seeds],
+        }, max(1, repeats // 2) if w.name.startswith("sd14") else repeats, w.device)  # fmt: skip
+        for v in c.values():
+            v.pop("result")
+        results["c_batching"] = c | {"throughput_gain": c["8_single_runs"]["seconds"] / c["batch_of_8"]["seconds"]}
 
-    say(f"[{w.name}] (d) recording all resolutions vs none ...")
-    d = _alternate({
-        "no_recording": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common),
-        "record_all": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, record=Record(), **common),
-    }, repeats, w.device)  # fmt: skip
-    for v in d.values():
-        v.pop("result")
-    results["d_recording"] = d | {"ratio": d["record_all"]["seconds"] / d["no_recording"]["seconds"]}
+    if "d" in comparisons:
+        say(f"[{w.name}] (d) recording all resolutions vs none ...")
+        d = _alternate({
+            "no_recording": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common),
+            "record_all": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, record=Record(), **common),
+        }, repeats, w.device)  # fmt: skip
+        for v in d.values():
+            v.pop("result")
+        results["d_recording"] = d | {"ratio": d["record_all"]["seconds"] / d["no_recording"]["seconds"]}
     _write(results, results_dir)
     return results
 
@@ -204,22 +217,39 @@ def _write(results: dict, results_dir: Path) -> Path:
 
 def table(results: dict) -> str:
     """The printed table of one workload's results."""
-    a, b, c, d = results["a_vs_diffusers_port"], results["b_vs_plain_sd"], results["c_batching"], results["d_recording"]
     mib = 2**20
-    rows = [
-        ("(a) anelab A&E, defaults", a["anelab"]["seconds"], a["anelab"]["peak_bytes"] / mib, f"{a['time_ratio']:.2f}x the port (target <= 0.5)"),
-        ("(a) diffusers A&E port", a["diffusers_port"]["seconds"], a["diffusers_port"]["peak_bytes"] / mib, f"max |latent diff| {a['max_abs_latent_difference']:.2e}"),
-        ("(b) plain SD", b["sd"]["seconds"], b["sd"]["peak_bytes"] / mib, ""),
-        ("(b) A&E, refinement never triggered", b["ae_no_refinement"]["seconds"], b["ae_no_refinement"]["peak_bytes"] / mib,
-         f"{b['ratio_no_refinement']:.2f}x SD (target <= 1.3 GPU / 1.4 CPU); memory {b['memory_ratio_no_refinement']:.2f}x"),
-        ("(b) A&E, default thresholds", b["ae_defaults"]["seconds"], b["ae_defaults"]["peak_bytes"] / mib, f"{b['ratio_defaults']:.2f}x SD"),
-        ("(c) 8 seeds, one batch", c["batch_of_8"]["seconds"], c["batch_of_8"]["peak_bytes"] / mib, f"{c['throughput_gain']:.2f}x throughput (target >= 2 GPU)"),
-        ("(c) 8 single-seed runs", c["8_single_runs"]["seconds"], c["8_single_runs"]["peak_bytes"] / mib, ""),
-        ("(d) no recording", d["no_recording"]["seconds"], d["no_recording"]["peak_bytes"] / mib, ""),
-        ("(d) recording 4 resolutions", d["record_all"]["seconds"], d["record_all"]["peak_bytes"] / mib, f"{d['ratio']:.2f}x (target <= 1.15)"),
-    ]  # fmt: skip
+    rows = []
+    if "a_vs_diffusers_port" in results:
+        a = results["a_vs_diffusers_port"]
+        rows += [
+            ("(a) anelab A&E, defaults", a["anelab"]["seconds"], a["anelab"]["peak_bytes"] / mib, f"{a['time_ratio']:.2f}x the port (target <= 0.5)"),
+            ("(a) diffusers A&E port", a["diffusers_port"]["seconds"], a["diffusers_port"]["peak_bytes"] / mib, f"max |latent diff| {a['max_abs_latent_difference']:.2e} ({a['relative_latent_difference']:.1e} of max |latent|)"),
+        ]  # fmt: skip
+    if "b_vs_plain_sd" in results:
+        b = results["b_vs_plain_sd"]
+        rows += [
+            ("(b) plain SD", b["sd"]["seconds"], b["sd"]["peak_bytes"] / mib, ""),
+            ("(b) A&E, refinement never triggered", b["ae_no_refinement"]["seconds"], b["ae_no_refinement"]["peak_bytes"] / mib,
+             f"{b['ratio_no_refinement']:.2f}x SD (target <= 1.3 GPU / 1.4 CPU)"
+             + (f"; memory {b['memory_ratio_no_refinement']:.2f}x (target <= 1.5)" if results["workload"]["device"] == "cuda" else "")),
+            ("(b) A&E, default thresholds", b["ae_defaults"]["seconds"], b["ae_defaults"]["peak_bytes"] / mib, f"{b['ratio_defaults']:.2f}x SD"),
+        ]  # fmt: skip
+    if "c_batching" in results:
+        c = results["c_batching"]
+        rows += [
+            ("(c) 8 seeds, one batch", c["batch_of_8"]["seconds"], c["batch_of_8"]["peak_bytes"] / mib, f"{c['throughput_gain']:.2f}x throughput (target >= 2 GPU)"),
+            ("(c) 8 single-seed runs", c["8_single_runs"]["seconds"], c["8_single_runs"]["peak_bytes"] / mib, ""),
+        ]  # fmt: skip
+    if "d_recording" in results:
+        d = results["d_recording"]
+        rows += [
+            ("(d) no recording", d["no_recording"]["seconds"], d["no_recording"]["peak_bytes"] / mib, ""),
+            ("(d) recording 4 resolutions", d["record_all"]["seconds"], d["record_all"]["peak_bytes"] / mib, f"{d['ratio']:.2f}x (target <= 1.15)"),
+        ]  # fmt: skip
     w = results["workload"]
     head = f"workload {w['name']}: {results['device']}, {w['size']} px, {w['steps']} steps, {w['dtype']}, medians of {results['repeats']}"
+    if w["device"] != "cuda":
+        head += "\n(peak MiB on the CPU: process RSS growth, sampled; the allocator reuses freed memory, so small runs read ~0)"
     lines = [head, f"{'program':40s} {'s/run':>8s} {'peak MiB':>9s}  note"]
     lines += [f"{name:40s} {sec:8.2f} {mem:9.0f}  {note}" for name, sec, mem, note in rows]
     return "\n".join(lines)

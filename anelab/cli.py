@@ -153,6 +153,7 @@ def report(
 def bench(
     workload: list[str] = typer.Option(["tiny"], help="tiny (CPU), sd14-cpu (SD-1.4 size, CPU, 4 steps), sd14-gpu (fp16, 50 steps)."),
     repeats: int = typer.Option(3, min=1, help="Runs per program; figures are medians."),
+    comparisons: str = typer.Option("abcd", help="Which of (a) port, (b) plain SD, (c) batching, (d) recording to run, e.g. abd."),
 ):
     """Speed and memory: anelab vs diffusers' A&E port, vs plain SD, batching, recording -> benchmarks/results/<workload>.json."""
     from anelab.bench import WORKLOADS, run_bench, table
@@ -161,7 +162,7 @@ def bench(
         if name not in WORKLOADS:
             raise AnelabError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     for name in workload:
-        typer.echo(table(run_bench(name, repeats)))
+        typer.echo(table(run_bench(name, repeats, comparisons=comparisons)))
 
 
 def _rows(path: Path) -> int:
