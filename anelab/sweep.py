@@ -208,7 +208,8 @@ def steering_arguments(subjects: tuple, steering: dict, config) -> dict:
     arguments = {"tokens": excited}
     if config is not None:
         arguments["suppress"] = suppressed
-        arguments["layout"] = {subjects[i]: tuple(p) for i, p in steering.get("layout", {}).items() if pick([i])}
+        layout = steering.get("layout", {})
+        arguments["layout"] = dict(zip(pick(list(layout)), (tuple(p) for p in layout.values())))
     return arguments
 
 

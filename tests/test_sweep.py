@@ -15,7 +15,7 @@ import torch
 
 from anelab import AnelabError
 from anelab.study import SMOKE, STUDY_DIR, load_study
-from anelab.sweep import _read_chunks, load_results, load_stats, load_trace, parse_shard, run_sweep, work_plan
+from anelab.sweep import _read_chunks, load_results, load_stats, load_trace, parse_shard, run_sweep, steering_arguments, work_plan
 
 STUDY = """\
 name: mini
@@ -233,3 +233,15 @@ def test_two_accelerate_processes_equal_one(study_file, tmp_path):
     rows2, images2 = _comparable(tmp_path / "multi")
     pd.testing.assert_frame_equal(rows, rows2)
     assert images == images2
+
+
+def test_study_steering_by_subject_index():
+    study = load_study("suppression")
+    assert study.steering["suppress_second"] == {"excite": [0], "suppress": [1]} and "sd" not in study.steering
+    subjects, config = ("cat", "dog"), study.variants["ae"]
+    assert steering_arguments(subjects, {}, config) == {"tokens": ["cat", "dog"], "suppress": [], "layout": {}}
+    assert steering_arguments(subjects, study.steering["suppress_only"], config) == {"tokens": [], "suppress": ["dog"], "layout": {}}
+    assert steering_arguments(subjects, study.steering["first_left"], config)["layout"] == {"cat": (0.2, 0.5)}
+    assert steering_arguments(subjects, {}, None) == {"tokens": ["cat", "dog"]}  # plain SD takes no steering
+    with pytest.raises(AnelabError, match="subject index \\[2\\] out of range for subjects \\['cat', 'dog'\\]"):
+        steering_arguments(subjects, {"layout": {2: [0.5, 0.5]}}, config)
