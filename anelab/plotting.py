@@ -34,6 +34,16 @@ def _axes_grid(ax, rows: int, cols: int, panel: float = 2.2) -> tuple[Figure, np
     return axes[0].figure, axes.reshape(rows, cols)
 
 
+def _label(panel, xlabel: str, ylabel: str, title: str, legend: str | None = "", grid: str = "both") -> None:
+    """Axis labels, a title, a light grid and (unless ``legend`` is None) a legend outside the panel, titled ``legend``."""
+    panel.set_xlabel(xlabel)
+    panel.set_ylabel(ylabel)
+    panel.set_title(title, fontsize=10)
+    if legend is not None:
+        panel.legend(title=legend or None, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    panel.grid(axis=grid, alpha=0.3)
+
+
 def _image_of(images, cache: AttentionCache, seed: int | None):
     """``images`` is one image, or one per recorded seed (list in ``cache.seeds`` order, or dict by seed)."""
     if images is None:
@@ -181,11 +191,7 @@ def measure_intervals(summary: pd.DataFrame, measure: str, hue: str = "variant",
         panel.errorbar(positions, part["mean"], yerr=np.nan_to_num(errors), fmt="o", capsize=3, label=str(name))
     panel.set_xticks(np.arange(len(xs)), xs, rotation=15)
     panel.set_xlim(-0.5, len(xs) - 0.5)
-    panel.set_ylabel(f"{measure} (mean, 95% CI)")
-    panel.set_xlabel(x)
-    panel.legend(title=hue, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
-    panel.set_title(f"{measure} by {x} and {hue}", fontsize=10)
-    panel.grid(axis="y", alpha=0.3)
+    _label(panel, x, f"{measure} (mean, 95% CI)", f"{measure} by {x} and {hue}", legend=hue, grid="y")
     return fig
 
 
@@ -241,11 +247,7 @@ def step_size_schedules(configs: Mapping, n_iterations: int = 51, ax=None) -> Fi
             continue
         alphas = config.step_sizes(n_iterations)[: min(config.last_update_iteration(n_iterations), n_iterations)]
         panel.plot(np.arange(len(alphas)), alphas, label=str(name))
-    panel.set_xlabel("loop index i")
-    panel.set_ylabel("step size α_i")
-    panel.set_title("Step-size schedules (regular updates)", fontsize=10)
-    panel.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
-    panel.grid(alpha=0.3)
+    _label(panel, "loop index i", "step size α_i", "Step-size schedules (regular updates)")
     return fig
 
 
@@ -304,11 +306,8 @@ def layout_arrows(layout: pd.DataFrame, ax=None) -> Figure:
     panel.set_xlim(0, 1)
     panel.set_ylim(1, 0)  # y down, as in the image
     panel.set_aspect("equal")
-    panel.set_xlabel("centroid x (0 = left, 1 = right)")
-    panel.set_ylabel("centroid y (0 = top, 1 = bottom)")
-    panel.set_title("Attention centroid: reference (arrow start) → steered (arrow end)", fontsize=10)
-    panel.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
-    panel.grid(alpha=0.3)
+    _label(panel, "centroid x (0 = left, 1 = right)", "centroid y (0 = top, 1 = bottom)",
+           "Attention centroid: reference (arrow start) → steered (arrow end)")  # fmt: skip
     return fig
 
 
