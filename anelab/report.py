@@ -94,7 +94,7 @@ def run_report(
         bar.set_postfix_str(name)
         target = out / f"{name}.ipynb"
         parameters = {"model": str(model), "smoke": bool(smoke), "out_dir": str((runs / name).resolve()), "device": device}
-        if "interactive = " in (NOTEBOOK_DIR / f"{name}.ipynb").read_text():
+        if "interactive" in papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb")):
             parameters["interactive"] = False  # no frontend: the widget would be inert (and nbclient can stall on it)
         start = time.perf_counter()
         error = None
