@@ -30,6 +30,7 @@ from .recording import Record
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 PROMPT, TOKENS, INDICES = "a cat and a dog", ["cat", "dog"], [2, 5]
+COMPARISONS = ("a_vs_diffusers_port", "b_vs_plain_sd", "c_batching", "d_recording")  # result keys, by letter
 
 
 @dataclasses.dataclass
@@ -40,6 +41,8 @@ class Workload:
     device: str
     dtype: torch.dtype
     max_refinement_steps: int = 20
+    repeats: int = 5  # timed runs per program (the figure is their median)
+    warmup: bool = True  # one untimed run of each program first (allocator, caches, CUDA kernels)
 
     def config(self, **changes) -> GuidanceConfig:
         return GuidanceConfig(max_refinement_steps=self.max_refinement_steps).rescaled(50, self.steps).replace(**changes)
@@ -47,7 +50,7 @@ class Workload:
 
 WORKLOADS = {
     "tiny": Workload("tiny", 256, 25, "cpu", torch.float32),
-    "sd14-cpu": Workload("sd14-cpu", 512, 4, "cpu", torch.float32, max_refinement_steps=2),
+    "sd14-cpu": Workload("sd14-cpu", 512, 4, "cpu", torch.float32, max_refinement_steps=2, repeats=1, warmup=False),
     "sd14-gpu": Workload("sd14-gpu", 512, 50, "cuda", torch.float16),
 }
 
@@ -97,18 +100,20 @@ def _timed(device: str, run) -> tuple[float, int, object]:
     return seconds, memory.peak, result
 
 
-def _alternate(programs: dict, repeats: int, device: str) -> dict:
-    """Run the programs alternately ``repeats`` times; median seconds and peak memory of each."""
+def _alternate(programs: dict, repeats: int, device: str, warmup: bool) -> dict:
+    """Run the programs alternately ``repeats`` times (after one untimed round if ``warmup``); median seconds and peak memory of each."""
     times = {k: [] for k in programs}
     peaks = {k: [] for k in programs}
     last = {}
+    for run in programs.values() if warmup else ():
+        run()
     for _ in range(repeats):
         for name, run in programs.items():
             seconds, peak, last[name] = _timed(device, run)
             times[name].append(seconds)
             peaks[name].append(peak)
     return {k: {"seconds": statistics.median(times[k]), "peak_bytes": int(statistics.median(peaks[k])), "runs": times[k], "result": last[k]}
-            for k in programs}  # fmt: skip
+            for k in programs} | {"repeats": repeats}  # fmt: skip
 
 
 def _port(pipe, max_refinement_steps: int):
@@ -123,10 +128,14 @@ def _port(pipe, max_refinement_steps: int):
 
 
 def run_bench(
-    workload: str | Workload = "tiny", repeats: int = 3, progress: bool = True, results_dir: Path = RESULTS_DIR, comparisons: str = "abcd",
+    workload: str | Workload = "tiny", repeats: int | None = None, progress: bool = True, results_dir: Path = RESULTS_DIR, comparisons: str = "abcd",
 ) -> dict:  # fmt: skip
     """Measure ``comparisons`` (a)–(d) on one workload (a name of :data:`WORKLOADS` or a :class:`Workload`
-    on the tiny pipeline); returns the results, also written to ``results_dir/<workload>.json``."""
+    on the tiny pipeline), ``repeats`` timed runs of each program (None: the workload's own);
+    returns the results, also written to ``results_dir/<workload>.json``.
+
+    Comparisons not run now are kept from that file when it holds the same workload on the same
+    device, so a slow workload can be measured one comparison at a time."""
     from .loading import load_pipeline
     from .testing import sd14_sized_pipeline
 
@@ -139,7 +148,9 @@ def run_bench(
     pipe = sd14_sized_pipeline(device=w.device, dtype=w.dtype) if w.name.startswith("sd14") else load_pipeline("tiny", device=w.device)
     common = dict(num_inference_steps=w.steps, height=w.size, width=w.size, output_type="latent", progress=False)
     defaults, no_refinement = w.config(), w.config(thresholds={})
-    results = {"workload": dataclasses.asdict(w) | {"dtype": str(w.dtype)}, "device": _device_name(w.device), "repeats": repeats}
+    repeats = repeats or w.repeats
+    identity = {k: v for k, v in dataclasses.asdict(w).items() if k != "repeats"} | {"dtype": str(w.dtype)}
+    results = {"workload": identity, "device": _device_name(w.device)}
     say = print if progress else (lambda *a, **k: None)
 
     if "a" in comparisons:
@@ -153,8 +164,8 @@ def run_bench(
 
         say(f"[{w.name}] (a) anelab vs diffusers port ...")
         a = _alternate({"anelab": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common).latents,
-                        "diffusers_port": run_port}, repeats, w.device)  # fmt: skip
-        mine, theirs = a["anelab"].pop("result").double(), a["diffusers_port"].pop("result").double()
+                        "diffusers_port": run_port}, repeats, w.device, w.warmup)  # fmt: skip
+        mine, theirs = (a[k].pop("result").double() for k in ("anelab", "diffusers_port"))
         difference = (mine - theirs).abs().max().item()
         results["a_vs_diffusers_port"] = a | {"time_ratio": a["anelab"]["seconds"] / a["diffusers_port"]["seconds"],
                                               "max_abs_latent_difference": difference,
@@ -166,9 +177,8 @@ def run_bench(
             "sd": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=None, **common),
             "ae_no_refinement": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common),
             "ae_defaults": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common),
-        }, repeats, w.device)  # fmt: skip
-        for v in b.values():
-            v.pop("result")
+        }, repeats, w.device, w.warmup)  # fmt: skip
+        _drop_results(b)
         results["b_vs_plain_sd"] = b | {
             "ratio_no_refinement": b["ae_no_refinement"]["seconds"] / b["sd"]["seconds"],
             "ratio_defaults": b["ae_defaults"]["seconds"] / b["sd"]["seconds"],
@@ -181,9 +191,8 @@ def run_bench(
         c = _alternate({
             "batch_of_8": lambda: generate(pipe, PROMPT, TOKENS, seeds=seeds, config=no_refinement, **common),
             "8_single_runs": lambda: [generate(pipe, PROMPT, TOKENS, seeds=[s], config=no_refinement, **common) for s in seeds],
-        }, max(1, repeats // 2) if w.name.startswith("sd14") else repeats, w.device)  # fmt: skip
-        for v in c.values():
-            v.pop("result")
+        }, max(1, repeats // 2) if w.name.startswith("sd14") else repeats, w.device, w.warmup)  # fmt: skip
+        _drop_results(c)
         results["c_batching"] = c | {"throughput_gain": c["8_single_runs"]["seconds"] / c["batch_of_8"]["seconds"]}
 
     if "d" in comparisons:
@@ -191,12 +200,16 @@ def run_bench(
         d = _alternate({
             "no_recording": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common),
             "record_all": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, record=Record(), **common),
-        }, repeats, w.device)  # fmt: skip
-        for v in d.values():
-            v.pop("result")
+        }, repeats, w.device, w.warmup)  # fmt: skip
+        _drop_results(d)
         results["d_recording"] = d | {"ratio": d["record_all"]["seconds"] / d["no_recording"]["seconds"]}
-    _write(results, results_dir)
-    return results
+    return _write(results, results_dir)
+
+
+def _drop_results(comparison: dict) -> None:
+    for program in comparison.values():
+        if isinstance(program, dict):
+            program.pop("result")
 
 
 def _device_name(device: str) -> str:
@@ -205,14 +218,20 @@ def _device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} cpu ({torch.get_num_threads()} threads)"
 
 
-def _write(results: dict, results_dir: Path) -> Path:
+def _write(results: dict, results_dir: Path) -> dict:
+    """Write ``results`` with the comparisons of an earlier file of the same workload and device kept; returns what was written."""
     from .io import atomic_path
 
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{results['workload']['name']}.json"
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if all(earlier.get(k) == results[k] for k in ("workload", "device")):
+            results = {k: v for k, v in earlier.items() if k in COMPARISONS} | results
+    results = {k: results[k] for k in ("workload", "device", *COMPARISONS) if k in results}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(results, indent=1))
-    return path
+    return results
 
 
 def table(results: dict) -> str:
@@ -247,7 +266,8 @@ def table(results: dict) -> str:
             ("(d) recording 4 resolutions", d["record_all"]["seconds"], d["record_all"]["peak_bytes"] / mib, f"{d['ratio']:.2f}x (target <= 1.15)"),
         ]  # fmt: skip
     w = results["workload"]
-    head = f"workload {w['name']}: {results['device']}, {w['size']} px, {w['steps']} steps, {w['dtype']}, medians of {results['repeats']}"
+    runs = ", ".join(f"{key[0]} {results[key]['repeats']}" for key in COMPARISONS if key in results)
+    head = f"workload {w['name']}: {results['device']}, {w['size']} px, {w['steps']} steps, {w['dtype']}, medians of runs ({runs})"
     if w["device"] != "cuda":
         head += "\n(peak MiB on the CPU: process RSS growth, sampled; the allocator reuses freed memory, so small runs read ~0)"
     lines = [head, f"{'program':40s} {'s/run':>8s} {'peak MiB':>9s}  note"]

@@ -152,7 +152,7 @@ def report(
 @app.command()
 def bench(
     workload: list[str] = typer.Option(["tiny"], help="tiny (CPU), sd14-cpu (SD-1.4 size, CPU, 4 steps), sd14-gpu (fp16, 50 steps)."),
-    repeats: int = typer.Option(3, min=1, help="Runs per program; figures are medians."),
+    repeats: Optional[int] = typer.Option(None, min=1, help="Timed runs per program; figures are medians. Default: the workload's (tiny 5, sd14-cpu 1, sd14-gpu 5)."),
     comparisons: str = typer.Option("abcd", help="Which of (a) port, (b) plain SD, (c) batching, (d) recording to run, e.g. abd."),
 ):
     """Speed and memory: anelab vs diffusers' A&E port, vs plain SD, batching, recording -> benchmarks/results/<workload>.json."""

@@ -112,12 +112,15 @@ def token_statistics(maps: torch.Tensor, token_indices: list[int], eot_index: in
     ``centroid_x``/``centroid_y``: the centroid of the raw map (x right, y down, in [0, 1]).
     """
     columns = token_columns(config.softmax_tokens, eot_index, maps.shape[-1])
-    raw = maps[..., token_indices].flatten(1, 2)  # [B, h·w, T]
+    raw = maps.index_select(-1, torch.tensor(token_indices, device=maps.device)).permute(0, 3, 1, 2)  # [B, T, h, w]
     inside = [columns.start <= i < columns.stop for i in token_indices]
-    smoothed = torch.full(raw.shape[::2], float("nan"), dtype=maps.dtype, device=maps.device)
-    if any(inside):
-        picked = [i for i, ok in zip(token_indices, inside) if ok]
-        smoothed[:, torch.tensor(inside)] = max_attention(maps, picked, eot_index, config)
-    points = centroid(maps[..., token_indices].permute(0, 3, 1, 2))  # [B, T, 2]
-    return {"max_attention": smoothed, "raw_max": raw.amax(dim=1), "mass": raw.mean(dim=1),
+    if all(inside):
+        smoothed = max_attention(maps, token_indices, eot_index, config)
+    else:
+        smoothed = torch.full(raw.shape[:2], float("nan"), dtype=maps.dtype, device=maps.device)
+        if any(inside):
+            smoothed[:, torch.tensor(inside)] = max_attention(maps, [i for i, ok in zip(token_indices, inside) if ok], eot_index, config)
+    points = centroid(raw)  # [B, T, 2]
+    flat = raw.flatten(2)
+    return {"max_attention": smoothed, "raw_max": flat.amax(dim=-1), "mass": flat.mean(dim=-1),
             "centroid_x": points[..., 0], "centroid_y": points[..., 1]}  # fmt: skip

@@ -137,40 +137,40 @@ class Recorder:
         self.maps: dict[tuple[int, str], torch.Tensor] = {}
         self.timesteps: dict[int, int] = {}
         self._stats: list[tuple[int, str, int, dict[str, np.ndarray]]] = []  # (step, layer, res, stats [B,K])
-        self._sums: dict[int, torch.Tensor] = {}
+        self._means: dict[int, list[tuple[str, torch.Tensor]]] = {}  # res → (layer, head mean [B, h, w, S]) of this step
         self._step = None
 
     def sinks(self, step: int) -> dict[str, hk.Sink]:
         """The layers to read at loop index ``step`` (none when the step is not recorded)."""
         if step not in self.recorded:
             return {}
-        self._step, self._sums = step, {}
+        self._step, self._means = step, {}
         return {layer.name: self for layer in self.plan.layers}
 
     def __call__(self, name: str, probs: torch.Tensor) -> None:  # probs [B, heads, hw, S], fp32
         layer = self._layer(name)
         self.heads[name] = probs.shape[1]
         mean = probs.detach().mean(dim=1).unflatten(1, layer.shape)  # [B, h, w, S]
-        self._sums[layer.res] = self._sums.get(layer.res, 0) + probs.detach().sum(dim=1)
-        self._add_stats(name, layer.res, mean)
+        self._means.setdefault(layer.res, []).append((name, mean))
         if self.plan.record.maps:
             self.maps[self._step, name] = mean[..., self.positions].to("cpu", self.plan.record.dtype)
 
     def end_step(self, step: int, timestep: int) -> None:
-        """Close a recorded step: statistics of each resolution's mean over every (layer, head)."""
+        """Close a recorded step: statistics of every layer and of each resolution's mean over every
+        (layer, head), one batched :func:`token_statistics` call per resolution."""
         self.timesteps[step] = int(timestep)
-        for res, total in self._sums.items():
-            layers = [layer for layer in self.plan.layers if layer.res == res]
-            heads = sum(self.heads[layer.name] for layer in layers)
-            self._add_stats(MEAN, res, (total / heads).unflatten(1, layers[0].shape))
-        self._sums = {}
+        n = len(self.seeds)
+        for res, means in self._means.items():
+            heads = [self.heads[name] for name, _ in means]
+            overall = sum(mean * h for (_, mean), h in zip(means, heads)) / sum(heads)  # mean over every (layer, head)
+            names = [name for name, _ in means] + [MEAN]
+            stats = token_statistics(torch.cat([m for _, m in means] + [overall]), self.positions, self.plan.eot, self.plan.config)
+            stats = {k: v.cpu().numpy() for k, v in stats.items()}
+            self._stats += [(step, name, res, {k: v[j * n:(j + 1) * n] for k, v in stats.items()}) for j, name in enumerate(names)]
+        self._means = {}
 
     def _layer(self, name: str) -> hk.Layer:
         return next(layer for layer in self.plan.layers if layer.name == name)
-
-    def _add_stats(self, name: str, res: int, maps: torch.Tensor) -> None:
-        stats = token_statistics(maps.float(), self.positions, self.plan.eot, self.plan.config)
-        self._stats.append((self._step, name, res, {k: v.cpu().numpy() for k, v in stats.items()}))
 
     def cache(self, meta: dict) -> AttentionCache:
         return AttentionCache(

@@ -8,7 +8,7 @@ from anelab.bench import Workload, run_bench, table
 
 
 def test_bench_measures_every_comparison_and_writes_json(tmp_path):
-    results = run_bench(Workload("test", 128, 6, "cpu", torch.float32, max_refinement_steps=2), repeats=1, progress=False, results_dir=tmp_path)
+    results = run_bench(Workload("test", 128, 6, "cpu", torch.float32, max_refinement_steps=2, warmup=False), repeats=1, progress=False, results_dir=tmp_path)
     saved = json.loads((tmp_path / "test.json").read_text())
     assert saved["a_vs_diffusers_port"]["relative_latent_difference"] < 1e-4  # same work as diffusers' port (float noise)
     for key, programs in {"a_vs_diffusers_port": ("anelab", "diffusers_port"), "b_vs_plain_sd": ("sd", "ae_no_refinement", "ae_defaults"),
@@ -27,6 +27,19 @@ def test_bench_runs_only_the_comparisons_asked_for(tmp_path):
 
     with pytest.raises(AnelabError, match="comparisons must be letters of 'abcd', got 'ax'"):
         run_bench("tiny", comparisons="ax", results_dir=tmp_path)
-    results = run_bench(Workload("test", 128, 3, "cpu", torch.float32, max_refinement_steps=1), repeats=1, progress=False,
+    results = run_bench(Workload("test", 128, 3, "cpu", torch.float32, max_refinement_steps=1, warmup=False), repeats=1, progress=False,
                         results_dir=tmp_path, comparisons="d")  # fmt: skip
     assert "d_recording" in results and "a_vs_diffusers_port" not in results and table(results).count("\n") == 4
+
+
+def test_a_partial_run_keeps_the_other_comparisons_of_the_same_workload_only(tmp_path):
+    small = Workload("test", 128, 3, "cpu", torch.float32, max_refinement_steps=1, warmup=False)
+    first = run_bench(small, repeats=2, progress=False, results_dir=tmp_path, comparisons="d")
+    merged = run_bench(small, repeats=1, progress=False, results_dir=tmp_path, comparisons="b")
+    saved = json.loads((tmp_path / "test.json").read_text())
+    assert saved == merged and list(saved) == ["workload", "device", "b_vs_plain_sd", "d_recording"]
+    assert saved["d_recording"] == first["d_recording"] and saved["d_recording"]["repeats"] == 2 and saved["b_vs_plain_sd"]["repeats"] == 1
+    assert "medians of runs (b 1, d 2)" in table(merged)
+    other = run_bench(Workload("test", 128, 2, "cpu", torch.float32, max_refinement_steps=1, warmup=False), repeats=1, progress=False,
+                      results_dir=tmp_path, comparisons="b")  # fmt: skip
+    assert list(other) == ["workload", "device", "b_vs_plain_sd"]  # a different workload replaces the file
