@@ -209,8 +209,7 @@ def sd14_sized_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype
         vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
         scheduler=PNDMScheduler.from_config(SD14_PNDM_CONFIG), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
-    pipe.to(dtype=dtype)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # module by module: the pipeline-level cast warns about fp32 modules
+        module.to(dtype=dtype).requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
