@@ -113,7 +113,7 @@ def _alternate(programs: dict, repeats: int, device: str, warmup: bool) -> dict:
             times[name].append(seconds)
             peaks[name].append(peak)
     return {k: {"seconds": statistics.median(times[k]), "peak_bytes": int(statistics.median(peaks[k])), "runs": times[k], "result": last[k]}
-            for k in programs} | {"repeats": repeats}  # fmt: skip
+            for k in programs} | {"repeats": repeats, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
 
 
 def _port(pipe, max_refinement_steps: int):
@@ -144,7 +144,7 @@ def run_bench(
     if unknown or not comparisons:
         raise AnelabError(f"comparisons must be letters of 'abcd', got {comparisons!r}")
     if w.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("the sd14-gpu workload needs CUDA")
+        raise AnelabError(f"the {w.name} workload needs a CUDA GPU and torch sees none here; run tiny or sd14-cpu")
     pipe = sd14_sized_pipeline(device=w.device, dtype=w.dtype) if w.name.startswith("sd14") else load_pipeline("tiny", device=w.device)
     common = dict(num_inference_steps=w.steps, height=w.size, width=w.size, output_type="latent", progress=False)
     defaults, no_refinement = w.config(), w.config(thresholds={})

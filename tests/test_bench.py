@@ -27,6 +27,9 @@ def test_bench_runs_only_the_comparisons_asked_for(tmp_path):
 
     with pytest.raises(AnelabError, match="comparisons must be letters of 'abcd', got 'ax'"):
         run_bench("tiny", comparisons="ax", results_dir=tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(AnelabError, match="the sd14-gpu workload needs a CUDA GPU"):
+            run_bench("sd14-gpu", results_dir=tmp_path)
     results = run_bench(Workload("test", 128, 3, "cpu", torch.float32, max_refinement_steps=1, warmup=False), repeats=1, progress=False,
                         results_dir=tmp_path, comparisons="d")  # fmt: skip
     assert "d_recording" in results and "a_vs_diffusers_port" not in results and table(results).count("\n") == 4
