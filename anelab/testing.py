@@ -213,3 +213,48 @@ def sd14_sized_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype
         module.to(dtype=dtype).requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_owl(seed: int = 0, kind: str = "owlv2"):
+    """Random tiny ``Owlv2ForObjectDetection`` (``kind="owlvit"``: ``OwlViTForObjectDetection``) with the tiny
+    tokenizer and a 32-px processor of the same family: ``(model, processor)``.
+
+    32-px input, 8-px patches: 16 boxes per image. The tokenizer has 16 positions like OWL's text model.
+    As the real processors do, OWLv2's pads an image at the bottom/right to a square, then resizes it;
+    OWL-ViT's stretches it to the square. The heads are re-scaled after initialisation (as built, every
+    score saturates at 1.0 and every box at an image corner, which would test nothing): the logit scale
+    is 4 and the logit shift small, so scores spread over (0, 1) and differ between queries; the box head
+    propagates unit variance and its output is small, so boxes lie near their grid cells and still
+    depend on the image.
+    """
+    import transformers
+
+    if kind not in ("owlv2", "owlvit"):
+        raise ValueError(f"kind must be 'owlv2' or 'owlvit', got {kind!r}")
+    prefix = {"owlv2": "Owlv2", "owlvit": "OwlViT"}[kind]
+    config_class, model_class, image_processor_class, processor_class = (
+        getattr(transformers, prefix + name) for name in ("Config", "ForObjectDetection", "ImageProcessorPil", "Processor")
+    )
+    tokenizer = tiny_tokenizer()
+    tokenizer.model_max_length = 16
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    width = 32
+    config = config_class(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, **ids),
+        vision_config=dict(hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=width,  # the class head compares image embeddings of the text width with projected queries
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        model = model_class(config).eval()
+        head = model.class_head
+        head.logit_shift.weight.normal_(0.0, 0.1 * width**-0.5)
+        head.logit_scale.weight.zero_()
+        head.logit_scale.bias.fill_(3.0)  # elu(3) + 1 = 4
+        for layer in (model.box_head.dense0, model.box_head.dense1, model.box_head.dense2):
+            layer.weight.normal_(0.0, width**-0.5)
+        model.box_head.dense2.weight.mul_(0.3)
+    size = {"height": 32, "width": 32}
+    image_processor = image_processor_class(size=size, **({"crop_size": size} if kind == "owlvit" else {}))
+    return model, processor_class(image_processor=image_processor, tokenizer=tokenizer)
