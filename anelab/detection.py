@@ -179,14 +179,18 @@ def _subject_lists(images: list, subjects) -> list[list[str]]:
     subjects = list(subjects)
     if not subjects:
         raise AnelabError("no subjects given; pass a list of words, or one list per image")
-    if all(isinstance(s, str) for s in subjects):
-        return [list(subjects)] * len(images)
+    if all(isinstance(s, str) for s in subjects):  # one list of words for every image
+        subjects = [subjects] * len(images)
     if len(subjects) != len(images):
-        raise AnelabError(f"got {len(images)} images and {len(subjects)} subject lists; give one list per image (or one list for all)")
+        raise AnelabError(
+            f"got {len(images)} images and {len(subjects)} subject lists; give one list per image (or one list for all)"
+        )
     lists = [[s] if isinstance(s, str) else list(s) for s in subjects]
     for words in lists:
         for word in words:
             detectable(word)  # type check with a clear message
+            if "," in word:
+                raise AnelabError(f"subject {word!r} holds a comma; give the words as a list, e.g. {word.split(',')}")
     return lists
 
 

@@ -161,7 +161,8 @@ def test_non_detectable_words_are_skipped_and_reported(detector):
 @pytest.mark.parametrize(
     "images, subjects, message",
     [([], ["cat"], "no images"), ("two", ["cat"], "must be a PIL image"), ("one", "cat", "list of words"),
-     ("two", [["cat"]] * 3, "2 images and 3 subject lists"), ("one", [], "no subjects"), ("one", [[3]], "must be a word")],
+     ("two", [["cat"]] * 3, "2 images and 3 subject lists"), ("one", [], "no subjects"), ("one", [[3]], "must be a word"),
+     ("one", ["cat,dog"], "comma")],
 )  # fmt: skip
 def test_bad_input_is_one_line_error(detector, images, subjects, message):
     images = {"one": _images(1), "two": [object(), object()]}.get(images, images) if isinstance(images, str) else images
