@@ -1,10 +1,35 @@
-"""anelab: attention-based semantic guidance (Attend-and-Excite) for Stable Diffusion, for study."""
+"""anelab: attention-based semantic guidance (Attend-and-Excite) for Stable Diffusion, for study.
 
-from .config import GuidanceConfig
-from .errors import AnelabError
-from .loading import load_pipeline
-from .pipeline import GuidedOutput, generate
-from .recording import Record
+The public names are imported on first use (PEP 562), so ``import anelab`` and ``anelab --help`` do not
+pay for torch and diffusers until something needs them.
+"""
 
-__version__ = "0.1.0"
-__all__ = ["AnelabError", "GuidanceConfig", "GuidedOutput", "Record", "generate", "load_pipeline", "__version__"]
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("anelab")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
+_EXPORTS = {
+    "AnelabError": "errors",
+    "GuidanceConfig": "config",
+    "GuidedOutput": "pipeline",
+    "Record": "recording",
+    "generate": "pipeline",
+    "load_pipeline": "loading",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'anelab' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

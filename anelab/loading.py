@@ -1,4 +1,10 @@
-"""`load_pipeline`: the tiny offline model, a Hub id, a local directory, or a built pipeline."""
+"""`load_pipeline`: the tiny offline model, a Hub id, a local directory, or a built pipeline — placed on
+the device and dtype asked for, every component checked.
+
+Devices and dtypes are validated here once (:func:`resolve_device`, :func:`resolve_dtype`): an unknown
+name, or a GPU that torch cannot see, is a one-line :class:`AnelabError`, never a silent CPU run.
+Load failures from the Hugging Face Hub are classified by their ``huggingface_hub.errors`` type.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,64 @@ import torch
 
 from .errors import AnelabError
 
+#: dtype names accepted where a torch.dtype is (CLI options, notebook parameters).
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+DEVICE_HELP = "cpu, cuda, cuda:N, mps or meta"
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """A usable torch device from a name or a device; ``None`` → CUDA when available, else the CPU.
+
+    Refused in one line: an unknown name, CUDA where torch sees no GPU, a GPU index that does not
+    exist, MPS where it is unavailable. ``"meta"`` (shapes only) is allowed for dry runs and tests."""
+    if device is None or device == "":
+        return torch.device(default_device())
+    try:
+        device = device if isinstance(device, torch.device) else torch.device(str(device).strip())
+    except (RuntimeError, TypeError):
+        raise AnelabError(f"unknown device {device!r}; use {DEVICE_HELP}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"this torch ({torch.__version__}) is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise AnelabError(f"device {str(device)!r} asked for, but torch sees no GPU ({build}); use --device cpu or install a CUDA torch")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise AnelabError(f"device {str(device)!r} does not exist: torch sees {count} GPU(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise AnelabError(f"device {str(device)!r} asked for, but MPS is not available here; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps", "meta"):
+        raise AnelabError(f"device {str(device)!r} is not supported; use {DEVICE_HELP}")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from a name (``"fp16"``, ``"float16"``, ...) or a dtype; ``None`` stays ``None``."""
+    if dtype is None or dtype == "" or isinstance(dtype, torch.dtype):
+        return dtype or None
+    if dtype not in DTYPES:
+        raise AnelabError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
+    return getattr(torch, DTYPES[dtype])
+
+
+def place(modules: dict[str, torch.nn.Module], device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Move every module to ``device`` (and ``dtype``), then check that every parameter and buffer got there.
+
+    Module by module (not ``pipe.to(...)``, whose keyword handling has silently dropped arguments before)."""
+    for module in modules.values():
+        module.to(device=device, dtype=dtype)
+    for name, module in modules.items():
+        wrong = {str(t.device) for t in (*module.parameters(), *module.buffers()) if t.device.type != device.type}
+        if wrong:
+            raise AnelabError(f"{name} did not move to {device}: some of its tensors are on {sorted(wrong)}")
+
+
+def pipeline_modules(pipe) -> dict[str, torch.nn.Module]:
+    """The pipeline's torch modules by component name (UNet, VAE, text encoder(s), ...)."""
+    return {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
 
 
 @contextlib.contextmanager
@@ -30,7 +91,7 @@ def quiet_transformers():
 
 
 def load_or_explain(what: str, spec: str, marker: str, load: Callable[[str], object]):
-    """``load(path or Hub id)``, turning every failure into one line that says why (missing, offline, broken)."""
+    """``load(path or Hub id)``, turning every failure into one line that says why (missing, gated, offline, broken)."""
     local = Path(spec).expanduser()
     if not local.exists() and spec.startswith(("/", ".", "~")):
         raise AnelabError(f"{what} directory {spec!r} does not exist")
@@ -40,33 +101,26 @@ def load_or_explain(what: str, spec: str, marker: str, load: Callable[[str], obj
         with quiet_transformers():
             return load(str(local) if local.exists() else spec)
     except Exception as error:  # diffusers/transformers/huggingface_hub raise many types; all mean "cannot load"
-        raise AnelabError(_explain_load_failure(what, spec, local.exists(), error)) from error
+        raise AnelabError(explain_load_failure(what, spec, local.exists(), error)) from error
 
 
-#: dtype names accepted where a torch.dtype is (CLI options, notebook parameters).
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """A torch dtype from a name (``"fp16"``, ``"float16"``, ...) or a dtype; ``None`` stays ``None``."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise AnelabError(f"dtype must be one of {sorted(DTYPES)} or a torch.dtype, got {dtype!r}")
-    return getattr(torch, DTYPES[dtype])
-
-
-def load_pipeline(spec="tiny", device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
+def load_pipeline(
+    spec="tiny", device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
+    revision: str | None = None, variant: str | None = None, cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None, local_files_only: bool | None = None,
+):  # fmt: skip
     """A diffusers ``StableDiffusionPipeline`` ready for :func:`anelab.generate`.
 
     ``spec``: ``"tiny"`` (offline random SD-1.x-shaped model, see :mod:`anelab.testing`), a Hub id
     such as ``"CompVis/stable-diffusion-v1-4"``, a local directory saved with ``save_pretrained``,
     or an already built ``StableDiffusionPipeline`` (used as is). ``device`` defaults to CUDA when
-    available; ``dtype`` (a torch dtype or a name such as ``"fp16"``) to the weights' own (fp32 for the tiny model). The safety checker is not
-    loaded (reference runs compare raw images). UNet parameters are frozen: guidance needs
-    gradients with respect to the latent only.
+    available; ``dtype`` (a torch dtype or a name such as ``"fp16"``) to the weights' own (fp32 for
+    the tiny model). ``revision``, ``variant`` (e.g. ``"fp16"``), ``cache_dir``, ``token`` and
+    ``local_files_only`` go to ``from_pretrained``. The safety checker is not loaded (reference runs
+    compare raw images). Parameters are frozen: guidance needs gradients with respect to the latent only.
     """
     dtype = resolve_dtype(dtype)
+    target = None if device is None and _is_pipeline(spec) else resolve_device(device)
     with quiet_transformers():
         from diffusers import StableDiffusionPipeline
 
@@ -78,44 +132,73 @@ def load_pipeline(spec="tiny", device: str | torch.device | None = None, dtype: 
         with quiet_transformers():
             pipe = tiny_pipeline()
     elif isinstance(spec, (str, os.PathLike)):
-        pipe = _from_pretrained(str(spec), dtype)
+        options = dict(revision=revision, variant=variant, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        pipe = _from_pretrained(str(spec), dtype, {k: v for k, v in options.items() if v is not None})
     else:
         raise AnelabError(f"model must be 'tiny', a Hub id, a local directory or a StableDiffusionPipeline, got {type(spec).__name__}")
-    pipe.to(torch_device=device or (pipe.device if isinstance(spec, StableDiffusionPipeline) else default_device()))
-    if dtype is not None:
-        pipe.to(dtype=dtype)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    modules = pipeline_modules(pipe)
+    place(modules, target or pipe.device, dtype)
+    for module in modules.values():
         module.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _from_pretrained(spec: str, dtype):
+def _is_pipeline(spec) -> bool:
+    return not isinstance(spec, (str, os.PathLike))
+
+
+def _from_pretrained(spec: str, dtype, options: dict):
     from diffusers import StableDiffusionPipeline
 
     def load(path):
-        return StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        return StableDiffusionPipeline.from_pretrained(
+            path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **options
+        )
 
     return load_or_explain("diffusers pipeline", spec, "model_index.json", load)
 
 
-def _explain_load_failure(what: str, spec: str, is_local: bool, error: Exception) -> str:
+def explain_load_failure(what: str, spec: str, is_local: bool, error: Exception) -> str:
+    """One line saying why ``spec`` could not be loaded, from the ``huggingface_hub.errors`` type in the chain."""
+    from huggingface_hub import errors as hub, is_offline_mode
+
+    first = f"{type(error).__name__}: {error}".splitlines()[0][:300]
     if is_local:
-        return f"cannot load the {what} saved in {spec!r}: {type(error).__name__}: {error}".splitlines()[0]
+        return f"cannot load the {what} saved in {spec!r}: {first}"
     chain = list(_chain(error))
-    text = " ".join(f"{type(e).__name__} {e}" for e in chain).lower()
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or any(
-        word in text for word in ("connect", "offline", "timeout", "timed out", "name or service", "outgoing traffic")
-    )
-    if offline:
-        return (
-            f"{what} {spec!r} is not a local directory and is not in the Hugging Face cache, and the Hub "
-            "cannot be reached (no network): download it on a connected machine or pass a local directory"
-        )
-    return f"{what} {spec!r} was not found as a local directory or on the Hugging Face Hub ({type(error).__name__})"
+
+    def found(kind) -> bool:
+        return any(isinstance(e, kind) for e in chain)
+
+    if found(hub.GatedRepoError):
+        return (f"{what} {spec!r} is gated on the Hugging Face Hub: accept its licence on https://huggingface.co/{spec} "
+                "with your account, then log in (`hf auth login`) or set HF_TOKEN")  # fmt: skip
+    if found(hub.RevisionNotFoundError):
+        return f"{what} {spec!r} has no such revision (branch, tag or commit): {first}"
+    if found(hub.RepositoryNotFoundError):
+        return (f"{what} {spec!r} was not found on the Hugging Face Hub and is not a local directory "
+                "(check the id; a private repository needs a token)")  # fmt: skip
+    if is_offline_mode() or found(hub.LocalEntryNotFoundError) or found(_connection_errors()):
+        return (f"{what} {spec!r} is not a local directory and is not in the Hugging Face cache, and the Hub cannot "
+                "be reached (offline or no network): download it on a connected machine or pass a local directory")  # fmt: skip
+    if found(hub.EntryNotFoundError):
+        return f"{what} {spec!r} lacks a file it needs (a --variant it does not have?): {first}"
+    return f"cannot load {what} {spec!r}: {first}"
+
+
+def _connection_errors() -> tuple[type, ...]:
+    kinds: list[type] = [ConnectionError, TimeoutError]
+    for module, names in (("httpx", ("ConnectError", "TimeoutException")), ("requests", ("ConnectionError", "Timeout"))):
+        with contextlib.suppress(ImportError):
+            imported = __import__(module)
+            kinds += [getattr(imported, n) for n in names if hasattr(imported, n)]
+    return tuple(kinds)
 
 
 def _chain(error: BaseException):
-    while error is not None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
         yield error
         error = error.__cause__ or error.__context__

@@ -1,6 +1,6 @@
 """`generate`: Stable Diffusion with Attend-and-Excite guidance, batched over seeds.
 
-Reading order: :func:`generate` validates everything into a :class:`_Plan`, then
+Reading order: :func:`generate` validates everything into a :class:`RunPlan` (:func:`plan_run`), then
 :meth:`_Sampler.run` is the denoising loop. Each loop iteration ``i`` does (reference §1.7):
 
 1. :meth:`_Sampler.guide` — only on iterations that can change the latent
@@ -13,7 +13,9 @@ Reading order: :func:`generate` validates everything into a :class:`_Plan`, then
 2. :meth:`_Sampler.denoise` — the usual CFG prediction on the *updated* latent and the scheduler step.
 
 Every seed in the batch carries its own refinement state; seed ``s`` starts from the noise of
-``torch.Generator("cpu").manual_seed(s)`` exactly as a single-seed run does.
+``torch.Generator(generator_device).manual_seed(s)`` exactly as a single-seed run does. The trace of
+each guided step stays on the device (:class:`anelab.trace.TraceLog`) and the NaN check of the latents
+is read once at the end: no host synchronisation per step beyond the refinement decisions.
 """
 
 from __future__ import annotations
@@ -29,31 +31,19 @@ import torch
 from tqdm.auto import tqdm
 
 from . import hooks as hk
+from .cache import AttentionCache
+from .checks import is_int, is_number, require_number, require_seeds
 from .config import GuidanceConfig
 from .errors import AnelabError
 from .objectives import excite_loss, gaussian_target, layout_kl, suppress_loss, token_maps
-from .cache import AttentionCache
 from .recording import Record, Recorder, RecordPlan, plan_record
 from .tokens import eot_index, prompt_tokens, resolve_tokens
+from .trace import TRACE_COLUMNS, TraceLog
 
-TRACE_COLUMNS = [
-    "seed", "step", "timestep", "token", "token_index",
-    "role",  # "excite" (tokens=), "suppress" (suppress=) or "layout" (only in layout=)
-    "max_attention",  # smoothed max attention at the step's first measurement (before any update)
-    "loss",  # the sample's A&E (excite) loss at that measurement
-    "suppress_loss",  # the sample's suppression loss max_u max(0, m_u - suppress_bound) (NaN without suppress=)
-    "layout_kl",  # KL(token map ‖ target Gaussian) of a token with a layout target (NaN otherwise)
-    "objective",  # what the update descends: loss + suppress_scale·suppress_loss + layout_scale·Σ layout_kl
-    "step_size", "threshold",  # α_i; the threshold of a threshold step, else NaN
-    "triggered",  # the threshold step needed refinement
-    "refinement_iterations",  # refinement updates made at this step
-    "reached",  # after refinement the threshold holds (NA off threshold steps)
-    "updated",  # the latent was changed at this step
-    "final_max_attention", "final_loss", "final_objective",  # what the regular update descended (after refinement)
-    "nonfinite",  # a NaN/inf objective or gradient (fp16 overflow) was met: that sample was not moved by it
-]  # fmt: skip
+__all__ = ["GuidedOutput", "RunPlan", "TRACE_COLUMNS", "generate", "plan_run"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+GENERATOR_DEVICES = ("cpu", "cuda")  # where each seed's initial noise is drawn (the official code: "cuda")
 
 
 @dataclasses.dataclass
@@ -76,8 +66,8 @@ class GuidedOutput:
 
 
 @dataclasses.dataclass
-class _Plan:
-    """Everything :func:`generate` decided before denoising starts."""
+class RunPlan:
+    """Everything :func:`generate` decided before denoising starts (:func:`plan_run` builds it)."""
 
     prompt: str
     token_indices: list[int]  # excited
@@ -97,6 +87,7 @@ class _Plan:
     step_sizes: np.ndarray
     guidance_layers: list[hk.Layer]  # those at config.attention_res, execution order
     record: RecordPlan | None  # what to record of the CFG forward
+    generator_device: str = "cpu"
 
 
 def generate(
@@ -105,6 +96,7 @@ def generate(
     tokens: Sequence[str | int] = (),
     seeds: Sequence[int] = (0,),
     config: GuidanceConfig | None = None,
+    *,
     suppress: Sequence[str | int] = (),
     layout: Mapping[str | int, tuple[float, float]] | None = None,
     num_inference_steps: int = 50,
@@ -113,6 +105,7 @@ def generate(
     width: int | None = None,
     output_type: str = "pil",
     record: Record | None = None,
+    generator_device: str = "cpu",
     progress: bool = True,
 ) -> GuidedOutput:
     """Sample ``prompt`` for every seed at once; A&E-guided on ``tokens`` unless ``config`` is None.
@@ -121,10 +114,14 @@ def generate(
     Stable Diffusion with the same seeds. ``suppress=["dog"]`` pushes those tokens' attention down;
     ``layout={"cat": (x, y)}`` pulls a token's attention towards a point (x right, y down, in [0, 1]).
     ``record=Record(...)`` keeps cross-attention maps and token statistics of the CFG forward in
-    ``out.attention``. See the module docstring for the loop.
+    ``out.attention``. ``generator_device="cuda"`` draws each seed's noise with
+    ``torch.Generator("cuda")`` as the official code does (the paper's images); the default CPU
+    generator gives the same noise on every machine. See the module docstring for the loop.
     """
-    plan = _plan(
-        pipe, prompt, tokens, seeds, config, num_inference_steps, guidance_scale, height, width, output_type, record, suppress, layout
+    plan = plan_run(
+        pipe, prompt, tokens=tokens, seeds=seeds, config=config, suppress=suppress, layout=layout,
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
+        output_type=output_type, record=record, generator_device=generator_device,
     )  # fmt: skip
     recorder = Recorder(plan.record, prompt, plan.seeds) if plan.record else None
     hooked = plan.guidance_layers + (plan.record.layers if plan.record else [])
@@ -136,13 +133,13 @@ def generate(
     seconds = time.perf_counter() - start
     attention = None
     if recorder:
-        meta = {"config": None if config is None else config.to_dict(), "record": record.to_dict(), "guidance_scale": float(guidance_scale),
+        meta = {"config": None if config is None else config.to_dict(), "record": record.to_dict(), "guidance_scale": plan.guidance_scale,
                 "height": plan.height, "width": plan.width, "num_inference_steps": int(num_inference_steps)}  # fmt: skip
         attention = recorder.cache(meta)
     return GuidedOutput(
         images=images,
         latents=latents,
-        trace=sampler.trace(),
+        trace=sampler.traces.frame(),
         attention=attention,
         seeds=plan.seeds,
         prompt=prompt,
@@ -155,26 +152,26 @@ def generate(
 class _Measure:
     """One conditional-only forward at a latent ``leaf``: smoothed max attention ``m`` [B,T] of the
     measured tokens, the excite ``loss`` [B], the ``suppressed`` tokens' maxima [B,U], the layout
-    ``kl`` [B,L] and the ``objective`` [B] the update descends; its gradient on demand."""
+    ``kl`` [B,L] and the ``objective`` [B] the update descends; ``grad`` once :meth:`gradient` ran."""
 
     FIELDS = ("m", "loss", "objective", "suppressed", "kl")
 
     def __init__(self, leaf, m, loss, objective=None, suppressed=None, kl=None, grad=None):
-        self.leaf, self.m, self.loss, self.suppressed, self.kl, self._grad = leaf, m, loss, suppressed, kl, grad
+        self.leaf, self.m, self.loss, self.suppressed, self.kl, self.grad = leaf, m, loss, suppressed, kl, grad
         self.nonfinite = None
         self.objective = loss if objective is None else objective  # excite only: the objective *is* the loss
 
-    def grad(self) -> torch.Tensor:
+    def gradient(self) -> torch.Tensor:
         """∇_z objective per sample (samples are independent in the UNet, so ∇ of the sum splits).
 
         fp16 safety: a sample whose objective or gradient is NaN/inf gets a zero gradient (its latent
         is not moved) and is flagged in ``nonfinite``; the trace reports it."""
-        if self._grad is None:
+        if self.grad is None:
             with torch.enable_grad():
                 grad = torch.autograd.grad(self.objective.sum(), self.leaf)[0]
             self.nonfinite = ~torch.isfinite(grad).flatten(1).all(dim=1) | ~torch.isfinite(self.objective.detach())
-            self._grad = torch.where(self.nonfinite[:, None, None, None], torch.zeros_like(grad), grad) if self.nonfinite.any() else grad
-        return self._grad
+            self.grad = torch.where(self.nonfinite[:, None, None, None], torch.zeros_like(grad), grad)
+        return self.grad
 
     def violates(self, threshold: float, bound: float) -> torch.Tensor:
         """[B] bool: an excited token is below ``threshold`` or a suppressed one above ``max(bound, 1 − threshold)``."""
@@ -188,16 +185,18 @@ class _Measure:
         return _Measure(None, **copy, grad=grad)
 
     def put(self, rows: torch.Tensor, other: "_Measure", which: torch.Tensor) -> None:
-        """Rows ``rows`` of this (detached) measure take ``other``'s rows ``which``."""
+        """Rows ``rows`` of this (detached) measure take ``other``'s rows ``which`` (its gradient too, if kept)."""
         for f in self.FIELDS:
             if getattr(self, f) is not None:
                 getattr(self, f)[rows] = getattr(other, f).detach()[which]
+        if self.grad is not None:
+            self.grad[rows] = other.grad[which]
 
 
 class _Sampler:
     """The denoising loop of one :func:`generate` call (module docstring)."""
 
-    def __init__(self, pipe, plan: _Plan, hooks: hk.AttentionHooks, recorder: Recorder | None = None):
+    def __init__(self, pipe, plan: RunPlan, hooks: hk.AttentionHooks, recorder: Recorder | None = None):
         self.pipe, self.plan, self.hooks, self.unet, self.recorder = pipe, plan, hooks, pipe.unet, recorder
         self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # stateful: own copy
         self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
@@ -206,29 +205,32 @@ class _Sampler:
         self.cond, self.uncond = cond.to(self.dtype), None if uncond is None else uncond.to(self.dtype)
         self.config = plan.config
         self.last_update = plan.config.last_update_iteration(len(plan.timesteps)) if plan.config else 0
-        self.rows: list[dict] = []
+        self.traces = TraceLog(seeds=plan.seeds, measured=plan.measured, roles=plan.roles, words=plan.token_words, layout=list(plan.layout))
+        self.broken_at = None  # per sample: first loop index whose latent was not finite (-1: none)
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, num_inference_steps: int, progress: bool) -> torch.Tensor:
         z = self.initial_latents()
+        self.broken_at = torch.full((len(z),), -1, dtype=torch.long, device=z.device)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         label = "A&E" if self.config else "SD"
         for i, t in enumerate(tqdm(self.scheduler.timesteps, desc=label, disable=not progress, leave=False)):
             if self.config is not None and (i < self.last_update or i in self.config.thresholds):
                 z = self.guide(z, i, t)
             z = self.denoise(z, i, t)
+        self.check_finite()
         return z
 
     def initial_latents(self) -> torch.Tensor:
-        """Per-seed CPU-generator noise, identical to a single-seed run's (diffusers' randn_tensor)."""
+        """Each seed's noise from its own generator on ``plan.generator_device``, drawn as diffusers'
+        ``randn_tensor`` draws it, so a batch equals single-seed runs and the official code's noise."""
         from diffusers.utils.torch_utils import randn_tensor
 
         shape = (1, self.unet.config.in_channels, self.plan.height // 8, self.plan.width // 8)
-        noise = [
-            randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(s), device=self.device, dtype=self.dtype)
-            for s in self.plan.seeds
-        ]
-        return torch.cat(noise) * self.scheduler.init_noise_sigma
+        on_gpu = self.plan.generator_device == "cuda"
+        where = self.device if on_gpu and self.device.type == "cuda" else torch.device(self.plan.generator_device)
+        noise = [randn_tensor(shape, generator=torch.Generator(where).manual_seed(s), device=where, dtype=self.dtype) for s in self.plan.seeds]
+        return torch.cat(noise).to(self.device) * self.scheduler.init_noise_sigma
 
     def denoise(self, z: torch.Tensor, i: int, t) -> torch.Tensor:
         """CFG noise prediction on the (updated) latent, then the scheduler step; the recorder
@@ -246,14 +248,22 @@ class _Sampler:
         if sinks:
             self.recorder.end_step(i, t)
         z = self.scheduler.step(eps, t, z).prev_sample
-        broken = ~torch.isfinite(z).flatten(1).all(dim=1)
-        if broken.any():  # the image would come out black or noise: stop and say so
-            seeds = [s for s, b in zip(self.plan.seeds, broken.tolist()) if b]
-            raise AnelabError(
-                f"the latent of seed(s) {seeds} became NaN/inf at loop index {i} (t={int(t)}), e.g. an fp16 overflow; "
-                "run in float32 (dtype=torch.float32) or with a smaller scale_factor"
-            )
+        broken = ~torch.isfinite(z).flatten(1).all(dim=1)  # noted on the device; read once, at the end
+        self.broken_at = torch.where(broken & (self.broken_at < 0), i, self.broken_at)
         return z
+
+    def check_finite(self) -> None:
+        """A latent that became NaN/inf would decode to black or noise: say which seeds and where."""
+        if self.broken_at.device.type == "meta":  # shapes only: there are no values to check
+            return
+        first = self.broken_at.tolist()
+        if any(k >= 0 for k in first):
+            seeds = [s for s, k in zip(self.plan.seeds, first) if k >= 0]
+            i = min(k for k in first if k >= 0)
+            raise AnelabError(
+                f"the latent of seed(s) {seeds} became NaN/inf (first at loop index {i}, t={self.plan.timesteps[i]}), e.g. an fp16 "
+                "overflow; run in float32 (dtype=torch.float32) or with a smaller scale_factor"
+            )
 
     # -- Attend-and-Excite ---------------------------------------------------------------------
     def measure(self, z: torch.Tensor, t) -> _Measure:
@@ -285,9 +295,9 @@ class _Sampler:
         self.nonfinite = torch.zeros(len(z), dtype=torch.bool, device=z.device)
         triggered = torch.zeros(len(z), dtype=torch.bool, device=z.device)
         iterations = torch.zeros(len(z), dtype=torch.long, device=z.device)
-        reached = None
-        if i in self.config.thresholds:
-            threshold = self.config.thresholds[i]
+        reached = torch.zeros(len(z), dtype=torch.bool, device=z.device)  # read only at threshold steps
+        threshold = self.config.thresholds.get(i)
+        if threshold is not None:
             z, end, triggered, iterations = self.refine(z, t, first, threshold, alpha, need_final_grad=regular)
             reached = ~end.violates(threshold, self.config.suppress_bound)
         updated = iterations > 0
@@ -298,7 +308,8 @@ class _Sampler:
                 move = move & ~self.nonfinite
                 z = torch.where(move[:, None, None, None], z - alpha * grad, z)
             updated = updated | move
-        self.log(i, t, alpha, first, end, triggered, iterations, reached, updated)
+        self.log(step=i, timestep=int(t), step_size=alpha, threshold=np.nan if threshold is None else threshold, first=first, end=end,
+                 triggered=triggered, iterations=iterations, reached=reached, updated=updated)  # fmt: skip
         return z.detach()
 
     def refine(self, z, t, first: _Measure, threshold: float, alpha: float, need_final_grad: bool):
@@ -328,130 +339,61 @@ class _Sampler:
             z[active[moving]] -= alpha * grad_k[moving]
             going_on = violates_k & (iterations[active] < self.config.max_refinement_steps)
             again = self.measure(z[active], t)  # next iteration's forward, or the final re-measure
-            need_grad = going_on.any() or end._grad is not None
-            grad = self.gradient(again, active) if need_grad else None
+            if going_on.any() or end.grad is not None:
+                self.gradient(again, active)
             end.put(active[~going_on], again, ~going_on)
-            if end._grad is not None:
-                end._grad[active[~going_on]] = grad[~going_on]
             active = active[going_on]
             objective_k, violates_k = again.objective[going_on], again.violates(threshold, bound)[going_on]
-            grad_k = grad[going_on] if grad is not None else None
+            grad_k = again.grad[going_on] if again.grad is not None else None
         return z, end, triggered, iterations
 
     def gradient(self, measure: _Measure, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``measure.grad()``, noting the samples (batch ``rows``) whose gradient was not finite."""
-        grad = measure.grad()
+        """``measure.gradient()``, noting the samples (batch ``rows``) whose gradient was not finite."""
+        grad = measure.gradient()
         if measure.nonfinite is not None and measure.nonfinite.any():
             self.nonfinite[measure.nonfinite if rows is None else rows[measure.nonfinite]] = True
             warnings.warn("non-finite A&E gradient: the affected samples were not moved at this step (see trace.nonfinite)", stacklevel=2)
         return grad
 
-    # -- trace -----------------------------------------------------------------------------------
-    def log(self, i, t, alpha, first, end, triggered, iterations, reached, updated):
-        threshold = self.config.thresholds.get(i, np.nan)
-        self.rows.append(
-            dict(
-                step=i,
-                timestep=int(t),
-                step_size=alpha,
-                threshold=threshold,
-                max_attention=first.m.detach().float().cpu().numpy(),
-                loss=first.loss.detach().float().cpu().numpy(),
-                suppress_loss=None if first.suppressed is None else _numpy(suppress_loss(first.suppressed, self.config.suppress_bound)),
-                layout_kl=None if first.kl is None else _numpy(first.kl),
-                objective=_numpy(first.objective),
-                triggered=triggered.cpu().numpy(),
-                refinement_iterations=iterations.cpu().numpy(),
-                reached=None if reached is None else reached.cpu().numpy(),
-                updated=updated.cpu().numpy(),
-                final_max_attention=end.m.detach().float().cpu().numpy(),
-                final_loss=end.loss.detach().float().cpu().numpy(),
-                final_objective=_numpy(end.objective),
-                nonfinite=self.nonfinite.cpu().numpy(),
-            )
-        )
-
-    def trace(self) -> pd.DataFrame:
-        """Long table, one row per (seed, guided step, token)."""
-        plan = self.plan
-        n_seeds, n_tokens = len(plan.seeds), len(plan.measured)
-        layout_column = [list(plan.layout).index(i) if i in plan.layout else None for i in plan.measured]
-        frames = []
-
-        def per_sample(values):  # [B] → [B·T]
-            return np.repeat(values, n_tokens)
-
-        def per_token_kl(kl):  # [B, L] → [B·T], NaN for tokens without a layout target
-            if kl is None:
-                return np.full(n_seeds * n_tokens, np.nan)
-            return np.stack([kl[:, c] if c is not None else np.full(n_seeds, np.nan) for c in layout_column], axis=1).reshape(-1)
-
-        for row in self.rows:
-            reached = pd.array([pd.NA] * n_seeds * n_tokens if row["reached"] is None else per_sample(row["reached"]), dtype="boolean")
-            suppress = np.full(n_seeds * n_tokens, np.nan) if row["suppress_loss"] is None else per_sample(row["suppress_loss"])
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "seed": np.repeat(plan.seeds, n_tokens),
-                        "step": row["step"],
-                        "timestep": row["timestep"],
-                        "token": np.tile(plan.token_words, n_seeds),
-                        "token_index": np.tile(plan.measured, n_seeds),
-                        "role": np.tile(plan.roles, n_seeds),
-                        "max_attention": row["max_attention"].reshape(-1),
-                        "loss": per_sample(row["loss"]),
-                        "suppress_loss": suppress,
-                        "layout_kl": per_token_kl(row["layout_kl"]),
-                        "objective": per_sample(row["objective"]),
-                        "step_size": row["step_size"],
-                        "threshold": row["threshold"],
-                        "triggered": per_sample(row["triggered"]),
-                        "refinement_iterations": per_sample(row["refinement_iterations"]),
-                        "reached": reached,
-                        "updated": per_sample(row["updated"]),
-                        "final_max_attention": row["final_max_attention"].reshape(-1),
-                        "final_loss": per_sample(row["final_loss"]),
-                        "final_objective": per_sample(row["final_objective"]),
-                        "nonfinite": per_sample(row["nonfinite"]),
-                    }
-                )
-            )
-        if not frames:
-            return _empty_trace()
-        return pd.concat(frames, ignore_index=True).sort_values(["seed", "step", "token_index"], ignore_index=True)
-
-
-def _numpy(values: torch.Tensor) -> np.ndarray:
-    return values.detach().float().cpu().numpy()
-
-
-def _empty_trace() -> pd.DataFrame:
-    dtypes = dict.fromkeys(TRACE_COLUMNS, "float64") | {
-        "seed": "int64", "step": "int64", "timestep": "int64", "token": "object", "token_index": "int64", "role": "object",
-        "triggered": "bool", "refinement_iterations": "int64", "reached": "boolean", "updated": "bool", "nonfinite": "bool",
-    }  # fmt: skip
-    return pd.DataFrame({c: pd.Series(dtype=dtypes[c]) for c in TRACE_COLUMNS})
+    def log(self, *, step, timestep, step_size, threshold, first: _Measure, end: _Measure, triggered, iterations, reached, updated) -> None:
+        """One guided step's trace rows (kept on the device until the run ends)."""
+        suppressed = None if first.suppressed is None else suppress_loss(first.suppressed, self.config.suppress_bound)
+        self.traces.add(step=step, timestep=timestep, step_size=step_size, threshold=threshold, tensors=dict(
+            max_attention=first.m, loss=first.loss, suppress_loss=suppressed, layout_kl=first.kl, objective=first.objective,
+            triggered=triggered, refinement_iterations=iterations, reached=reached, updated=updated, final_max_attention=end.m,
+            final_loss=end.loss, final_objective=end.objective, nonfinite=self.nonfinite,
+        ))  # fmt: skip
 
 
 # -- preparation ---------------------------------------------------------------------------------
-def _plan(
-    pipe, prompt, tokens, seeds, config, steps, guidance_scale, height, width, output_type, record=None, suppress=(), layout=None
-) -> _Plan:
-    """Validate every argument before any denoising (each failure is one clear AnelabError)."""
+def plan_run(
+    pipe, prompt: str, *, tokens=(), seeds=(0,), config: GuidanceConfig | None = None, suppress=(), layout=None,
+    num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+    output_type: str = "pil", record: Record | None = None, generator_device: str = "cpu",
+) -> RunPlan:  # fmt: skip
+    """Check every argument of :func:`generate` against ``pipe`` and decide the run, before any
+    denoising (each failure is one clear :class:`AnelabError`). The one pre-flight check: the study
+    runner calls it for every (variant, prompt) before making any image."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise AnelabError(f"prompt must be a non-empty string, got {prompt!r}")
-    seeds = _check_seeds(seeds)
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    seeds = require_seeds(seeds)
+    steps = num_inference_steps
+    if not is_int(steps) or steps < 1:
         raise AnelabError(f"num_inference_steps must be an int >= 1, got {steps!r}")
+    guidance_scale = require_number("guidance_scale", guidance_scale)
     if output_type not in OUTPUT_TYPES:
         raise AnelabError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if generator_device not in GENERATOR_DEVICES:
+        raise AnelabError(f"generator_device must be one of {GENERATOR_DEVICES}, got {generator_device!r}")
+    if generator_device == "cuda" and not torch.cuda.is_available():
+        raise AnelabError("generator_device='cuda' draws the noise with torch.Generator('cuda') as the official code does; torch sees no GPU here")
     if config is not None and not isinstance(config, GuidanceConfig):
         raise AnelabError(f"config must be a GuidanceConfig or None (plain SD), got {type(config).__name__}")
     scale = getattr(pipe, "vae_scale_factor", 8)
     height = height or pipe.unet.config.sample_size * scale
     width = width or pipe.unet.config.sample_size * scale
     for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < scale or value % scale:
+        if not is_int(value) or value < scale or value % scale:
             raise AnelabError(f"{name} must be a positive multiple of {scale}, got {value!r}")
     token_indices = resolve_tokens(pipe.tokenizer, prompt, tokens)
     suppress_indices, targets = _suppress_and_layout(pipe.tokenizer, prompt, token_indices, suppress, layout, config)
@@ -460,9 +402,7 @@ def _plan(
     roles += ["layout"] * (len(measured) - len(roles))
     words = [prompt_tokens(pipe.tokenizer, prompt)[i] for i in measured]
     layers = hk.cross_attention_layers(pipe.unet, height // scale, width // scale)
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(int(steps))
-    timesteps = [int(t) for t in scheduler.timesteps]
+    timesteps = schedule(pipe, steps)
     guidance_layers: list[hk.Layer] = []
     step_sizes = np.zeros(len(timesteps))
     layout_targets = None
@@ -485,8 +425,9 @@ def _plan(
             layout_targets = torch.stack([gaussian_target(p, (h, w), config.layout_sigma) for p in targets.values()])
     eot = eot_index(pipe.tokenizer, prompt)
     if record is not None:
-        record = plan_record(record, pipe, prompt, measured, eot, seeds, timesteps, layers, config, height, width)
-    return _Plan(
+        record = plan_record(record, pipe=pipe, prompt=prompt, subjects=measured, eot=eot, seeds=seeds, timesteps=timesteps,
+                             layers=layers, config=config, height=height, width=width)  # fmt: skip
+    return RunPlan(
         prompt=prompt,
         token_indices=token_indices,
         suppress_indices=suppress_indices,
@@ -498,14 +439,22 @@ def _plan(
         eot=eot,
         seeds=seeds,
         config=config,
-        guidance_scale=float(guidance_scale),
+        guidance_scale=guidance_scale,
         height=int(height),
         width=int(width),
         timesteps=timesteps,
         step_sizes=step_sizes,
         guidance_layers=guidance_layers,
         record=record,
+        generator_device=generator_device,
     )
+
+
+def schedule(pipe, num_inference_steps: int) -> list[int]:
+    """The scheduler's timesteps for ``num_inference_steps`` (one per loop index; PNDM 50 steps → 51)."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(int(num_inference_steps))
+    return [int(t) for t in scheduler.timesteps]
 
 
 def _suppress_and_layout(tokenizer, prompt, excited, suppress, layout, config):
@@ -522,31 +471,20 @@ def _suppress_and_layout(tokenizer, prompt, excited, suppress, layout, config):
     targets = {}
     for token, point in layout.items():
         position = resolve_tokens(tokenizer, prompt, [token])[0]
-        ok = isinstance(point, (tuple, list)) and len(point) == 2 and all(
-            isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and 0 <= v <= 1 for v in point
-        )
-        if not ok:
-            raise AnelabError(f"layout point for {token!r} must be (x, y) with 0 <= x, y <= 1 (x right, y down), got {point!r}")
+        targets[position] = layout_point(token, point)
         if position in suppress_indices:
             raise AnelabError(f"layout token {token!r} is also suppressed; a suppressed token cannot have a layout target")
-        targets[position] = (float(point[0]), float(point[1]))
     if (suppress_indices or targets) and config is None:
         raise AnelabError("suppress= and layout= need a GuidanceConfig (config=None is plain Stable Diffusion)")
     return suppress_indices, targets
 
 
-def _check_seeds(seeds) -> list[int]:
-    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
-        seeds = [seeds]
-    seeds = list(seeds) if hasattr(seeds, "__iter__") else []
-    if not seeds:
-        raise AnelabError("seeds must be a non-empty list of ints")
-    if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in seeds):
-        raise AnelabError(f"seeds must be ints >= 0, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        duplicated = sorted({s for s in seeds if seeds.count(s) > 1})
-        raise AnelabError(f"seeds must be distinct; repeated: {duplicated}")
-    return [int(s) for s in seeds]
+def layout_point(token, point) -> tuple[float, float]:
+    """A layout target ``(x, y)`` with 0 <= x, y <= 1 (x right, y down), or a one-line error (the one check of a point)."""
+    ok = isinstance(point, (tuple, list)) and len(point) == 2 and all(is_number(v) and 0 <= v <= 1 for v in point)
+    if not ok:
+        raise AnelabError(f"layout point for {token!r} must be (x, y) with 0 <= x, y <= 1 (x right, y down), got {point!r}")
+    return float(point[0]), float(point[1])
 
 
 class _frozen:

@@ -84,7 +84,7 @@ class RecordPlan:
     bytes: int  # estimated size of the kept maps
 
 
-def plan_record(record, pipe, prompt, subjects, eot, seeds, timesteps, layers, config, height, width) -> RecordPlan:
+def plan_record(record, *, pipe, prompt, subjects, eot, seeds, timesteps, layers, config, height, width) -> RecordPlan:
     """Check ``record`` for this run (before any denoising); every failure is one clear AnelabError."""
     if not isinstance(record, Record):
         raise AnelabError(f"record must be an anelab.Record or None, got {type(record).__name__}")
