@@ -28,7 +28,7 @@ from .errors import AnelabError
 from .pipeline import generate
 from .recording import Record
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+RESULTS_DIR = Path("benchmarks") / "results"  # under the working directory (never inside the installed package)
 PROMPT, TOKENS, INDICES = "a cat and a dog", ["cat", "dog"], [2, 5]
 COMPARISONS = ("a_vs_diffusers_port", "b_vs_plain_sd", "c_batching", "d_recording")  # result keys, by letter
 
@@ -59,7 +59,7 @@ class PeakMemory:
     """Peak memory of a block: CUDA's allocator peak, or the process RSS sampled every 5 ms on the CPU (above the start)."""
 
     def __init__(self, device: str):
-        self.device, self.peak = device, 0
+        self.device, self.peak = torch.device(device).type, 0
 
     def __enter__(self):
         if self.device == "cuda":
@@ -94,7 +94,7 @@ def _timed(device: str, run) -> tuple[float, int, object]:
     with PeakMemory(device) as memory:
         start = time.perf_counter()
         result = run()
-        if device == "cuda":
+        if memory.device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     return seconds, memory.peak, result
@@ -116,9 +116,22 @@ def _alternate(programs: dict, repeats: int, device: str, warmup: bool) -> dict:
             for k in programs} | {"repeats": repeats, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
 
 
+def port_class():
+    """diffusers' ``StableDiffusionAttendAndExcitePipeline`` (deprecated there, last supported 0.33): a clear
+    error if this diffusers no longer has it (comparison (a) and the parity tests need it)."""
+    try:
+        from diffusers import StableDiffusionAttendAndExcitePipeline
+    except ImportError:
+        import diffusers
+
+        raise AnelabError(f"diffusers {diffusers.__version__} no longer ships StableDiffusionAttendAndExcitePipeline (deprecated); "
+                          "comparison (a) needs it: run --comparisons bcd, or install a diffusers that has it") from None  # fmt: skip
+    return StableDiffusionAttendAndExcitePipeline
+
+
 def _port(pipe, max_refinement_steps: int):
     """diffusers' port on the same components; its refinement cap (20, not a ``__call__`` argument) set to ours."""
-    from diffusers import StableDiffusionAttendAndExcitePipeline
+    StableDiffusionAttendAndExcitePipeline = port_class()
 
     components = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
     port = StableDiffusionAttendAndExcitePipeline(**components, requires_safety_checker=False)
@@ -129,6 +142,7 @@ def _port(pipe, max_refinement_steps: int):
 
 def run_bench(
     workload: str | Workload = "tiny", repeats: int | None = None, progress: bool = True, results_dir: Path = RESULTS_DIR, comparisons: str = "abcd",
+    device: str | torch.device | None = None, dtype: torch.dtype | None = None,
 ) -> dict:  # fmt: skip
     """Measure ``comparisons`` (a)–(d) on one workload (a name of :data:`WORKLOADS` or a :class:`Workload`
     on the tiny pipeline), ``repeats`` timed runs of each program (None: the workload's own);
@@ -140,12 +154,13 @@ def run_bench(
     from .testing import sd14_sized_pipeline
 
     w = WORKLOADS[workload] if isinstance(workload, str) else workload
+    w = dataclasses.replace(w, device=str(device or w.device), dtype=dtype or w.dtype)  # --device / --dtype override the workload's
     unknown = set(comparisons) - set("abcd")
     if unknown or not comparisons:
         raise AnelabError(f"comparisons must be letters of 'abcd', got {comparisons!r}")
-    if w.device == "cuda" and not torch.cuda.is_available():
+    if torch.device(w.device).type == "cuda" and not torch.cuda.is_available():
         raise AnelabError(f"the {w.name} workload needs a CUDA GPU and torch sees none here; run tiny or sd14-cpu")
-    pipe = sd14_sized_pipeline(device=w.device, dtype=w.dtype) if w.name.startswith("sd14") else load_pipeline("tiny", device=w.device)
+    pipe = sd14_sized_pipeline(device=w.device, dtype=w.dtype) if w.name.startswith("sd14") else load_pipeline("tiny", device=w.device, dtype=w.dtype)
     common = dict(num_inference_steps=w.steps, height=w.size, width=w.size, output_type="latent", progress=False)
     defaults, no_refinement = w.config(), w.config(thresholds={})
     repeats = repeats or w.repeats
@@ -213,8 +228,8 @@ def _drop_results(comparison: dict) -> None:
 
 
 def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
     return f"{platform.processor() or platform.machine()} cpu ({torch.get_num_threads()} threads)"
 
 
@@ -250,7 +265,7 @@ def table(results: dict) -> str:
             ("(b) plain SD", b["sd"]["seconds"], b["sd"]["peak_bytes"] / mib, ""),
             ("(b) A&E, refinement never triggered", b["ae_no_refinement"]["seconds"], b["ae_no_refinement"]["peak_bytes"] / mib,
              f"{b['ratio_no_refinement']:.2f}x SD (target <= 1.3 GPU / 1.4 CPU)"
-             + (f"; memory {b['memory_ratio_no_refinement']:.2f}x (target <= 1.5)" if results["workload"]["device"] == "cuda" else "")),
+             + (f"; memory {b['memory_ratio_no_refinement']:.2f}x (target <= 1.5)" if results["workload"]["device"].startswith("cuda") else "")),
             ("(b) A&E, default thresholds", b["ae_defaults"]["seconds"], b["ae_defaults"]["peak_bytes"] / mib, f"{b['ratio_defaults']:.2f}x SD"),
         ]  # fmt: skip
     if "c_batching" in results:
@@ -268,7 +283,7 @@ def table(results: dict) -> str:
     w = results["workload"]
     runs = ", ".join(f"{key[0]} {results[key]['repeats']}" for key in COMPARISONS if key in results)
     head = f"workload {w['name']}: {results['device']}, {w['size']} px, {w['steps']} steps, {w['dtype']}, medians of runs ({runs})"
-    if w["device"] != "cuda":
+    if not w["device"].startswith("cuda"):
         head += "\n(peak MiB on the CPU: process RSS growth, sampled; the allocator reuses freed memory, so small runs read ~0)"
     lines = [head, f"{'program':40s} {'s/run':>8s} {'peak MiB':>9s}  note"]
     lines += [f"{name:40s} {sec:8.2f} {mem:9.0f}  {note}" for name, sec, mem, note in rows]

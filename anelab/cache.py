@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 
 from .errors import AnelabError
 from .hooks import Layer
+from .io import atomic_dir
 
 STAT_COLUMNS = ["max_attention", "raw_max", "mass", "centroid_x", "centroid_y"]
 FRAME_COLUMNS = [
@@ -161,21 +160,10 @@ class AttentionCache:
         target = Path(directory)
         if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / _MANIFEST).exists())):
             raise AnelabError(f"{target} exists and is not an attention cache; choose an empty or new directory")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with atomic_dir(target) as tmp:
             save_file({f"{step}|{name}": t.contiguous() for (step, name), t in self._maps.items()}, tmp / _MAPS)
             self._stats.to_parquet(tmp / _STATS, index=False)
             (tmp / _MANIFEST).write_text(json.dumps(self._manifest(), indent=1))
-            if target.exists():
-                old = target.with_name(f".{target.name}.old")
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def _manifest(self) -> dict:
@@ -199,8 +187,13 @@ class AttentionCache:
         directory = Path(directory)
         if not (directory / _MANIFEST).is_file():
             raise AnelabError(f"{directory} is not a saved attention cache (no {_MANIFEST})")
-        manifest = json.loads((directory / _MANIFEST).read_text())
-        tensors = load_file(directory / _MAPS)
+        try:
+            manifest = json.loads((directory / _MANIFEST).read_text())
+            tensors = load_file(directory / _MAPS)
+            stats = pd.read_parquet(directory / _STATS)
+        except Exception as error:  # json, safetensors and pyarrow each raise their own type for a damaged file
+            raise AnelabError(f"{directory} is a damaged attention cache ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                              "record and save it again") from None  # fmt: skip
         return cls(
             prompt=manifest["prompt"],
             seeds=manifest["seeds"],
@@ -210,6 +203,6 @@ class AttentionCache:
             layers=[Layer(x["name"], x["place"], tuple(x["shape"])) for x in manifest["layers"]],
             heads={x["name"]: x["heads"] for x in manifest["layers"]},
             maps={(int(step), name): tensors[f"{step}|{name}"] for step, name in manifest["maps"]},
-            stats=pd.read_parquet(directory / _STATS),
+            stats=stats,
             meta=manifest["meta"],
         )

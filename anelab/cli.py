@@ -1,4 +1,9 @@
-"""The ``anelab`` command (typer). Bad input: one line on stderr, exit code 2, nothing written."""
+"""The ``anelab`` command (typer). Bad input: one line on stderr, exit code 2, nothing written.
+
+Every command checks its input and that its output can be written before any model work. Heavy
+modules (torch, diffusers, pandas) are imported inside the commands, not here, so ``anelab --help``
+and input errors answer in well under a second.
+"""
 
 from __future__ import annotations
 
@@ -12,22 +17,33 @@ import typer
 from .errors import AnelabError
 
 app = typer.Typer(
-    help="Attend-and-Excite studies on Stable Diffusion: generate, sweep, score, report.",
+    help="Attend-and-Excite studies on Stable Diffusion: generate, sweep, score, report, bench.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
 
 #: Options that take several values after one flag (``--tokens cat dog``), as in the README.
-MULTI_VALUE_OPTIONS = ("--tokens", "--seeds", "--suppress", "--only", "--workload")
+MULTI_VALUE_OPTIONS = ("--tokens", "--seeds", "--suppress", "--only", "--workload", "--layout")
 
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise AnelabError(f"--out {str(out)!r} is a file; give a directory (it is created if missing)")
+MODEL = typer.Option("tiny", help="'tiny' (offline random model), a Hub id, or a local directory.")
+DEVICE = typer.Option(None, help="cpu, cuda, cuda:N, mps (default: cuda when available). A GPU torch cannot see is an error.")
+DTYPE = typer.Option(None, help="fp32 / fp16 / bf16 (default: the weights', fp32 for the tiny model).")
+REVISION = typer.Option(None, help="Hub revision (branch, tag or commit) of --model.")
+VARIANT = typer.Option(None, help="Weights variant of --model, e.g. fp16 (smaller download).")
+GENERATOR = typer.Option("cpu", help="Where each seed's noise is drawn: cpu (same on every machine) or cuda (the official code's images).")
+
+
+def _version(value: bool):
+    if value:
+        from . import __version__
+
+        typer.echo(f"anelab {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _root():
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit.")):
     """Attend-and-Excite studies on Stable Diffusion."""
 
 
@@ -36,52 +52,81 @@ def generate(
     prompt: str = typer.Option(..., help="Text prompt, e.g. 'a cat and a dog'."),
     tokens: list[str] = typer.Option([], help="Subject words or CLIP positions to excite: --tokens cat dog"),
     seeds: list[int] = typer.Option([0], help="Seeds, run as one batch: --seeds 0 1 2"),
-    model: str = typer.Option("tiny", help="'tiny' (offline random model), a Hub id, or a local directory."),
-    out: Path = typer.Option(..., help="Output directory: OUT/<prompt>/<seed>.png and OUT/trace.parquet."),
-    steps: int = typer.Option(50, help="Inference steps (PNDM 50 steps = 51 loop iterations)."),
-    attention_res: int = typer.Option(16, help="Attention resolution the loss reads."),
-    thresholds: str = typer.Option("0:0.05,10:0.5,20:0.8", help="Refinement thresholds 'loop index:min attention,...' ('' = none)."),
+    model: str = MODEL,
+    out: Path = typer.Option(..., help="Output directory: OUT/<prompt>/<seed>.png, OUT/prompts.json, OUT/trace.parquet (every run kept)."),
+    steps: int = typer.Option(50, min=1, help="Inference steps (PNDM 50 steps = 51 loop iterations)."),
+    attention_res: int = typer.Option(16, min=1, help="Attention resolution the loss reads."),
+    thresholds: Optional[str] = typer.Option(None, help="Refinement thresholds 'loop index:min attention,...' ('' = none). Default: 0:0.05,10:0.5,20:0.8 at 50 steps, rescaled to --steps."),
     scale_factor: float = typer.Option(20.0, help="Base step size."),
-    max_iter_to_alter: int = typer.Option(25, help="Regular updates while loop index < this."),
+    max_iter_to_alter: Optional[int] = typer.Option(None, min=0, help="Regular updates while loop index < this. Default: 25 at 50 steps, rescaled to --steps."),
     suppress: list[str] = typer.Option([], help="Words whose attention to push down: --suppress dog"),
     layout: list[str] = typer.Option([], help="Pull a word's attention to a point (x right, y down, 0..1): --layout cat=0.8,0.5"),
     plain: bool = typer.Option(False, "--plain", help="Plain Stable Diffusion (no guidance), same seeds."),
     guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance scale."),
-    height: Optional[int] = typer.Option(None, help="Image height (default: the model's)."),
-    width: Optional[int] = typer.Option(None, help="Image width (default: the model's)."),
-    device: Optional[str] = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
-    dtype: Optional[str] = typer.Option(None, help="fp32 / fp16 / bf16 (default: the weights')."),
+    height: Optional[int] = typer.Option(None, min=8, help="Image height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, min=8, help="Image width (default: the model's)."),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
+    generator_device: str = GENERATOR,
+    revision: Optional[str] = REVISION,
+    variant: Optional[str] = VARIANT,
 ):
     """Generate images for one prompt and seeds, with A&E guidance unless --plain."""
-    import anelab
-    from anelab.config import parse_thresholds
-    from anelab.io import save_images, write_parquet
+    from .checks import require_number, require_seeds
+    from .config import DEFAULT_MAX_ITER_TO_ALTER, DEFAULT_STEPS, DEFAULT_THRESHOLDS, GuidanceConfig, parse_thresholds
+    from .io import ensure_writable
+    from .loading import load_parts, load_pipeline, resolve_device, resolve_dtype
+    from .pipeline import GENERATOR_DEVICES
+    from .tokens import resolve_tokens
 
-    _check_out_dir(out)
+    # 1. everything that needs no model
+    require_number("--guidance-scale", guidance_scale)
+    require_number("--scale-factor", scale_factor, minimum=0)
+    require_seeds(seeds)
+    if generator_device not in GENERATOR_DEVICES:
+        raise AnelabError(f"--generator-device must be one of {', '.join(GENERATOR_DEVICES)}, got {generator_device!r}")
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    if generator_device == "cuda":
+        resolve_device("cuda")
     token_args = [int(t) if t.isdigit() else t for t in tokens]
     targets = dict(_layout_point(text) for text in layout)
     config = None
     if not plain:
-        config = anelab.GuidanceConfig(
+        config = GuidanceConfig(
             attention_res=attention_res,
-            thresholds=parse_thresholds(thresholds),
+            thresholds=DEFAULT_THRESHOLDS if thresholds is None else parse_thresholds(thresholds),
             scale_factor=scale_factor,
-            max_iter_to_alter=max_iter_to_alter,
+            max_iter_to_alter=DEFAULT_MAX_ITER_TO_ALTER if max_iter_to_alter is None else max_iter_to_alter,
         )
-    pipe = anelab.load_pipeline(model, device=device, dtype=dtype)
+        if thresholds is None and max_iter_to_alter is None and steps != DEFAULT_STEPS:
+            config = config.rescaled(DEFAULT_STEPS, steps)
+            typer.echo(f"note: default thresholds and max_iter_to_alter rescaled from {DEFAULT_STEPS} to {steps} steps: "
+                       f"thresholds {config.thresholds}, max_iter_to_alter {config.max_iter_to_alter}", err=True)  # fmt: skip
+    ensure_writable(out)
+    # 2. what needs the tokenizer and the scheduler only (not the weights)
+    tokenizer, scheduler = load_parts(model, revision=revision)
+    for words in (token_args, suppress, list(targets)):
+        resolve_tokens(tokenizer, prompt, words)
+    if config is not None:
+        scheduler.set_timesteps(steps)
+        config.check_schedule(len(scheduler.timesteps))
+    # 3. the model
+    import anelab
+    from .outputs import save_generation
+
+    pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
     result = anelab.generate(
         pipe, prompt, token_args, seeds=seeds, config=config, suppress=suppress, layout=targets, num_inference_steps=steps,
-        guidance_scale=guidance_scale, height=height, width=width,
+        guidance_scale=guidance_scale, height=height, width=width, generator_device=generator_device,
     )  # fmt: skip
-    paths = save_images(result.images, [out / prompt / f"{s}.png" for s in result.seeds])
-    write_parquet(result.trace, out / "trace.parquet")
-    typer.echo(f"wrote {len(paths)} image(s) to {out / prompt} and {out / 'trace.parquet'} ({result.seconds_per_image:.2f} s/image)")
+    paths, run = save_generation(out, result, config=config, model=model)
+    typer.echo(f"wrote {len(paths)} image(s) to {paths[0].parent} and run {run} to {out / 'trace.parquet'} ({result.seconds_per_image:.2f} s/image)")
 
 
 @app.command()
 def sweep(
-    study: str = typer.Argument(..., help="A study file (data/studies/*.yaml) or its name, e.g. 'resolution'."),
-    model: str = typer.Option("tiny", help="'tiny' (offline random model), a Hub id, or a local directory."),
+    study: str = typer.Argument(..., help="A study file (YAML) or the name of a built-in one, e.g. 'resolution'."),
+    model: str = MODEL,
     out: Path = typer.Option(..., help="Sweep directory (created; resumed if it holds this study)."),
     shard: str = typer.Option("0/1", help="This machine's share I/N of the work list (e.g. SLURM: $SLURM_ARRAY_TASK_ID/N)."),
     prompts: Optional[int] = typer.Option(None, min=1, help="Keep the first K prompts per category."),
@@ -92,18 +137,23 @@ def sweep(
     chunk: int = typer.Option(8, min=1, help="Blocks per flushed result chunk."),
     force: bool = typer.Option(False, "--force", help="Continue a directory that holds a different spec."),
     device: Optional[str] = typer.Option(None, help="cuda / cpu (default: this process's accelerate device, else cuda when available)."),
-    dtype: Optional[str] = typer.Option(None, help="fp32 / fp16 / bf16 (default: the weights')."),
+    dtype: Optional[str] = DTYPE,
+    revision: Optional[str] = REVISION,
+    variant: Optional[str] = VARIANT,
 ):
     """Run a study: every (variant, prompt, seed) not yet in OUT; resumable, shardable, accelerate-aware."""
-    import anelab
-    from anelab.study import load_study
-    from anelab.sweep import describe, parse_shard, process_share, run_sweep
+    from .io import ensure_writable
+    from .loading import load_pipeline, resolve_device, resolve_dtype
+    from .study import load_study
+    from .sweep import describe, parse_shard, process_share, run_sweep
 
     spec = load_study(study, prompts=prompts, seeds=seeds, steps=steps, batch=batch, size=size)
     share = parse_shard(shard)
+    device, dtype = resolve_device(device or process_share()[2]), resolve_dtype(dtype)
+    ensure_writable(out)
     for note in spec.notes:
         typer.echo(f"note: {note}", err=True)
-    pipe = anelab.load_pipeline(model, device=device or process_share()[2], dtype=dtype)
+    pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
     summary = run_sweep(spec, pipe, out, model=model, shard=share, force=force, chunk_blocks=chunk)
     typer.echo(describe(summary, spec, out))
 
@@ -114,34 +164,49 @@ def score(
     clip: str = typer.Option("openai/clip-vit-base-patch16", help="CLIP model: Hub id, local directory or 'tiny'."),
     blip: str = typer.Option("Salesforce/blip-image-captioning-base", help="BLIP captioner: Hub id, local directory, 'tiny' or 'none'."),
     batch: int = typer.Option(16, min=1, help="Images per model call."),
-    device: Optional[str] = typer.Option(None, help="cuda / cpu (default: cuda when available; fp16 on GPU)."),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = typer.Option(None, help="fp32 / fp16 / bf16 for the scorers (default: fp16 on a GPU, fp32 on the CPU)."),
     rescore: bool = typer.Option(False, "--rescore", help="Ignore DIR/metrics.parquet and score everything again."),
 ):
     """Score images: CLIP full-prompt and minimum-object, BLIP text-text -> DIR/metrics.parquet (resumable)."""
-    from anelab.metrics import score_folder
+    from .io import ensure_writable
+    from .loading import resolve_device, resolve_dtype
+    from .metrics import score_folder
 
-    before = _rows(directory / "metrics.parquet") if not rescore else 0
-    table, notices = score_folder(directory, clip, None if blip == "none" else blip, device=device, batch_size=batch, rescore=rescore)
+    if not directory.is_dir():
+        raise AnelabError(f"{str(directory)!r} is not a directory of images")
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    ensure_writable(directory, "the scored folder")
+    table, notices, counts = score_folder(directory, clip, None if blip == "none" else blip, device=device, dtype=dtype,
+                                          batch_size=batch, rescore=rescore)  # fmt: skip
     for notice in notices:
         typer.echo(f"note: {notice}", err=True)
-    means = ", ".join(f"{c} {table[c].mean():.4f}" for c in ("full_prompt", "min_object", "text_text") if table[c].notna().any())
-    typer.echo(f"{len(table) - before} image(s) scored, {before} already scored -> {directory / 'metrics.parquet'} (means: {means})")
+    means = ", ".join(f"{c} {table[c].mean():.4f}" for c in ("full_prompt", "min_object", "text_text") if c in table and table[c].notna().any())
+    typer.echo(f"{counts['scored']} image(s) scored, {counts['already']} already scored -> {directory / 'metrics.parquet'} (means: {means})")
 
 
 @app.command()
 def report(
-    model: str = typer.Option("tiny", help="'tiny' (offline random model), a Hub id, or a local directory."),
+    model: str = MODEL,
     smoke: Optional[bool] = typer.Option(None, "--smoke/--full", help="Smoke slice or full protocol (default: smoke for 'tiny', full otherwise)."),
     only: list[str] = typer.Option([], help="Run only these notebooks (name or number prefix, e.g. --only 02)."),
     out: Path = typer.Option(Path("reports"), help="Where the executed notebooks, HTML and index.html go."),
     runs: Optional[Path] = typer.Option(None, help="Where the notebooks' sweeps go (default runs/report-<model>-<mode>)."),
-    device: Optional[str] = typer.Option(None, help="cuda / cpu (default: cuda when available)."),
+    device: Optional[str] = DEVICE,
+    dtype: Optional[str] = DTYPE,
 ):
     """Execute every notebook with papermill into OUT (ipynb + html) and write OUT/index.html."""
-    from anelab.report import run_report
+    from .io import ensure_writable
+    from .loading import resolve_device, resolve_dtype
+    from .report import match_notebooks, run_report
 
-    _check_out_dir(out)
-    results = run_report(model=model, smoke=(model == "tiny") if smoke is None else smoke, only=only or None, out=out, runs=runs, device=device)
+    names = match_notebooks(only)
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    ensure_writable(out)
+    if runs is not None:
+        ensure_writable(runs, "--runs")
+    results = run_report(model=model, smoke=(model == "tiny") if smoke is None else smoke, only=names, out=out, runs=runs,
+                         device=str(device), dtype=None if dtype is None else str(dtype).removeprefix("torch."))  # fmt: skip
     for r in results:
         typer.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.name:28s} {r.seconds:6.0f} s" + ("" if r.ok else f"  {r.error}"))
     typer.echo(f"report: {sum(r.ok for r in results)}/{len(results)} notebooks ok -> {out / 'index.html'}")
@@ -154,31 +219,35 @@ def bench(
     workload: list[str] = typer.Option(["tiny"], help="tiny (CPU), sd14-cpu (SD-1.4 size, CPU, 4 steps), sd14-gpu (fp16, 50 steps)."),
     repeats: Optional[int] = typer.Option(None, min=1, help="Timed runs per program; figures are medians. Default: the workload's (tiny 5, sd14-cpu 1, sd14-gpu 5)."),
     comparisons: str = typer.Option("abcd", help="Which of (a) port, (b) plain SD, (c) batching, (d) recording to run, e.g. abd."),
+    device: Optional[str] = typer.Option(None, help="Override the workload's device (e.g. cuda:1)."),
+    dtype: Optional[str] = typer.Option(None, help="Override the workload's dtype (fp32 / fp16 / bf16)."),
+    out: Path = typer.Option(Path("benchmarks/results"), help="Where <workload>.json goes (under the working directory by default)."),
 ):
-    """Speed and memory: anelab vs diffusers' A&E port, vs plain SD, batching, recording -> benchmarks/results/<workload>.json."""
-    from anelab.bench import WORKLOADS, run_bench, table
+    """Speed and memory: anelab vs diffusers' A&E port, vs plain SD, batching, recording -> OUT/<workload>.json."""
+    from .bench import WORKLOADS, run_bench, table
+    from .io import ensure_writable
+    from .loading import resolve_device, resolve_dtype
 
     for name in workload:
         if name not in WORKLOADS:
             raise AnelabError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    chosen = None if device is None else resolve_device(device)
+    dtype = resolve_dtype(dtype)
+    ensure_writable(out)
     for name in workload:
-        typer.echo(table(run_bench(name, repeats, comparisons=comparisons)))
-
-
-def _rows(path: Path) -> int:
-    import pandas as pd
-
-    return len(pd.read_parquet(path, columns=["path"])) if path.is_file() else 0
+        typer.echo(table(run_bench(name, repeats, comparisons=comparisons, results_dir=out, device=chosen, dtype=dtype)))
 
 
 def _layout_point(text: str) -> tuple[str, tuple[float, float]]:
-    """``"cat=0.8,0.5"`` → ``("cat", (0.8, 0.5))``."""
+    """``"cat=0.8,0.5"`` → ``("cat", (0.8, 0.5))``, the point checked as every layout point is."""
+    from .pipeline import layout_point
+
     try:
         word, point = text.split("=")
         x, y = (float(v) for v in point.split(","))
     except ValueError:
         raise AnelabError(f"--layout must look like word=x,y (e.g. cat=0.8,0.5), got {text!r}") from None
-    return word.strip(), (x, y)
+    return word.strip(), layout_point(word.strip(), (x, y))
 
 
 def _expand_multi_value(argv: list[str]) -> list[str]:

@@ -291,15 +291,15 @@ def _presence(frame: pd.DataFrame) -> pd.Series:
 
 def per_image(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per image: its key columns, ``n_subjects`` (detectable), ``all_present`` and, per subject
-    position k, ``present_k`` and ``score_k`` — floats (1.0/0.0, NaN = skipped) ready for
-    :func:`anelab.analysis.summarize`."""
+    position k, ``present_k``, ``score_k`` and the best box's centre ``center_x_k``, ``center_y_k`` — floats
+    (presence 1.0/0.0, NaN = skipped) ready for :func:`anelab.analysis.summarize`."""
     keys = _image_keys(frame)
     if frame.duplicated([*keys, "subject_index"]).any():
         raise AnelabError(f"a detection table has one row per image and subject; rows repeat over {keys + ['subject_index']} "
                           f"(add a column such as {list(IMAGE_KEY_COLUMNS)} that tells the images apart)")  # fmt: skip
     counted = ~frame.skipped.astype(bool)
     scored = frame.assign(present=_presence(frame))
-    wide = scored.set_index([*keys, "subject_index"])[["present", "score"]].unstack("subject_index")
+    wide = scored.set_index([*keys, "subject_index"])[["present", "score", "center_x", "center_y"]].unstack("subject_index")
     wide.columns = [f"{measure}_{k}" for measure, k in wide.columns]
     order = sorted(wide.columns, key=lambda c: (int(c.rsplit("_", 1)[1]), c))
     n_subjects = counted.groupby([frame[k] for k in keys], sort=False, dropna=False).sum().rename("n_subjects")

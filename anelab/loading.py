@@ -64,8 +64,8 @@ def place(modules: dict[str, torch.nn.Module], device: torch.device, dtype: torc
     """Move every module to ``device`` (and ``dtype``), then check that every parameter and buffer got there.
 
     Module by module (not ``pipe.to(...)``, whose keyword handling has silently dropped arguments before)."""
-    for module in modules.values():
-        module.to(device=device, dtype=dtype)
+    for module in modules.values():  # torch's own Module.to: diffusers' override warns about fp32 modules on every dtype cast
+        torch.nn.Module.to(module, device=device, dtype=dtype)
     for name, module in modules.items():
         wrong = {str(t.device) for t in (*module.parameters(), *module.buffers()) if t.device.type != device.type}
         if wrong:
@@ -142,6 +142,30 @@ def load_pipeline(
         module.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_parts(spec, **hub_options):
+    """The tokenizer and scheduler of ``spec`` without its weights (seconds, not minutes): enough to check
+    prompts, tokens and threshold steps before the model is built. ``hub_options`` as in :func:`load_pipeline`."""
+    if _is_pipeline(spec):
+        return spec.tokenizer, spec.scheduler
+    if str(spec) == "tiny":
+        from diffusers import PNDMScheduler
+
+        from .testing import SD14_PNDM_CONFIG, tiny_tokenizer
+
+        return tiny_tokenizer(), PNDMScheduler.from_config(SD14_PNDM_CONFIG)
+    import diffusers
+    from transformers import AutoTokenizer
+
+    options = {k: v for k, v in hub_options.items() if v is not None and k != "variant"}
+
+    def load(path):
+        config = diffusers.DiffusionPipeline.load_config(path, **options)
+        scheduler = getattr(diffusers, config["scheduler"][1]).from_pretrained(path, subfolder="scheduler", **options)
+        return AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **options), scheduler
+
+    return load_or_explain("diffusers pipeline", str(spec), "model_index.json", load)
 
 
 def _is_pipeline(spec) -> bool:

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .errors import AnelabError
 from .loading import default_device, load_or_explain, quiet_transformers
-from .prompts import DATA_DIR, sub_prompts
+from .prompts import sub_prompts
+from .resources import data_file
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"  # the paper's ViT-B/16 weights
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"  # BLIP base captioner (COCO-finetuned)
@@ -32,7 +33,7 @@ CLIP_COLUMNS = ["full_prompt", "first_half", "second_half", "min_object"]
 @functools.lru_cache(maxsize=1)
 def imagenet_templates() -> tuple[str, ...]:
     """The 80 CLIP ImageNet templates in the order the A&E metrics use them (§2.1)."""
-    return tuple(json.loads((DATA_DIR / "clip_imagenet_templates.json").read_text())["templates"])
+    return tuple(json.loads(data_file("clip_imagenet_templates.json").read_text())["templates"])
 
 
 def templated(prompt: str, templates: Sequence[str] | None = None) -> list[str]:
@@ -252,18 +253,101 @@ def guidance_stats(trace: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
     return result[[*by, "step", *GUIDANCE_COLUMNS]]
 
 
+# -- scoring images with several scorers -------------------------------------------------------
+SCORER_COLUMNS = {
+    "clip": CLIP_COLUMNS,
+    "blip": ["caption", "text_text"],
+    "detector": ["subjects", "all_present", "detect_threshold"],  # + present_k, score_k, center_x_k, center_y_k per subject k
+}
+
+
+@dataclasses.dataclass
+class Scorers:
+    """The scorers of one scoring job, each a model spec (``"tiny"``, a Hub id, a local directory, a
+    loaded scorer) or None (not scored); loaded once, on first use, on ``device``."""
+
+    clip: str | Clip | None = DEFAULT_CLIP
+    blip: str | Blip | None = DEFAULT_BLIP
+    detector: object = None  # str | anelab.detection.Detector | None
+    threshold: float | None = None  # detection threshold (None: anelab.detection.DEFAULT_THRESHOLD)
+    device: object = None
+    dtype: object = None
+    _loaded: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def names(self) -> dict[str, str]:
+        """``{kind: model name}`` of the scorers in use (CLIP is needed by BLIP's text–text score too)."""
+        return {kind: getattr(spec, "name", str(spec)) for kind in SCORER_COLUMNS if (spec := getattr(self, kind)) is not None}
+
+    def get(self, kind: str):
+        if kind not in self._loaded:
+            spec = getattr(self, kind)
+            if kind == "clip":
+                self._loaded[kind] = load_clip(spec, self.device, self.dtype)
+            elif kind == "blip":
+                self._loaded[kind] = load_blip(spec, self.device, self.dtype)
+            else:
+                from .detection import load_detector
+
+                self._loaded[kind] = load_detector(spec, self.device, self.dtype)
+        return self._loaded[kind]
+
+    @property
+    def detection_threshold(self) -> float:
+        from .detection import DEFAULT_THRESHOLD
+
+        return DEFAULT_THRESHOLD if self.threshold is None else float(self.threshold)
+
+
+def score_images(images: Sequence, prompts: Sequence[str], subjects: Sequence[Sequence[str]], scorers: Scorers, kinds: Sequence[str],
+                 batch_size: int = 16) -> tuple[pd.DataFrame, list[str]]:  # fmt: skip
+    """One row per image with the columns of each scorer in ``kinds`` (:data:`SCORER_COLUMNS`) and
+    ``<kind>_model``; the notices say what could not be scored (a subject that is not an object, ...)."""
+    images, prompts = _pair(images, prompts)
+    frame, notices = pd.DataFrame(index=range(len(images))), []
+    if "clip" in kinds or "blip" in kinds:
+        clip = scorers.get("clip")
+    if "clip" in kinds:
+        scores = clip_scores(images, prompts, clip, batch_size)
+        frame = frame.assign(**{c: scores[c] for c in CLIP_COLUMNS}, clip_model=clip.name)
+    if "blip" in kinds:
+        captions = text_text_scores(images, prompts, clip, scorers.get("blip"), batch_size)
+        frame = frame.assign(caption=captions.caption, text_text=captions.text_text, blip_model=scorers.get("blip").name)
+    if "detector" in kinds:
+        from .detection import detect_subjects
+
+        detector = scorers.get("detector")
+        found = detect_subjects(images, [list(s) for s in subjects], detector, scorers.detection_threshold, batch_size)
+        notices += found.attrs.get("notices", [])
+        frame = frame.join(_detection_columns(found, len(images))).assign(detector_model=detector.name)
+    return frame, notices
+
+
+def _detection_columns(found: pd.DataFrame, n_images: int) -> pd.DataFrame:
+    """The wide per-image detection columns from :func:`anelab.detection.detect_subjects`' long table."""
+    from .detection import per_image
+
+    table = per_image(found).set_index("image").drop(columns="n_subjects")
+    table.insert(0, "subjects", found.groupby("image").subject.agg(",".join))
+    table.insert(2, "detect_threshold", found.groupby("image").threshold.first())
+    return table.reindex(range(n_images))
+
+
 # -- a folder of images ----------------------------------------------------------------------
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-METRIC_COLUMNS = ["path", "variant", "prompt", "category", "seed", *CLIP_COLUMNS, "caption", "text_text", "clip_model", "blip_model"]
+KEY_COLUMNS = ["path", "variant", "prompt", "category", "seed"]
 
 
 def find_images(directory: str | os.PathLike) -> pd.DataFrame:
-    """Images under ``directory`` in the A&E layout (``<prompt>/<seed>.png``, the folder name is the
-    prompt) or a sweep's (``images/<variant>/<prompt>/<seed>.png``): ``path`` (relative), variant, prompt, seed."""
+    """Images under ``directory`` in the A&E layout (``<prompt folder>/<seed>.png``: the folder name is the
+    prompt, or ``prompts.json`` beside the folders says which prompt it holds): ``path`` (relative), variant, prompt, seed."""
+    import json
+
+    from .names import PROMPTS_FILE
+
     root = Path(directory)
     if not root.is_dir():
         raise AnelabError(f"{str(root)!r} is not a directory")
-    rows = []
+    rows, known = [], {}
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
         if path.suffix.lower() not in IMAGE_SUFFIXES or any(part.startswith(".") for part in relative.parts) or not path.is_file():
@@ -271,21 +355,48 @@ def find_images(directory: str | os.PathLike) -> pd.DataFrame:
         parts = relative.parts
         variant = parts[1] if len(parts) == 4 and parts[0] == "images" else None
         seed = int(path.stem) if path.stem.isdigit() else None
-        rows.append({"path": relative.as_posix(), "variant": variant, "prompt": path.parent.name, "seed": seed})
+        mapping = path.parent.parent / PROMPTS_FILE
+        if mapping not in known:
+            known[mapping] = json.loads(mapping.read_text()) if mapping.is_file() else {}
+        prompt = known[mapping].get(path.parent.name, path.parent.name)
+        rows.append({"path": relative.as_posix(), "variant": variant, "prompt": prompt, "seed": seed})
     if not rows:
         raise AnelabError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {str(root)!r}; expected <prompt>/<seed>.png")
     return pd.DataFrame(rows)
 
 
+def prompt_subjects(prompt: str, known: dict[str, list[str]] | None = None) -> list[str]:
+    """The subject words of ``prompt``: the prompt set's nouns when it is one of its prompts (or ``known``),
+    else the last word of each sub-prompt (reference §2.1 split), e.g. "a cat and a red ball" → cat, ball."""
+    if known and prompt in known:
+        return list(known[prompt])
+    return [part.split()[-1] for part in (sub_prompts(prompt) or (prompt,)) if part.split()]
+
+
+def unscored(done: pd.DataFrame, paths: Sequence[str], kind: str, name: str, where: str) -> list[str]:
+    """Paths of ``paths`` that ``done`` has no ``kind`` score for; a different model for ``kind`` in ``done`` is
+    refused (mixing models would corrupt the comparison), a missing one is simply scored."""
+    column = f"{kind}_model"
+    used = set(done[column].dropna()) if column in done else set()
+    if used - {name}:
+        raise AnelabError(f"{where} was scored with {kind} {sorted(used)}, not {name!r}; pass --rescore to start over with {name!r}")
+    have = set(done.path[done[column].notna()]) if column in done else set()
+    return [p for p in paths if p not in have]
+
+
 def score_folder(
-    directory: str | os.PathLike, clip: str | Clip = DEFAULT_CLIP, blip: str | Blip | None = DEFAULT_BLIP, *,
-    device=None, batch_size: int = 16, chunk: int = 64, rescore: bool = False, progress: bool = True,
-) -> tuple[pd.DataFrame, list[str]]:  # fmt: skip
+    directory: str | os.PathLike, clip: str | Clip | None = DEFAULT_CLIP, blip: str | Blip | None = DEFAULT_BLIP, *,
+    detector=None, threshold: float | None = None, device=None, dtype=None, batch_size: int = 16, chunk: int = 64,
+    rescore: bool = False, progress: bool = True, subjects: dict[str, list[str]] | None = None,
+) -> tuple[pd.DataFrame, list[str], dict]:  # fmt: skip
     """Score every image under ``directory`` into ``directory/metrics.parquet`` (one row per image).
 
-    Resumable: images already in the file are skipped; the file is rewritten atomically after each
-    chunk, so an interruption loses at most one chunk. ``blip=None`` skips captioning. Returns the
-    table and a list of notices (unreadable images, prompts without sub-prompts).
+    Resumable per scorer: an image is scored with each requested scorer it has no score from (so
+    adding BLIP or the detector to a folder scored without them scores what is missing); a different
+    model than the file's is refused unless ``rescore``. The file is rewritten atomically after each
+    chunk, so an interruption loses at most one chunk. ``subjects`` ({prompt: words}) are the detector's
+    queries (default: the prompt set's nouns, else :func:`prompt_subjects`). Returns the table, notices
+    (unreadable images, prompts without sub-prompts, undetectable subjects) and counts.
     """
     from .io import write_parquet
     from .prompts import load_prompts
@@ -293,26 +404,25 @@ def score_folder(
     root = Path(directory)
     found = find_images(root)
     target = root / "metrics.parquet"
-    names = {"clip_model": clip.name if isinstance(clip, Clip) else str(clip), "blip_model": None if blip is None else getattr(blip, "name", str(blip))}
-    done = pd.read_parquet(target) if target.exists() and not rescore else pd.DataFrame(columns=METRIC_COLUMNS)
-    for column, name in names.items():
-        used = set(done[column].dropna()) if len(done) else set()
-        if used and used != {name}:
-            raise AnelabError(
-                f"{target} was scored with {column.split('_')[0].upper()} {sorted(used)}, not {name or 'none'!r}; "
-                "pass --rescore to start over"
-            )
-    todo = found[~found.path.isin(done.path)]
+    scorers = Scorers(clip, blip, detector, threshold, device, dtype)
+    names = scorers.names()
+    done = _read_metrics(target) if target.exists() and not rescore else pd.DataFrame(columns=KEY_COLUMNS)
+    paths = list(found.path)
+    needs = {kind: set(unscored(done, paths, kind, name, str(target))) for kind, name in names.items()}
+    todo = found[[any(p in needs[k] for k in needs) for p in found.path]]
+    counts = {"scored": 0, "already": len(found) - len(todo)}
     notices = []
     unsplit = sorted({p for p in todo.prompt if sub_prompts(p) is None})
     if unsplit:
         notices.append(f"{len(unsplit)} prompt(s) have neither ' and ' nor ' with ': full-prompt score only, min_object missing: {unsplit[:5]}")
     if todo.empty:
-        return done, notices
-    clip = load_clip(clip, device)
-    blip = None if blip is None else load_blip(blip, device)
+        return done, notices, counts
     table = load_prompts()
-    category = dict(zip(table.prompt, table.category))
+    category, nouns = dict(zip(table.prompt, table.category)), {**dict(zip(table.prompt, table.tokens)), **(subjects or {})}
+    done = done.set_index("path") if len(done) else pd.DataFrame(columns=KEY_COLUMNS).set_index("path")
+    for kind in names:  # load every scorer before the first image: a bad model id fails here, in one line
+        if needs[kind]:
+            scorers.get(kind)
     bar = tqdm(total=len(todo), desc="scoring", unit="img", disable=not progress)
     for start in range(0, len(todo), chunk):
         rows = todo.iloc[start : start + chunk]
@@ -324,17 +434,40 @@ def score_folder(
             except Exception as error:  # PIL raises several types for a broken file
                 notices.append(f"could not read {row.path}: {type(error).__name__}: {error}")
                 readable.append(False)
-        rows = rows[readable].reset_index(drop=True)
+        rows = rows[readable].reset_index(drop=True).assign(category=lambda r: r.prompt.map(category))
+        for kind in names:
+            mine = [k for k, p in enumerate(rows.path) if p in needs[kind]]
+            if not mine:
+                continue
+            scores, said = score_images([images[k] for k in mine], list(rows.prompt.iloc[mine]),
+                                        [prompt_subjects(p, nouns) for p in rows.prompt.iloc[mine]], scorers, [kind], batch_size)  # fmt: skip
+            notices += [n for n in said if n not in notices]
+            scored = pd.concat([rows.iloc[mine][KEY_COLUMNS].reset_index(drop=True), scores], axis=1).set_index("path")
+            done = scored.combine_first(done) if len(done) else scored
         if len(rows):
-            scores = clip_scores(images, list(rows.prompt), clip, batch_size)
-            rows = rows.assign(category=rows.prompt.map(category), **{c: scores[c] for c in CLIP_COLUMNS}, **names)
-            if blip is not None:
-                captions = text_text_scores(images, list(rows.prompt), clip, blip, batch_size)
-                rows = rows.assign(caption=captions.caption, text_text=captions.text_text)
-            else:
-                rows = rows.assign(caption=None, text_text=np.nan)
-            done = pd.concat([frame for frame in (done, rows[METRIC_COLUMNS]) if len(frame)], ignore_index=True)
-            write_parquet(done, target)
+            done = _tidy(done)
+            write_parquet(done.reset_index(), target)
+            counts["scored"] += len(rows)
         bar.update(len(readable))
     bar.close()
-    return done, notices
+    return done.reset_index(), notices, counts
+
+
+def _tidy(done: pd.DataFrame) -> pd.DataFrame:
+    """Columns in a fixed order (CLIP and BLIP columns always, per-subject detection columns last), None for missing text."""
+    fixed = [c for c in KEY_COLUMNS if c != "path"] + [c for kind in SCORER_COLUMNS for c in (*SCORER_COLUMNS[kind], f"{kind}_model")]
+    done = done.reindex(columns=list(dict.fromkeys([*done.columns, *CLIP_COLUMNS, "caption", "text_text", "clip_model", "blip_model"])))
+    order = [c for c in fixed if c in done.columns]
+    order += sorted((c for c in done.columns if c not in fixed), key=lambda c: (c.rsplit("_", 1)[-1], c))
+    done = done[order].copy()
+    for column in ("variant", "prompt", "category", "caption", "subjects", "clip_model", "blip_model", "detector_model"):
+        if column in done:
+            done[column] = done[column].astype(object).where(done[column].notna(), None)
+    return done
+
+
+def _read_metrics(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as error:  # pyarrow raises ArrowInvalid / OSError for a damaged file
+        raise AnelabError(f"{path} is damaged ({type(error).__name__}); delete it or pass --rescore to score again") from None

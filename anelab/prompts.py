@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import AnelabError
+from .resources import data_file
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 CATEGORIES = ("animal_animal", "animal_object", "object_object")
 
 
@@ -18,10 +18,10 @@ def load_prompts(path: str | Path | None = None, categories=CATEGORIES, limit: i
 
     ``limit`` keeps the first ``limit`` prompts of each category.
     """
-    path = Path(path) if path else DATA_DIR / "ane_prompts.json"
-    if not path.is_file():
+    source = Path(path) if path else data_file("ane_prompts.json")
+    if not source.is_file():
         raise AnelabError(f"prompt file {str(path)!r} does not exist")
-    data = json.loads(path.read_text())
+    data = json.loads(source.read_text())
     unknown = set(categories) - set(data["prompts"])
     if unknown:
         raise AnelabError(f"unknown prompt categories {sorted(unknown)}; the file has {sorted(data['prompts'])}")

@@ -17,8 +17,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import AnelabError
+from .resources import as_path, notebook
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = (
     "00_attention_explorer", "01_reproduction", "02_resolution", "03_timesteps", "04_step_size_and_kernel", "05_suppression_and_layout",
 )  # fmt: skip
@@ -74,7 +74,7 @@ class NotebookRun:
 
 def run_report(
     model: str = "tiny", smoke: bool = True, only: Sequence[str] | None = None, out: str | os.PathLike = "reports",
-    runs: str | os.PathLike | None = None, device: str | None = None, progress: bool = True,
+    runs: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None, progress: bool = True,
 ) -> list[NotebookRun]:  # fmt: skip
     """Execute the notebooks (all, or ``only``) into ``out/<name>.ipynb`` and ``.html``, then ``out/index.html``.
 
@@ -83,7 +83,7 @@ def run_report(
     """
     import papermill
 
-    names = list(NOTEBOOKS) if not only else [_match(n) for n in only]
+    names = match_notebooks(only)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     slug = str(model).replace("/", "--")
@@ -93,19 +93,20 @@ def run_report(
     for name in bar:
         bar.set_postfix_str(name)
         target = out / f"{name}.ipynb"
-        parameters = {"model": str(model), "smoke": bool(smoke), "out_dir": str((runs / name).resolve()), "device": device}
-        if "interactive" in papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb")):
-            parameters["interactive"] = False  # no frontend: the widget would be inert (and nbclient can stall on it)
+        parameters = {"model": str(model), "smoke": bool(smoke), "out_dir": str((runs / name).resolve()), "device": device, "dtype": dtype}
         start = time.perf_counter()
         error = None
-        try:
-            papermill.execute_notebook(
-                str(NOTEBOOK_DIR / f"{name}.ipynb"), str(target), parameters=parameters, kernel_name="python3",
-                progress_bar=False, cwd=str(NOTEBOOK_DIR), log_output=False,
-                execution_timeout=SMOKE_CELL_TIMEOUT if smoke else None,
-            )  # fmt: skip
-        except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error; report and go on
-            error = _one_line(exc)
+        with as_path(notebook(name)) as source:
+            if "interactive" in papermill.inspect_notebook(str(source)):
+                parameters["interactive"] = False  # no frontend: the widget would be inert (and nbclient can stall on it)
+            try:
+                papermill.execute_notebook(
+                    str(source), str(target), parameters=parameters, kernel_name="python3",
+                    progress_bar=False, cwd=str(Path.cwd()), log_output=False,
+                    execution_timeout=SMOKE_CELL_TIMEOUT if smoke else None,
+                )  # fmt: skip
+            except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error; report and go on
+                error = _one_line(exc)
         seconds = time.perf_counter() - start
         values = recorded(target) if target.exists() else {}
         if target.exists():
@@ -115,11 +116,17 @@ def run_report(
     return results
 
 
-def _match(name: str) -> str:
-    hits = [n for n in NOTEBOOKS if n == name or n.split("_", 1)[1] == name or n.startswith(name)]
-    if len(hits) != 1:
-        raise AnelabError(f"unknown notebook {name!r}; choose from {', '.join(NOTEBOOKS)}")
-    return hits[0]
+def match_notebooks(only: Sequence[str] | None) -> list[str]:
+    """The notebooks ``only`` names (a full name, the part after the number, or a number prefix), all when empty."""
+    if not only:
+        return list(NOTEBOOKS)
+    names = []
+    for name in only:
+        hits = [n for n in NOTEBOOKS if n == name or n.split("_", 1)[1] == name or n.startswith(name)]
+        if len(hits) != 1:
+            raise AnelabError(f"unknown notebook {name!r}; choose from {', '.join(NOTEBOOKS)}")
+        names.append(hits[0])
+    return names
 
 
 def _one_line(exc: Exception) -> str:

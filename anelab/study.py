@@ -17,10 +17,10 @@ import yaml
 
 from .config import GuidanceConfig
 from .errors import AnelabError
-from .prompts import CATEGORIES, DATA_DIR, load_prompts
+from .prompts import CATEGORIES, load_prompts
 from .recording import Record
+from .resources import study_files
 
-STUDY_DIR = DATA_DIR / "studies"
 TOP_KEYS = {
     "name": "study name (text)",
     "prompts": "{set: ane, categories: [...], limit: K} or a list of {prompt, tokens}",
@@ -107,16 +107,15 @@ def _fail(where: str, message: str, source: str):
     raise AnelabError(f"{source}: {where}: {message}")
 
 
-def study_path(name_or_path: str | Path) -> Path:
-    """A study file path, or the name of one in ``data/studies`` (``resolution`` → ``data/studies/resolution.yaml``)."""
+def study_path(name_or_path: str | Path):
+    """A study file path, or the name of a built-in one (``resolution`` → the package's ``studies/resolution.yaml``)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    candidate = STUDY_DIR / f"{name_or_path}.yaml"
-    if candidate.is_file():
-        return candidate
-    known = sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
-    raise AnelabError(f"study {str(name_or_path)!r} is neither a file nor one of {known}")
+    built_in = study_files()
+    if str(name_or_path) in built_in:
+        return built_in[str(name_or_path)]
+    raise AnelabError(f"study {str(name_or_path)!r} is neither a file nor one of {sorted(built_in)}")
 
 
 def load_study(

@@ -36,7 +36,7 @@ def test_generate_writes_images_and_trace(tmp_path):
     [
         (["--tokens", "cow"], "error: 'cow' is not a token of 'a cat and a dog'"),
         (["--tokens", "cat", "--attention-res", "64", "--height", "128", "--width", "128"], "error: attention_res 64 does not exist at 128x128"),
-        (["--tokens", "cat", "--steps", "5"], "error: threshold steps [10, 20] are beyond the schedule"),
+        (["--tokens", "cat", "--steps", "5", "--thresholds", "0:0.05,10:0.5,20:0.8"], "error: threshold steps [10, 20] are beyond the schedule"),
         (["--tokens", "cat", "--thresholds", "0:2"], "error: thresholds must lie in [0, 1]"),
         (["--tokens", "cat", "--seeds", "1", "1"], "error: seeds must be distinct"),
         (["--tokens", "cat", "--dtype", "fp8"], "error: dtype must be one of"),

@@ -162,7 +162,8 @@ def _folder(root, prompts_seeds):
 def test_score_folder_is_resumable_and_reports_what_it_could_not_score(tmp_path, clip, blip):
     _folder(tmp_path, {"a cat and a dog": [0, 1, 2], "a red car": [0]})
     (tmp_path / "a cat and a dog" / "3.png").write_text("not an image")
-    table, notices = score_folder(tmp_path, clip, blip, chunk=2, progress=False)
+    table, notices, counts = score_folder(tmp_path, clip, blip, chunk=2, progress=False)
+    assert counts == {"scored": 4, "already": 0}
     assert sorted(table.path) == ["a cat and a dog/0.png", "a cat and a dog/1.png", "a cat and a dog/2.png", "a red car/0.png"]
     assert any("could not read a cat and a dog/3.png" in n for n in notices)
     assert any("neither ' and ' nor ' with '" in n and "a red car" in n for n in notices)
@@ -175,12 +176,31 @@ def test_score_folder_is_resumable_and_reports_what_it_could_not_score(tmp_path,
     original = clip.embed_images
     clip.embed_images = lambda images, *a: calls.append(len(images)) or original(images, *a)
     try:
-        again, _ = score_folder(tmp_path, clip, blip, progress=False)
+        again, _, counts = score_folder(tmp_path, clip, blip, progress=False)
     finally:
         del clip.embed_images
-    assert calls == [1] and len(again) == 5  # only the new image was scored
+    assert calls == [1] and len(again) == 5 and counts == {"scored": 1, "already": 4}  # only the new image was scored
     pd.testing.assert_frame_equal(again.iloc[:4], table)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_adding_a_scorer_scores_what_is_missing_and_another_model_is_refused(tmp_path, clip, blip):
+    """Scored without BLIP, then with it: the captions are added (not "0 scored"); then the detector adds its columns."""
+    _folder(tmp_path, {"a cat and a dog": [0, 1], "a cat at right": [0]})
+    first, _, counts = score_folder(tmp_path, clip, None, progress=False)
+    assert counts["scored"] == 3 and first.text_text.isna().all() and first.blip_model.isna().all()
+    second, _, counts = score_folder(tmp_path, clip, blip, progress=False)
+    assert counts == {"scored": 3, "already": 0} and second.text_text.notna().all() and (second.blip_model == "tiny").all()
+    pd.testing.assert_series_equal(second.full_prompt, first.full_prompt)  # CLIP scores kept, not recomputed differently
+    third, notices, counts = score_folder(tmp_path, clip, blip, detector="tiny", progress=False)
+    assert counts["scored"] == 3 and (third.detector_model == "tiny").all()
+    by_prompt = third.set_index("path")
+    assert by_prompt.at["a cat and a dog/0.png", "subjects"] == "cat,dog" and by_prompt.at["a cat at right/0.png", "subjects"] == "right"
+    assert np.isnan(by_prompt.at["a cat at right/0.png", "all_present"]) and any("not detectable" in n and "right" in n for n in notices)
+    assert set(third.loc[third.subjects == "cat,dog", "present_0"]) <= {0.0, 1.0}
+    assert score_folder(tmp_path, clip, blip, detector="tiny", progress=False)[2] == {"scored": 0, "already": 3}
+    with pytest.raises(AnelabError, match="scored with blip \\['tiny'\\], not 'other'"):
+        score_folder(tmp_path, clip, type(blip)(blip.model, blip.processor, "other"), progress=False)
 
 
 def test_sweep_layout_gives_variants(tmp_path):
@@ -222,6 +242,9 @@ def test_score_command_writes_and_then_refuses_mixed_models(tmp_path, capsys):
     assert "2 image(s) scored, 0 already scored" in capsys.readouterr().out
     frame = pd.read_parquet(tmp_path / "metrics.parquet")
     assert len(frame) == 2 and frame[["full_prompt", "min_object", "text_text"]].notna().all().all()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as done:  # without BLIP: nothing is missing, nothing is mixed
         main(["score", str(tmp_path), "--clip", "tiny", "--blip", "none"])
-    assert "was scored with BLIP ['tiny'], not 'none'; pass --rescore" in capsys.readouterr().err
+    assert done.value.code == 0 and "0 image(s) scored, 2 already scored" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        main(["score", str(tmp_path), "--clip", "someone/other-clip", "--blip", "tiny"])
+    assert done.value.code == 2 and "was scored with clip ['tiny'], not 'someone/other-clip'; pass --rescore" in capsys.readouterr().err

@@ -6,19 +6,20 @@ import nbformat
 import papermill
 import pytest
 
-from anelab.report import NOTEBOOK_DIR, NOTEBOOKS, recorded, run_report
+from anelab.report import NOTEBOOKS, recorded, run_report
+from anelab.resources import notebook
 
 
 def test_committed_notebooks_carry_no_outputs_and_have_a_parameters_cell():
     for name in NOTEBOOKS:
-        nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+        nb = nbformat.read(notebook(name), as_version=4)
         assert nb.cells[0].cell_type == "markdown" and "**Question.**" in nb.cells[0].source, name
         assert "parameters" in nb.cells[1].metadata.get("tags", []), name
         for line in ("model = ", "smoke = ", "out_dir = ", "device = "):
             assert line in nb.cells[1].source, (name, line)
         # papermill must parse every parameter (a comment it cannot parse drops the name from --help)
         declared = [line.split("=")[0].strip() for line in nb.cells[1].source.splitlines() if line and not line.startswith("#")]
-        assert list(papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"))) == declared, name
+        assert list(papermill.inspect_notebook(str(notebook(name)))) == declared, name
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert not cell.outputs and cell.execution_count is None, f"{name} carries outputs; clear them before committing"

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from anelab import AnelabError
-from anelab.study import SMOKE, STUDY_DIR, load_study
+from anelab.resources import study_files
+from anelab.study import SMOKE, load_study
 from anelab.sweep import _read_chunks, load_results, load_stats, load_trace, parse_shard, run_sweep, steering_arguments, work_plan
 
 STUDY = """\
@@ -81,11 +82,11 @@ def test_study_loads_with_overrides(study_file):
 
 
 def test_every_committed_study_file_loads():
-    files = sorted(STUDY_DIR.glob("*.yaml"))
-    assert {p.stem for p in files} >= {"reproduction", "resolution", "timesteps", "step_size", "kernel"}
-    for path in files:
+    files = study_files()
+    assert set(files) >= {"reproduction", "resolution", "timesteps", "step_size", "kernel"}
+    for name, path in files.items():
         study = load_study(path)
-        assert study.name == path.stem and study.variants and len(study.prompts) > 0
+        assert study.name == name and study.variants and len(study.prompts) > 0
 
 
 @pytest.mark.parametrize(
