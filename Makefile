@@ -5,7 +5,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 MODEL  ?= tiny
-PYTEST_ARGS ?=
+SIZE   ?= full
+DEVICE ?=
+DTYPE  ?=
+STORE  ?=
+# Tests: two workers, each test file (or notebook class) kept on one worker, one math thread per worker.
+PYTEST_ARGS ?= -n 2 --dist loadscope
 
 .PHONY: install test report clean
 
@@ -19,12 +24,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	MPLBACKEND=agg $(PY) -m pytest $(PYTEST_ARGS)
+	MPLBACKEND=agg OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-# The main job: every notebook executed with papermill into reports/ (smoke slice on the tiny model,
-# the full protocol on real weights, e.g. make report MODEL=CompVis/stable-diffusion-v1-4).
+# The main job: every notebook executed with papermill into reports/ (smoke slice on the tiny model;
+# on real weights the scale SIZE=quick|full, e.g. make report MODEL=CompVis/stable-diffusion-v1-4 DEVICE=cuda DTYPE=fp16).
 report: install
-	MPLBACKEND=agg $(PY) -m anelab report --model "$(MODEL)" $(if $(filter tiny,$(MODEL)),--smoke,--full) --out reports
+	MPLBACKEND=agg $(PY) -m anelab report --model "$(MODEL)" --size $(if $(filter tiny,$(MODEL)),smoke,$(SIZE)) --out reports \
+		$(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(STORE),--store $(STORE))
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache build dist

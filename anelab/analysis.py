@@ -1,8 +1,11 @@
-"""Tidy frames for the studies: subject-token extremes and their quantile trends over images.
+"""Tidy frames for the studies, computed from results tables only (this module never runs a model).
 
-Input is token statistics as :meth:`AttentionCache.stats` gives them (one row per image, step,
-resolution and token), possibly concatenated over prompts and runs (a ``run`` column, or any
-other columns named in ``by``). An *image* is a (prompt, seed) pair.
+Attention: subject-token extremes and their quantile trends over images, from token statistics as
+:meth:`AttentionCache.stats` gives them (one row per image, step, resolution and token, possibly
+concatenated over prompts and runs: a ``run`` column, or any other columns named in ``by``); an *image*
+is a (prompt, seed) pair. Guidance: rate, success and rounds from traces (the one rule, :func:`guidance_pairs`).
+Comparisons: summaries with confidence intervals, paired differences against plain SD (the seeds are
+shared), and the published figures side by side (``data/published.json``).
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def wide_summary(summary: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
 def step_table(rates: pd.DataFrame) -> pd.DataFrame:
     """:func:`anelab.metrics.guidance_stats` for reading: indexed by its grouping columns and the
     threshold step, the over-all-steps row labelled ``all``."""
-    keys = [c for c in rates.columns if c not in ("step", "pairs", "triggered", "guidance_rate", "success_rate", "mean_refinement_rounds")]
+    keys = [c for c in rates.columns if c not in ("step", *GUIDANCE_COLUMNS, *INTERVAL_COLUMNS)]
     frame = rates.assign(_all=rates.step.isna(), step=["all" if pd.isna(s) else str(int(s)) for s in rates.step])
     if keys:  # each group's steps, then its "all" row; groups in order of first appearance
         rank = {key: i for i, key in enumerate(dict.fromkeys(frame[keys].itertuples(index=False)))}
@@ -125,29 +128,6 @@ def calibrate_thresholds(
     return {int(s): float(np.quantile(extremes.loc[extremes.step == s, token_rank], quantile)) for s in steps}
 
 
-def calibration_stats(
-    pipe, prompts: pd.DataFrame | Sequence[tuple[str, Sequence[str]]], seeds: Sequence[int] = range(4),
-    resolutions: Sequence[int] | None = None, num_inference_steps: int = 50, size: int | None = None, progress: bool = True,
-) -> pd.DataFrame:  # fmt: skip
-    """Run the plain-SD pass that :func:`calibrate_thresholds` needs: token statistics (no maps) of every
-    prompt (``prompt, tokens`` rows or pairs) and seed at ``resolutions``."""
-    from tqdm.auto import tqdm
-
-    from .pipeline import generate
-    from .recording import Record
-
-    pairs = list(zip(prompts.prompt, prompts.tokens)) if isinstance(prompts, pd.DataFrame) else list(prompts)
-    if not pairs:
-        raise AnelabError("calibration needs at least one (prompt, tokens) pair")
-    record = Record(resolutions=resolutions, maps=False)
-    frames = []
-    for prompt, tokens in tqdm(pairs, desc="calibration (plain SD)", disable=not progress):
-        out = generate(pipe, prompt, list(tokens), seeds=list(seeds), num_inference_steps=num_inference_steps,
-                       height=size, width=size, output_type="latent", record=record, progress=False)  # fmt: skip
-        frames.append(out.attention.stats())
-    return pd.concat(frames, ignore_index=True)
-
-
 def cross_resolution_effect(stats: pd.DataFrame, baseline: str = "sd", steps: Sequence[int] | None = None) -> pd.DataFrame:
     """Mean smoothed max attention of the lower-attended subject per variant (rows) and resolution (columns),
     minus the ``baseline`` variant's: how guiding at one resolution moves attention at the others (STUDIES.md 02)."""
@@ -159,6 +139,22 @@ def cross_resolution_effect(stats: pd.DataFrame, baseline: str = "sd", steps: Se
         raise AnelabError(f"baseline variant {baseline!r} is not in these statistics ({list(table.index)})")
     order = list(dict.fromkeys(stats.variant))
     return (table - table.loc[baseline]).reindex([v for v in order if v in table.index])
+
+
+def cross_resolution_by_step(stats: pd.DataFrame, baseline: str = "sd") -> pd.DataFrame:
+    """Per guided variant, recorded resolution and step: the lower subject's mean smoothed max minus the
+    ``baseline``'s at the same step and resolution — the cross-resolution effect as curves (STUDIES.md 02).
+    Long form ``[variant, res, step, difference]``."""
+    _require(stats, ["variant"], "cross_resolution_by_step")
+    extremes = subject_extremes(stats, by=["variant"])
+    means = extremes.groupby(["variant", "res", "step"]).lower.mean()
+    if baseline not in means.index.get_level_values("variant"):
+        raise AnelabError(f"baseline variant {baseline!r} is not in these statistics")
+    base = means.xs(baseline, level="variant")
+    rows = [(v, r, s, value - base.get((r, s), np.nan)) for (v, r, s), value in means.items() if v != baseline]
+    order = {v: k for k, v in enumerate(dict.fromkeys(stats.variant))}
+    table = pd.DataFrame(rows, columns=["variant", "res", "step", "difference"])
+    return table.sort_values(["variant", "res", "step"], key=lambda c: c.map(order) if c.name == "variant" else c, ignore_index=True)
 
 
 def steered_subject(stats: pd.DataFrame, results: pd.DataFrame, subject: int, steps: Sequence[int] | None = None) -> pd.DataFrame:
@@ -176,12 +172,78 @@ SIMILARITY_MEASURES = ("full_prompt", "min_object", "text_text")
 _SUB_PROMPT = {0: "first_half", 1: "second_half"}
 
 
+GUIDANCE_COLUMNS = ["pairs", "triggered", "guidance_rate", "success_rate", "mean_refinement_rounds"]
+INTERVAL_COLUMNS = ["succeeded", "guidance_rate_low", "guidance_rate_high", "success_rate_low", "success_rate_high"]
+
+
+def rate_interval(k, n, z: float = 1.959964) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson 95% interval of a share ``k / n`` (arrays); NaN where ``n`` is 0."""
+    k, n = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = k / n
+        centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+        half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    return np.where(n > 0, centre - half, np.nan), np.where(n > 0, centre + half, np.nan)
+
+
+def guidance_pairs(trace: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
+    """The (image, threshold step) pairs of a trace — what every guidance statistic counts (STUDIES.md):
+    ``triggered`` (refinement was needed), ``succeeded`` (triggered and the threshold then held) and
+    ``refinement_iterations``. An image is a seed (with ``key``/``variant``/``prompt`` when the trace has them)."""
+    needed = ["seed", "step", "threshold", "triggered", "reached", "refinement_iterations", *by]
+    missing = [c for c in needed if c not in trace.columns]
+    if missing:
+        raise AnelabError(f"guidance statistics need trace columns {missing}")
+    image = [c for c in ("key", "variant", "prompt") if c in trace.columns and c not in by] + ["seed"]
+    pairs = trace[trace.threshold.notna()].drop_duplicates([*by, *image, "step"])
+    triggered = pairs.triggered.astype(bool)
+    return pairs[[*by, *image, "step", "refinement_iterations"]].assign(
+        triggered=triggered, succeeded=triggered & pairs.reached.fillna(False).astype(bool)
+    )
+
+
+def guidance_stats(trace: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
+    """Guidance rate, success rate and mean refinement rounds (STUDIES.md) per threshold step and overall.
+
+    Over the pairs of :func:`guidance_pairs`: rate = share of pairs that triggered refinement; success =
+    share of triggered pairs that reached the threshold; rounds = refinement iterations per pair
+    (untriggered count 0); each share with its Wilson 95% interval and its n (``pairs``, ``triggered``).
+    Rows with ``step`` <NA> are over all threshold steps; ``by`` adds grouping columns (e.g. category).
+    """
+    pairs = guidance_pairs(trace, by)
+
+    def summary(group: pd.DataFrame) -> pd.Series:
+        triggered = group.triggered
+        reached = group.succeeded[triggered]
+        return pd.Series(
+            {
+                "pairs": len(group),
+                "triggered": int(triggered.sum()),
+                "guidance_rate": triggered.mean() if len(group) else np.nan,
+                "success_rate": reached.mean() if len(reached) else np.nan,
+                "mean_refinement_rounds": group.refinement_iterations.mean() if len(group) else np.nan,
+            }
+        )
+
+    per_step = pairs.groupby([*by, "step"]).apply(summary, include_groups=False).reset_index() if len(pairs) else None
+    if by:
+        overall = pairs.groupby(list(by)).apply(summary, include_groups=False).reset_index() if len(pairs) else None
+    else:
+        overall = summary(pairs).to_frame().T
+    frames = [f for f in (per_step, overall) if f is not None]
+    result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*by, "step", *GUIDANCE_COLUMNS])
+    result["step"] = result["step"].astype("Int64") if "step" in result else pd.array([pd.NA] * len(result), dtype="Int64")
+    result = result.astype({"pairs": int, "triggered": int, "guidance_rate": float, "success_rate": float, "mean_refinement_rounds": float})
+    result["succeeded"] = (result.success_rate.fillna(0) * result.triggered).round().astype(int)
+    result["guidance_rate_low"], result["guidance_rate_high"] = rate_interval(result.triggered, result.pairs)
+    result["success_rate_low"], result["success_rate_high"] = rate_interval(result.succeeded, result.triggered)
+    return result[[*by, "step", *GUIDANCE_COLUMNS, *INTERVAL_COLUMNS]]
+
+
 def variant_table(results: pd.DataFrame, trace: pd.DataFrame, measures: Sequence[str] = SIMILARITY_MEASURES) -> pd.DataFrame:
     """One row per variant (in the sweep's order): guidance rate, success rate and mean refinement rounds
     over all threshold steps, seconds per image, and the mean of each measure over all images
     (STUDIES.md 03 and 04: efficiency against similarity). Plain SD has no guidance statistics (NaN)."""
-    from .metrics import guidance_stats
-
     _require(results, ["variant", "seconds", *measures], "variant_table")
     gs = guidance_stats(trace, by=["variant"])
     efficiency = gs[gs.step.isna()].set_index("variant")[["guidance_rate", "success_rate", "mean_refinement_rounds"]]
@@ -193,8 +255,9 @@ def variant_table(results: pd.DataFrame, trace: pd.DataFrame, measures: Sequence
 
 def suppression_table(steered: pd.DataFrame, results: pd.DataFrame, subject: int, bound: float) -> pd.DataFrame:
     """Per variant, for the suppressed ``subject`` (rows of :func:`steered_subject`): mean smoothed max
-    attention, share of images at or under ``bound``, and mean CLIP similarity to that subject's
-    sub-prompt (STUDIES.md 05: does the subject disappear, and how often)."""
+    attention, share of images at or under ``bound``, mean CLIP similarity to that subject's sub-prompt and,
+    when the results carry detections, the *suppression success*: the share of images where the detector
+    finds the suppressed subject absent while the other subject is present (STUDIES.md 05), with its n."""
     if subject not in _SUB_PROMPT:
         raise AnelabError(f"subject must be 0 (first) or 1 (second), got {subject!r}")
     _require(results, ["variant", _SUB_PROMPT[subject]], "suppression_table")
@@ -203,39 +266,167 @@ def suppression_table(steered: pd.DataFrame, results: pd.DataFrame, subject: int
     )
     column = _SUB_PROMPT[subject]
     table[f"{column}_similarity"] = results.groupby("variant")[column].mean()
+    other = 1 - subject
+    if {f"present_{subject}", f"present_{other}"} <= set(results.columns):
+        judged = results.dropna(subset=[f"present_{subject}", f"present_{other}"])
+        success = (judged[f"present_{subject}"] == 0) & (judged[f"present_{other}"] == 1)
+        table["suppressed_absent_other_present"] = success.groupby(judged.variant).mean()
+        table["images_judged"] = judged.groupby("variant").size()
     return table
 
 
-def layout_table(steered: pd.DataFrame, targets: dict[str, Sequence[float]], reference: str = "ae") -> pd.DataFrame:
-    """For each steered variant and its target point (x right, y down): mean centroid and mean distance
-    to the target, of the ``reference`` run and of the steered run (rows of :func:`steered_subject`;
-    STUDIES.md 05: does the subject move there)."""
+def layout_table(steered: pd.DataFrame, targets: dict[str, Sequence[float]], reference: str = "ae", results: pd.DataFrame | None = None,
+                 subject: int = 0) -> pd.DataFrame:  # fmt: skip
+    """For each steered variant and its target point (x right, y down): mean attention centroid and its mean
+    distance to the target, of the ``reference`` run and of the steered run (rows of :func:`steered_subject`),
+    and, when ``results`` carry detections, the detected object's mean centre and its distance to the target
+    over the images where the ``subject`` was found, with that share (STUDIES.md 05: does the subject move there)."""
     variants = set(steered.variant)
     missing = [v for v in [reference, *targets] if v not in variants]
     if missing:
         raise AnelabError(f"variant(s) {missing} are not in these statistics ({sorted(variants)})")
+    detected = results is not None and {f"center_x_{subject}", f"center_y_{subject}", f"present_{subject}"} <= set(results.columns)
     rows = []
     for name, (tx, ty) in targets.items():
         for run, variant in (("reference", reference), ("steered", name)):
             part = steered[steered.variant == variant]
             distance = np.hypot(part.centroid_x - tx, part.centroid_y - ty)
-            rows.append({"target": name, "target_x": tx, "target_y": ty, "run": run, "variant": variant,
-                         "centroid_x": part.centroid_x.mean(), "centroid_y": part.centroid_y.mean(), "distance": distance.mean()})  # fmt: skip
+            row = {"target": name, "target_x": tx, "target_y": ty, "run": run, "variant": variant,
+                   "centroid_x": part.centroid_x.mean(), "centroid_y": part.centroid_y.mean(), "distance": distance.mean()}  # fmt: skip
+            if detected:
+                images = results[results.variant == variant]
+                found = images[images[f"present_{subject}"] == 1]
+                row |= {"object_x": found[f"center_x_{subject}"].mean(), "object_y": found[f"center_y_{subject}"].mean(),
+                        "object_distance": np.hypot(found[f"center_x_{subject}"] - tx, found[f"center_y_{subject}"] - ty).mean(),
+                        "object_found": len(found) / len(images) if len(images) else np.nan}  # fmt: skip
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
-def calibrated_study(study, sd_stats: pd.DataFrame, variants: dict[int, str], quantile: float = 0.5):
-    """A copy of ``study`` holding, for each ``{resolution: variant}``, that variant with thresholds
-    calibrated from ``sd_stats`` at its own threshold steps (:func:`calibrate_thresholds`), named
-    ``<variant>_calibrated`` (plain SD is left out: the study's own SD run is the baseline).
-    Returns ``(study, {resolution: thresholds})`` (STUDIES.md 02)."""
-    import dataclasses
+def reading_of_differences(differences: pd.DataFrame, baseline: str = "plain SD", by: str = "category") -> str:
+    """A 'Reading' paragraph computed from :func:`paired_differences`: per variant and measure over all
+    images, whether the difference is resolved (its 95% interval excludes 0) and its direction, and the
+    categories where it is."""
+    lines = []
+    overall = differences[differences[by] == "overall"]
+    for row in overall.itertuples():
+        if pd.isna(row.difference):
+            continue
+        if row.ci_low > 0 or row.ci_high < 0:
+            said = f"**{'higher' if row.difference > 0 else 'lower'}** than {baseline}"
+        else:
+            said = f"not resolved from {baseline} at n = {row.n} (the interval includes 0)"
+        parts = differences[(differences.variant == row.variant) & (differences.measure == row.measure) & (differences[by] != "overall")]
+        resolved = [str(p) for p, lo, hi in zip(parts[by], parts.ci_low, parts.ci_high) if lo > 0 or hi < 0]
+        where = f"; resolved in {', '.join(resolved)}" if resolved else ""
+        lines.append(f"- {row.variant}, {row.measure}: {row.difference:+.4f} [{row.ci_low:+.4f}, {row.ci_high:+.4f}] "
+                     f"({row.relative:+.1%}) — {said}{where}.")  # fmt: skip
+    return "\n".join(lines) or "- no paired images to compare."
 
-    unknown = [v for v in variants.values() if study.variants.get(v) is None]
-    if unknown:
-        raise AnelabError(f"variant(s) {unknown} are not guided variants of study {study.name!r}")
-    thresholds = {
-        res: calibrate_thresholds(sd_stats, res, list(study.variants[name].thresholds), quantile) for res, name in variants.items()
-    }
-    configs = {f"{name}_calibrated": study.variants[name].replace(thresholds=thresholds[res]) for res, name in variants.items()}
-    return dataclasses.replace(study, name=f"{study.name}_calibrated", variants=configs), thresholds
+
+def paired_differences(results: pd.DataFrame, measures: Sequence[str], baseline: str = "sd", by: str = "category") -> pd.DataFrame:
+    """Each variant minus ``baseline`` on the same (prompt, seed) — the seeds are shared, so the difference is
+    paired: per ``by`` value and overall, the mean difference with its 95% CI (Student t over pairs), the
+    baseline's mean and the relative change. Long form: ``[variant, by, measure, n, difference, ci_low,
+    ci_high, baseline_mean, relative]``."""
+    from scipy import stats as st
+
+    _require(results, ["variant", "prompt", "seed", by, *measures], "paired_differences")
+    if baseline not in set(results.variant):
+        raise AnelabError(f"baseline variant {baseline!r} is not in these results ({sorted(set(results.variant))})")
+    keys = ["prompt", "seed"]
+    base = results[results.variant == baseline].drop_duplicates(keys).set_index(keys)
+    rows = []
+    for variant in [v for v in dict.fromkeys(results.variant) if v != baseline]:
+        mine = results[results.variant == variant].drop_duplicates(keys).set_index(keys)
+        shared = mine.index.intersection(base.index)
+        for measure in measures:
+            difference = (mine.loc[shared, measure] - base.loc[shared, measure]).rename("d").to_frame()
+            difference["base"] = base.loc[shared, measure]
+            difference[by] = mine.loc[shared, by]
+            difference = difference.dropna(subset=["d"])
+            for group, part in [*difference.groupby(by, sort=False), ("overall", difference)]:
+                n = len(part)
+                half = st.t.ppf(0.975, n - 1) * part.d.std() / np.sqrt(n) if n > 1 else np.nan
+                mean, base_mean = part.d.mean() if n else np.nan, part.base.mean() if n else np.nan
+                rows.append({"variant": variant, by: group, "measure": measure, "n": n, "difference": mean, "ci_low": mean - half,
+                             "ci_high": mean + half, "baseline_mean": base_mean,
+                             "relative": mean / abs(base_mean) if base_mean else np.nan})  # fmt: skip
+    return pd.DataFrame(rows, columns=["variant", by, "measure", "n", "difference", "ci_low", "ci_high", "baseline_mean", "relative"])
+
+
+def difference_table(differences: pd.DataFrame, digits: int = 3, by: str = "category") -> pd.DataFrame:
+    """:func:`paired_differences` for reading: rows (variant, ``by``), one column per measure,
+    cells ``+0.012 [−0.003, +0.027] (+1.5%)``."""
+    def cell(row) -> str:
+        if pd.isna(row.difference):
+            return "—"
+        interval = "" if pd.isna(row.ci_low) else f" [{row.ci_low:+.{digits}f}, {row.ci_high:+.{digits}f}]"
+        relative = "" if pd.isna(row.relative) else f" ({row.relative:+.1%})"
+        return f"{row.difference:+.{digits}f}{interval}{relative}"
+
+    table = differences.assign(cell=differences.apply(cell, axis=1))
+    wide = table.pivot(index=["variant", by], columns="measure", values="cell")
+    order = list(dict.fromkeys(zip(differences.variant, differences[by])))
+    return wide.reindex(pd.MultiIndex.from_tuples(order, names=["variant", by]))[list(dict.fromkeys(differences.measure))]
+
+
+def seconds_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Seconds per image per variant: over all images, and split by whether refinement ran in the image's
+    generate call (the paper reports 5.6 s SD, 9.7 s A&E, 15.4 s with refinement on an A100, batch 1).
+    A generate call makes a batch of seeds; its seconds are shared by its images."""
+    _require(results, ["variant", "seconds", "refinement_rounds"], "seconds_table")
+    refined = results.refinement_rounds > 0
+    table = pd.DataFrame({
+        "images": results.groupby("variant", sort=False).size(),
+        "seconds_per_image": results.groupby("variant", sort=False).seconds.mean(),
+        "without_refinement": results[~refined].groupby("variant", sort=False).seconds.mean(),
+        "images_without": results[~refined].groupby("variant", sort=False).size(),
+        "with_refinement": results[refined].groupby("variant", sort=False).seconds.mean(),
+        "images_with": results[refined].groupby("variant", sort=False).size(),
+    })  # fmt: skip
+    return table.fillna({"images_without": 0, "images_with": 0}).astype({"images_without": int, "images_with": int})
+
+
+def ordering(values: pd.Series) -> str:
+    """``"res16 > res8 > sd"``: the index of ``values`` from the highest to the lowest (NaN left out)."""
+    return " > ".join(map(str, values.dropna().sort_values(ascending=False).index))
+
+
+def published(notebook: str | None = None) -> pd.DataFrame:
+    """The published figures (``data/published.json``) with their sources, optionally of one notebook."""
+    import json
+
+    from .resources import data_file
+
+    data = json.loads(data_file("published.json").read_text())
+    table = pd.DataFrame(data["values"]).assign(source_text=lambda t: t.source.map(data["sources"]))
+    return table if notebook is None else table[table.notebook == notebook].reset_index(drop=True)
+
+
+def beside_published(measured: pd.DataFrame, notebook: str, tolerance: float = 0.1) -> pd.DataFrame:
+    """What a run measured next to the published value of the same (variant, category, measure), with a plain verdict.
+
+    ``measured``: long rows ``variant, category, measure, value`` and optionally ``ci_low, ci_high``. A
+    figure agrees when the published value lies inside the 95% interval, or (no interval) within
+    ``tolerance`` relative of it. Published rows the run did not measure are kept, marked "not measured"."""
+    reference = published(notebook)
+    numeric = reference[reference.value.map(lambda v: isinstance(v, (int, float)))]
+    table = numeric.merge(measured, on=["variant", "category", "measure"], how="left", suffixes=("_published", ""))
+    table = table.rename(columns={"value_published": "published", "value": "measured"})
+    for column in ("ci_low", "ci_high"):
+        if column not in table:
+            table[column] = np.nan
+
+    def verdict(row) -> str:
+        if pd.isna(row.measured):
+            return "not measured"
+        if not pd.isna(row.ci_low):
+            inside = row.ci_low <= row.published <= row.ci_high
+            return "agrees (inside the 95% CI)" if inside else ("higher than published" if row.ci_low > row.published else "lower than published")
+        close = abs(row.measured - row.published) <= tolerance * abs(row.published)
+        return f"agrees (within {tolerance:.0%})" if close else ("higher than published" if row.measured > row.published else "lower than published")
+
+    table["verdict"] = table.apply(verdict, axis=1)
+    columns = ["variant", "category", "measure", "measured", "ci_low", "ci_high", "published", "verdict", "source"]
+    return table[[*columns, *(["note"] if "note" in table else [])]]

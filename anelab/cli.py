@@ -32,6 +32,7 @@ DTYPE = typer.Option(None, help="fp32 / fp16 / bf16 (default: the weights', fp32
 REVISION = typer.Option(None, help="Hub revision (branch, tag or commit) of --model.")
 VARIANT = typer.Option(None, help="Weights variant of --model, e.g. fp16 (smaller download).")
 GENERATOR = typer.Option("cpu", help="Where each seed's noise is drawn: cpu (same on every machine) or cuda (the official code's images).")
+STORE = typer.Option(None, help="The run store (default $ANELAB_STORE, else runs/store): every image is generated once, whoever asks.")
 
 
 def _version(value: bool):
@@ -70,8 +71,9 @@ def generate(
     generator_device: str = GENERATOR,
     revision: Optional[str] = REVISION,
     variant: Optional[str] = VARIANT,
+    store: Optional[Path] = STORE,
 ):
-    """Generate images for one prompt and seeds, with A&E guidance unless --plain."""
+    """Generate images for one prompt and seeds, with A&E guidance unless --plain (through the run store)."""
     from .checks import require_number, require_seeds
     from .config import DEFAULT_MAX_ITER_TO_ALTER, DEFAULT_STEPS, DEFAULT_THRESHOLDS, GuidanceConfig, parse_thresholds
     from .io import ensure_writable
@@ -103,6 +105,8 @@ def generate(
             typer.echo(f"note: default thresholds and max_iter_to_alter rescaled from {DEFAULT_STEPS} to {steps} steps: "
                        f"thresholds {config.thresholds}, max_iter_to_alter {config.max_iter_to_alter}", err=True)  # fmt: skip
     ensure_writable(out)
+    if store is not None:
+        ensure_writable(store, "--store")
     # 2. what needs the tokenizer and the scheduler only (not the weights)
     tokenizer, scheduler = load_parts(model, revision=revision)
     for words in (token_args, suppress, list(targets)):
@@ -110,17 +114,19 @@ def generate(
     if config is not None:
         scheduler.set_timesteps(steps)
         config.check_schedule(len(scheduler.timesteps))
-    # 3. the model
-    import anelab
+    # 3. the model (or the store, when it already has these images)
     from .outputs import save_generation
+    from .runs.runner import stored_generate
 
     pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
-    result = anelab.generate(
-        pipe, prompt, token_args, seeds=seeds, config=config, suppress=suppress, layout=targets, num_inference_steps=steps,
-        guidance_scale=guidance_scale, height=height, width=width, generator_device=generator_device,
+    images, trace, seconds, reused = stored_generate(
+        pipe, prompt, model=model, store=store, revision=revision, variant=variant, tokens=token_args, seeds=seeds, config=config,
+        suppress=suppress, layout=targets, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+        generator_device=generator_device,
     )  # fmt: skip
-    paths, run = save_generation(out, result, config=config, model=model)
-    typer.echo(f"wrote {len(paths)} image(s) to {paths[0].parent} and run {run} to {out / 'trace.parquet'} ({result.seconds_per_image:.2f} s/image)")
+    paths, run = save_generation(out, prompt=prompt, seeds=require_seeds(seeds), images=images, trace=trace, config=config, model=model)
+    how = "from the run store" if reused else f"{seconds:.2f} s/image"
+    typer.echo(f"wrote {len(paths)} image(s) to {paths[0].parent} and run {run} to {out / 'trace.parquet'} ({how})")
 
 
 @app.command()
@@ -135,50 +141,72 @@ def sweep(
     batch: Optional[int] = typer.Option(None, min=1, help="Seeds per generate call (part of the spec: it changes results by float noise)."),
     size: Optional[int] = typer.Option(None, min=8, help="Image side in pixels."),
     chunk: int = typer.Option(8, min=1, help="Blocks per flushed result chunk."),
-    force: bool = typer.Option(False, "--force", help="Continue a directory that holds a different spec."),
     device: Optional[str] = typer.Option(None, help="cuda / cpu (default: this process's accelerate device, else cuda when available)."),
     dtype: Optional[str] = DTYPE,
     revision: Optional[str] = REVISION,
     variant: Optional[str] = VARIANT,
+    scale: str = typer.Option("full", "--scale", "--size", help="smoke / quick / full: the study's protocol or a slice of it."),
+    store: Optional[Path] = STORE,
 ):
-    """Run a study: every (variant, prompt, seed) not yet in OUT; resumable, shardable, accelerate-aware."""
+    """Run a study into the run store: every (variant, prompt, seed) the store lacks; OUT holds the study's view.
+    Resumable, shardable (--shard, SLURM arrays), accelerate-aware; writers of one store coordinate through locks."""
     from .io import ensure_writable
     from .loading import load_pipeline, resolve_device, resolve_dtype
-    from .study import load_study
-    from .sweep import describe, parse_shard, process_share, run_sweep
+    from .runs import load_study, run_sweep
+    from .runs.plan import parse_shard, process_share
+    from .runs.runner import describe
 
-    spec = load_study(study, prompts=prompts, seeds=seeds, steps=steps, batch=batch, size=size)
+    spec = load_study(study, scale=scale, prompts=prompts, seeds=seeds, steps=steps, batch=batch, size=size)
     share = parse_shard(shard)
     device, dtype = resolve_device(device or process_share()[2]), resolve_dtype(dtype)
     ensure_writable(out)
+    if store is not None:
+        ensure_writable(store, "--store")
     for note in spec.notes:
         typer.echo(f"note: {note}", err=True)
     pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
-    summary = run_sweep(spec, pipe, out, model=model, shard=share, force=force, chunk_blocks=chunk)
+    summary = run_sweep(spec, pipe, out, model=model, store=store, shard=share, chunk_blocks=chunk, revision=revision, variant=variant)
     typer.echo(describe(summary, spec, out))
 
 
 @app.command()
 def score(
-    directory: Path = typer.Argument(..., help="A folder in the A&E layout (<prompt>/<seed>.png) or a sweep's output."),
+    directory: Path = typer.Argument(..., help="A folder in the A&E layout (<prompt>/<seed>.png) or a study's view (anelab sweep --out)."),
     clip: str = typer.Option("openai/clip-vit-base-patch16", help="CLIP model: Hub id, local directory or 'tiny'."),
     blip: str = typer.Option("Salesforce/blip-image-captioning-base", help="BLIP captioner: Hub id, local directory, 'tiny' or 'none'."),
+    detector: str = typer.Option("none", help="Object detector for subject presence and position: 'google/owlv2-base-patch16-ensemble', a local directory, 'tiny' or 'none'."),
+    threshold: Optional[float] = typer.Option(None, help="Detection score at which a subject counts as present (default 0.25, see anelab.detection)."),
     batch: int = typer.Option(16, min=1, help="Images per model call."),
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = typer.Option(None, help="fp32 / fp16 / bf16 for the scorers (default: fp16 on a GPU, fp32 on the CPU)."),
     rescore: bool = typer.Option(False, "--rescore", help="Ignore DIR/metrics.parquet and score everything again."),
 ):
-    """Score images: CLIP full-prompt and minimum-object, BLIP text-text -> DIR/metrics.parquet (resumable)."""
+    """Score images: CLIP full-prompt and minimum-object, BLIP text-text, detected subjects -> DIR/metrics.parquet
+    (a study's view: into the run store). Resumable per scorer: adding a scorer scores what is missing."""
+    from .checks import require_number
     from .io import ensure_writable
     from .loading import resolve_device, resolve_dtype
-    from .metrics import score_folder
+    from .metrics import Scorers, score_folder
+    from .runs.runner import VIEW
 
     if not directory.is_dir():
         raise AnelabError(f"{str(directory)!r} is not a directory of images")
+    if threshold is not None:
+        require_number("--threshold", threshold, minimum=0, maximum=1)
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     ensure_writable(directory, "the scored folder")
-    table, notices, counts = score_folder(directory, clip, None if blip == "none" else blip, device=device, dtype=dtype,
-                                          batch_size=batch, rescore=rescore)  # fmt: skip
+    blip_spec, detector_spec = (None if s == "none" else s for s in (blip, detector))
+    if (directory / VIEW).is_file():  # a study: scores go to the store, once per image and model
+        from .runs import load_results, score_run
+        from .runs.scoring import scored_summary
+
+        done = score_run(directory, Scorers(clip, blip_spec, detector_spec, threshold, device, dtype), batch_size=batch)
+        for notice in done["notices"]:
+            typer.echo(f"note: {notice}", err=True)
+        typer.echo(f"{scored_summary(done)} -> the run store of {directory} ({len(load_results(directory))} images)")
+        return
+    table, notices, counts = score_folder(directory, clip, blip_spec, detector=detector_spec, threshold=threshold, device=device,
+                                          dtype=dtype, batch_size=batch, rescore=rescore)  # fmt: skip
     for notice in notices:
         typer.echo(f"note: {notice}", err=True)
     means = ", ".join(f"{c} {table[c].mean():.4f}" for c in ("full_prompt", "min_object", "text_text") if c in table and table[c].notna().any())
@@ -188,25 +216,65 @@ def score(
 @app.command()
 def report(
     model: str = MODEL,
-    smoke: Optional[bool] = typer.Option(None, "--smoke/--full", help="Smoke slice or full protocol (default: smoke for 'tiny', full otherwise)."),
+    scale: Optional[str] = typer.Option(None, "--size", "--scale", help="smoke / quick / full (default: smoke for 'tiny', full otherwise)."),
     only: list[str] = typer.Option([], help="Run only these notebooks (name or number prefix, e.g. --only 02)."),
     out: Path = typer.Option(Path("reports"), help="Where the executed notebooks, HTML and index.html go."),
-    runs: Optional[Path] = typer.Option(None, help="Where the notebooks' sweeps go (default runs/report-<model>-<mode>)."),
+    runs: Optional[Path] = typer.Option(None, help="Where the notebooks' study views go (default runs/report-<model>-<scale>)."),
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = DTYPE,
+    store: Optional[Path] = STORE,
+    plan: bool = typer.Option(False, "--plan", help="Print images in the protocol, in the store, still to generate and GPU-hours; run nothing."),
+    shard: str = typer.Option("0/1", help="With --generate-only: this machine's share I/N of every study (SLURM: $SLURM_ARRAY_TASK_ID/N)."),
+    generate_only: bool = typer.Option(False, "--generate-only", help="Generate (and score) this shard's share of every study into the store; no notebooks."),
+    jobs: Optional[int] = typer.Option(None, min=1, help="Notebooks executed at once (default: 2 for the tiny model on a CPU, else 1)."),
+    revision: Optional[str] = REVISION,
+    variant: Optional[str] = VARIANT,
 ):
-    """Execute every notebook with papermill into OUT (ipynb + html) and write OUT/index.html."""
+    """Execute every notebook with papermill into OUT (ipynb + html) and write OUT/index.html; or plan it (--plan),
+    or fill the store with one shard of its images (--generate-only --shard I/N) on many GPUs first."""
     from .io import ensure_writable
     from .loading import resolve_device, resolve_dtype
-    from .report import match_notebooks, run_report
+    from .report import default_runs, match_notebooks, run_report
+    from .runs.plan import parse_shard
+    from .runs.study import SCALES
 
     names = match_notebooks(only)
+    scale = scale or ("smoke" if model == "tiny" else "full")
+    if scale not in SCALES:
+        raise AnelabError(f"--size must be one of {', '.join(SCALES)}, got {scale!r}")
+    share = parse_shard(shard)
+    if share != (0, 1) and not generate_only:
+        raise AnelabError("--shard splits the generation: use it with --generate-only, then run a plain `anelab report` once all shards are done")
     device, dtype = resolve_device(device), resolve_dtype(dtype)
+    dtype_name = None if dtype is None else str(dtype).removeprefix("torch.")
+    runs = runs or default_runs(model, scale)
+    if plan:
+        from .runs import Store
+        from .runs.protocol import Context, plan_report
+
+        table, source = plan_report(names, scale=scale, context=Context.of(model, device, dtype, revision, variant), store=Store(store))
+        typer.echo(f"plan of the {scale} report on {model} ({device.type}{', ' + dtype_name if dtype_name else ''}); time per image {source}:")
+        typer.echo(table.to_string(index=False, formatters={"gpu_hours": "{:.2f}".format}))
+        return
+    ensure_writable(runs, "--runs")
+    if store is not None:
+        ensure_writable(store, "--store")
+    if generate_only:
+        from .loading import load_pipeline
+        from .metrics import Scorers
+        from .runs.protocol import generate_report
+
+        pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
+        tiny = model == "tiny"
+        scorers = Scorers("tiny" if tiny else "openai/clip-vit-base-patch16", "tiny" if tiny else "Salesforce/blip-image-captioning-base",
+                          "tiny" if tiny else "google/owlv2-base-patch16-ensemble", device=device)  # fmt: skip
+        generate_report(names, scale=scale, pipe=pipe, model=model, runs=runs, store=store, shard=share, scorers=scorers,
+                        revision=revision, variant=variant)  # fmt: skip
+        typer.echo(f"shard {share[0]}/{share[1]} done: its images and scores are in the store; run `anelab report` (same --size) when every shard is")
+        return
     ensure_writable(out)
-    if runs is not None:
-        ensure_writable(runs, "--runs")
-    results = run_report(model=model, smoke=(model == "tiny") if smoke is None else smoke, only=names, out=out, runs=runs,
-                         device=str(device), dtype=None if dtype is None else str(dtype).removeprefix("torch."))  # fmt: skip
+    jobs = jobs or (2 if model == "tiny" and device.type == "cpu" else 1)
+    results = run_report(model=model, scale=scale, only=names, out=out, runs=runs, device=str(device), dtype=dtype_name, store=store, jobs=jobs)
     for r in results:
         typer.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.name:28s} {r.seconds:6.0f} s" + ("" if r.ok else f"  {r.error}"))
     typer.echo(f"report: {sum(r.ok for r in results)}/{len(results)} notebooks ok -> {out / 'index.html'}")

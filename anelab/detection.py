@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .errors import AnelabError
 from .loading import default_device, load_or_explain, quiet_transformers, resolve_dtype

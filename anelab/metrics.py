@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .errors import AnelabError
 from .loading import default_device, load_or_explain, quiet_transformers
@@ -208,49 +208,6 @@ def text_text_scores(images: Sequence, prompts: Sequence[str] | str, clip: Clip,
     caption_embeddings = clip.embed_texts(captions)
     scores = [float(c @ clip.embed_prompt(p)) for c, p in zip(caption_embeddings, prompts)]
     return pd.DataFrame({"prompt": prompts, "caption": captions, "text_text": scores})
-
-
-GUIDANCE_COLUMNS = ["pairs", "triggered", "guidance_rate", "success_rate", "mean_refinement_rounds"]
-
-
-def guidance_stats(trace: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
-    """Guidance rate, success rate and mean refinement rounds (STUDIES.md) per threshold step and overall.
-
-    A *pair* is (image, threshold step); an image is a seed (with ``prompt``/``variant`` when the
-    trace has them). Rate = share of pairs that triggered refinement; success = share of triggered
-    pairs that reached the threshold; rounds = refinement iterations per pair (untriggered count 0).
-    Rows with ``step`` <NA> are over all threshold steps; ``by`` adds grouping columns (e.g. category).
-    """
-    needed = ["seed", "step", "threshold", "triggered", "reached", "refinement_iterations", *by]
-    missing = [c for c in needed if c not in trace.columns]
-    if missing:
-        raise AnelabError(f"guidance_stats needs trace columns {missing}")
-    image = [c for c in ("variant", "prompt") if c in trace.columns and c not in by] + ["seed"]
-    pairs = trace[trace.threshold.notna()].drop_duplicates([*by, *image, "step"])
-
-    def summary(group: pd.DataFrame) -> pd.Series:
-        triggered = group.triggered.astype(bool)
-        reached = group.reached[triggered].astype(bool)
-        return pd.Series(
-            {
-                "pairs": len(group),
-                "triggered": int(triggered.sum()),
-                "guidance_rate": triggered.mean() if len(group) else np.nan,
-                "success_rate": reached.mean() if len(reached) else np.nan,
-                "mean_refinement_rounds": group.refinement_iterations.mean() if len(group) else np.nan,
-            }
-        )
-
-    per_step = pairs.groupby([*by, "step"]).apply(summary, include_groups=False).reset_index() if len(pairs) else None
-    if by:
-        overall = pairs.groupby(list(by)).apply(summary, include_groups=False).reset_index() if len(pairs) else None
-    else:
-        overall = summary(pairs).to_frame().T
-    frames = [f for f in (per_step, overall) if f is not None]
-    result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*by, "step", *GUIDANCE_COLUMNS])
-    result["step"] = result["step"].astype("Int64") if "step" in result else pd.array([pd.NA] * len(result), dtype="Int64")
-    result = result.astype({"pairs": int, "triggered": int, "guidance_rate": float, "success_rate": float, "mean_refinement_rounds": float})
-    return result[[*by, "step", *GUIDANCE_COLUMNS]]
 
 
 # -- scoring images with several scorers -------------------------------------------------------

@@ -18,26 +18,30 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import AnelabError
 from .io import file_lock, save_images, write_parquet
 from .names import prompt_folder, remember_prompts
 
 RUN_COLUMNS = ["run", "prompt", "seeds", "config", "model"]  # added in front of the trace columns
 
 
-def save_generation(out: str | Path, result, *, config, model: str) -> tuple[list[Path], str]:
-    """Write ``result``'s images and append its trace to ``out``; returns the image paths and the run id."""
+def save_generation(out: str | Path, *, prompt: str, seeds: list[int], images, trace: pd.DataFrame, config, model: str) -> tuple[list[Path], str]:
+    """Write one run's images and append its trace to ``out``; returns the image paths and the run id."""
     out = Path(out)
     run = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    folder = out / prompt_folder(result.prompt)
-    remember_prompts(out, [result.prompt])
-    paths = save_images(result.images, [folder / f"{s}.png" for s in result.seeds]) if result.images is not None else []
-    labels = {"run": run, "prompt": result.prompt, "seeds": ",".join(map(str, result.seeds)),
+    folder = out / prompt_folder(prompt)
+    remember_prompts(out, [prompt])
+    paths = save_images(images, [folder / f"{s}.png" for s in seeds])
+    labels = {"run": run, "prompt": prompt, "seeds": ",".join(map(str, seeds)),
               "config": "null" if config is None else json.dumps(config.to_dict(), sort_keys=True), "model": str(model)}  # fmt: skip
-    trace = result.trace.assign(**labels)[RUN_COLUMNS + list(result.trace.columns)]
+    trace = trace.assign(**labels)[RUN_COLUMNS + [c for c in trace.columns if c not in RUN_COLUMNS]]
     if trace.empty:  # plain SD has no trace rows: keep one row saying the run happened
         trace = pd.DataFrame([labels]).reindex(columns=trace.columns)
     target = out / "trace.parquet"
     with file_lock(out / ".trace.parquet.lock"):
-        earlier = pd.read_parquet(target) if target.is_file() else None
+        try:
+            earlier = pd.read_parquet(target) if target.is_file() else None
+        except Exception as error:  # pyarrow's errors for a damaged file
+            raise AnelabError(f"{target} is damaged ({type(error).__name__}); move it away to keep this run's trace") from None
         write_parquet(trace if earlier is None else pd.concat([earlier, trace], ignore_index=True), target)
     return paths, run

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars everywhere: a notebook widget bar leaves "model not found" in saved notebooks
 
 from . import hooks as hk
 from .cache import AttentionCache
@@ -284,8 +284,19 @@ class _Sampler:
                 objective = objective + cfg.suppress_scale * suppress_loss(suppressed, cfg.suppress_bound)
             if plan.layout:
                 kl = layout_kl(maps[:, [plan.measured.index(i) for i in plan.layout]], plan.layout_targets)
-                objective = objective + cfg.layout_scale * kl.sum(dim=-1)
+                if cfg.layout_update == "joint":  # two_stage: the KL moves the latent first, in its own step (layout_step)
+                    objective = objective + cfg.layout_scale * kl.sum(dim=-1)
             return _Measure(leaf, m, loss, objective, suppressed, kl)
+
+    def layout_step(self, z: torch.Tensor, t, alpha: float, at: _Measure | None) -> torch.Tensor:
+        """The original study's first stage (§0x7): δ = −α·layout_scale·∇KL(A ‖ N(G, σ²)), taken at ``z``
+        (``at``: a measurement of ``z`` whose graph is alive, else a new one). Returns ``z + δ``."""
+        at = at if at is not None and at.leaf is not None else self.measure(z, t)
+        with torch.enable_grad():
+            grad = torch.autograd.grad(self.config.layout_scale * at.kl.sum(), at.leaf, retain_graph=True)[0]
+        finite = torch.isfinite(grad).flatten(1).all(dim=1)
+        self.nonfinite |= ~finite
+        return z - alpha * torch.where(finite[:, None, None, None], grad, torch.zeros_like(grad))
 
     def guide(self, z: torch.Tensor, i: int, t) -> torch.Tensor:
         """A&E at loop index ``i``: measure, refine at a threshold step, one regular update (§1.7)."""
@@ -301,6 +312,10 @@ class _Sampler:
             z, end, triggered, iterations = self.refine(z, t, first, threshold, alpha, need_final_grad=regular)
             reached = ~end.violates(threshold, self.config.suppress_bound)
         updated = iterations > 0
+        if regular and self.config.layout_update == "two_stage" and self.plan.layout:
+            z = self.layout_step(z, t, alpha, end)  # stage 1; stage 2 is the A&E update below, measured at z + δ
+            end = self.measure(z, t)
+            updated = torch.ones_like(updated)
         if regular:
             move = end.objective != 0  # no update when the loss is exactly 0 (§1.5)
             if move.any():

@@ -132,16 +132,17 @@ def attention_grid(
 
 def attention_trends(
     runs: Mapping[str, pd.DataFrame] | pd.DataFrame, *, quantiles: Sequence[float] = DEFAULT_QUANTILES,
-    resolutions: Sequence[int] | None = None, value: str = "max_attention", ax=None,
+    resolutions: Sequence[int] | None = None, value: str = "max_attention", thresholds: Mapping[str, Mapping[int, float]] | None = None,
+    ax=None,
 ) -> Figure:  # fmt: skip
-    """Quantiles over images of the higher- and lower-attended subject token's ``value`` per step,
-    one panel per resolution, one colour per run (STUDIES.md 02, attention trends).
+    """Quantiles over images of the higher- and lower-attended subject token's ``value`` per denoising step
+    (STUDIES.md 02, attention trends): one panel per (run, resolution), the quantiles as nested bands around
+    the median (lightest = widest), higher subject in blue, lower in orange, and each run's threshold steps
+    and values (``thresholds``: {run: {step: value}}) as dashed marks.
 
-    ``runs``: ``{name: stats}`` (frames from :meth:`AttentionCache.stats`, concatenated over
-    prompts), or one frame with a ``run`` column.
+    ``runs``: ``{name: stats}`` (frames from :meth:`AttentionCache.stats`, concatenated over prompts), or one
+    frame with a ``run`` column.
     """
-    import seaborn as sns
-
     if isinstance(runs, Mapping):
         if not runs:
             raise AnelabError("attention_trends needs at least one run")
@@ -154,29 +155,62 @@ def attention_trends(
     missing = [r for r in resolutions if r not in available]
     if missing:
         raise AnelabError(f"no statistics at resolution(s) {missing}; these runs have {available}")
-    fig, axes = _axes_grid(ax, 1, len(resolutions), panel=3.4)
-    widths = {q: w for q, w in zip(sorted(quantiles), np.linspace(0.6, 2.4, len(quantiles)))}
-    for k, (panel, res) in enumerate(zip(axes[0], resolutions)):
-        data = trends[trends.res == res].assign(quantile=lambda d: d["quantile"].map(lambda q: f"q{q:g}"))
-        sns.lineplot(
-            data=data, x="step", y="value", hue="run", style="token_rank", style_order=["higher", "lower"],
-            size="quantile", sizes={f"q{q:g}": w for q, w in widths.items()}, ax=panel, legend=k == len(resolutions) - 1,
-        )  # fmt: skip
-        panel.set_title(f"resolution {res}", fontsize=10)
-        panel.set_xlabel("denoising step (loop index)")
-        panel.set_ylabel(f"smoothed max attention ({value})" if k == 0 else "")
-        panel.set_ylim(0, 1.02)
-        panel.grid(alpha=0.3)
-    if panel.get_legend() is not None:
-        panel.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, frameon=False)
+    names = list(dict.fromkeys(stats.run))
+    fig, axes = _axes_grid(ax, len(names), len(resolutions), panel=3.0)
+    ordered = sorted(quantiles)
+    colours = {"higher": "tab:blue", "lower": "tab:orange"}
+    for r, name in enumerate(names):
+        for c, res in enumerate(resolutions):
+            panel = axes[r, c]
+            part = trends[(trends.run == name) & (trends.res == res)]
+            for rank, colour in colours.items():
+                curves = {q: part[(part.token_rank == rank) & (part["quantile"] == q)].sort_values("step") for q in ordered}
+                median = curves[ordered[-1]]
+                panel.plot(median.step, median.value, color=colour, lw=1.6, label=f"{rank} subject, q{ordered[-1]:g}")
+                for k, q in enumerate(ordered[:-1]):  # each lower quantile bounds a band up to the top one
+                    low = curves[q]
+                    panel.fill_between(low.step, low.value, median.value.to_numpy(), color=colour, alpha=0.12 + 0.08 * k, lw=0,
+                                       label=f"{rank}: q{q:g}–q{ordered[-1]:g}" if r == 0 and c == len(resolutions) - 1 else None)  # fmt: skip
+            for step, threshold in ((thresholds or {}).get(name) or {}).items():
+                panel.axvline(step, color="grey", lw=0.6, ls=":")
+                panel.plot([step], [threshold], marker="_", ms=14, mew=2, color="crimson",
+                           label="threshold" if r == 0 and c == len(resolutions) - 1 and step == min(thresholds[name]) else None)  # fmt: skip
+            panel.set_ylim(0, 1.02)
+            panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+            panel.grid(alpha=0.3)
+            panel.set_title(f"{name} · resolution {res}", fontsize=9)
+            panel.set_xlabel("denoising step (loop index)" if r == len(names) - 1 else "")
+            panel.set_ylabel(f"smoothed max ({value})" if c == 0 else "")
+    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False)
     n_images = int(trends.images.max())
-    fig.suptitle(f"Quantiles over images ({n_images} per step) of the higher/lower-attended subject token", fontsize=10)
+    fig.suptitle(f"Quantiles over images ({n_images} per step) of the higher- and lower-attended subject", fontsize=10)
     return fig
 
 
-def measure_intervals(summary: pd.DataFrame, measure: str, hue: str = "variant", x: str = "category", ax=None) -> Figure:
-    """Mean of ``measure`` per ``x`` (category) and ``hue`` (variant) as points with 95% CI whiskers,
-    from :func:`anelab.analysis.summarize` (points, not bars: the axis does not start at zero)."""
+def cross_resolution_curves(effect: pd.DataFrame, ax=None) -> Figure:
+    """How guiding at one resolution moves attention at the others, per step (STUDIES.md 02): one panel per
+    guided variant, one curve per recorded resolution, each the lower subject's mean smoothed max minus
+    plain SD's at that step (from :func:`anelab.analysis.cross_resolution_by_step`)."""
+    variants = list(dict.fromkeys(effect.variant))
+    if not variants:
+        raise AnelabError("no guided variants in this effect table")
+    fig, axes = _axes_grid(ax, 1, len(variants), panel=3.0)
+    for panel, variant in zip(axes[0], variants):
+        part = effect[effect.variant == variant]
+        for res, curve in part.groupby("res"):
+            panel.plot(curve.step, curve.difference, marker=".", label=f"res {res}")
+        panel.axhline(0, color="black", lw=0.6)
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _label(panel, "denoising step (loop index)", "lower subject: Δ smoothed max vs SD" if panel is axes[0, 0] else "",
+               f"guided: {variant}", legend="recorded at" if panel is axes[0, -1] else None)  # fmt: skip
+    return fig
+
+
+def measure_intervals(summary: pd.DataFrame, measure: str, hue: str = "variant", x: str = "category",
+                      descriptions: Mapping[str, str] | None = None, ax=None) -> Figure:  # fmt: skip
+    """Mean of ``measure`` per ``x`` (category) and ``hue`` (variant) as points with 95% CI whiskers, from
+    :func:`anelab.analysis.summarize` (points, not bars: the axis does not start at zero). ``descriptions``
+    ({variant: what it is}) label the legend."""
     data = summary[summary.measure == measure]
     if data.empty:
         raise AnelabError(f"no rows for measure {measure!r}; have {sorted(summary.measure.unique())}")
@@ -188,66 +222,101 @@ def measure_intervals(summary: pd.DataFrame, measure: str, hue: str = "variant",
         part = data[data[hue] == name].set_index(x).reindex(xs)
         positions = np.arange(len(xs)) + (k - (len(hues) - 1) / 2) * width
         errors = np.vstack([part["mean"] - part.ci_low, part.ci_high - part["mean"]]).clip(min=0)
-        panel.errorbar(positions, part["mean"], yerr=np.nan_to_num(errors), fmt="o", capsize=3, label=str(name))
+        label = f"{name}: {descriptions[name]}" if descriptions and name in descriptions else str(name)
+        panel.errorbar(positions, part["mean"], yerr=np.nan_to_num(errors), fmt="o", capsize=3, label=label)
     panel.set_xticks(np.arange(len(xs)), xs, rotation=15)
     panel.set_xlim(-0.5, len(xs) - 0.5)
     _label(panel, x, f"{measure} (mean, 95% CI)", f"{measure} by {x} and {hue}", legend=hue, grid="y")
     return fig
 
 
-def image_grid(images: Sequence, row_labels: Sequence[str], col_labels: Sequence[str], title: str = "", ax=None) -> Figure:
-    """Images (PIL, arrays or paths) in ``len(row_labels) x len(col_labels)`` order, labelled."""
+def paired_intervals(differences: pd.DataFrame, measure: str, by: str = "category", ax=None) -> Figure:
+    """Paired differences from plain SD (:func:`anelab.analysis.paired_differences`) of one measure: per ``by``
+    value and variant, the mean difference with its 95% CI; zero (no change) is the dashed line."""
+    data = differences[differences.measure == measure].rename(columns={"difference": "mean"})
+    if data.empty:
+        raise AnelabError(f"no differences for measure {measure!r}")
+    fig = measure_intervals(data.assign(measure=measure), measure, hue="variant", x=by, ax=ax)
+    panel = fig.axes[0]
+    panel.axhline(0, color="black", lw=0.8, ls="--")
+    panel.set_ylabel(f"{measure}: variant − SD (paired, 95% CI)")
+    panel.set_title(f"{measure}: difference from plain SD on the same seeds", fontsize=10)
+    return fig
+
+
+def image_grid(images: Sequence, row_labels: Sequence[str], col_labels: Sequence[str], title: str = "",
+               captions: Sequence[str] | None = None, marks: Sequence | None = None, panel: float = 2.6, ax=None) -> Figure:  # fmt: skip
+    """Images (PIL, arrays or paths) in ``len(row_labels) x len(col_labels)`` order, labelled; ``captions``
+    (one per image) go under the tiles (e.g. scores), ``marks`` (one per image: None, or a point (x, y) in
+    [0, 1] image coordinates) are drawn as a cross (a layout target)."""
     from PIL import Image
 
     rows, cols = len(row_labels), len(col_labels)
     if len(images) != rows * cols:
         raise AnelabError(f"image_grid needs {rows}x{cols} = {rows * cols} images, got {len(images)}")
-    fig, axes = _axes_grid(ax, rows, cols, panel=2.0)
+    fig, axes = _axes_grid(ax, rows, cols, panel=panel)
     for k, image in enumerate(images):
-        panel = axes[k // cols, k % cols]
-        panel.imshow(np.asarray(Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image))
-        panel.set_xticks([])
-        panel.set_yticks([])
+        tile = axes[k // cols, k % cols]
+        picture = np.asarray(Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image)
+        tile.imshow(picture)
+        tile.set_xticks([])
+        tile.set_yticks([])
+        if marks is not None and marks[k] is not None:
+            h, w = picture.shape[:2]
+            tile.plot([marks[k][0] * w], [marks[k][1] * h], marker="x", ms=12, mew=3, color="red")
+        if captions is not None and captions[k]:
+            tile.set_xlabel(captions[k], fontsize=7)
         if k // cols == 0:
-            panel.set_title(col_labels[k % cols], fontsize=8)
+            tile.set_title(col_labels[k % cols], fontsize=8)
         if k % cols == 0:
-            panel.set_ylabel(row_labels[k // cols], fontsize=9)
+            tile.set_ylabel(row_labels[k // cols], fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
 
 
-def guidance_rates(stats: pd.DataFrame, hue: str = "variant", ax=None) -> Figure:
-    """Guidance rate and success rate per threshold step, one line per ``hue`` (from :func:`anelab.metrics.guidance_stats`)."""
-    import seaborn as sns
-
+def guidance_rates(stats: pd.DataFrame, hue: str = "variant", max_step: int | None = None, ax=None) -> Figure:
+    """Guidance rate and success rate at each threshold step (the denoising loop index), one series per
+    ``hue`` with Wilson 95% intervals; every success point is labelled with its n (triggered pairs), every
+    threshold step gets a tick (from :func:`anelab.analysis.guidance_stats`)."""
     per_step = stats[stats.step.notna()].astype({"step": int})
     if per_step.empty:
         raise AnelabError("no threshold steps in these guidance statistics")
-    fig, axes = _axes_grid(ax, 1, 2, panel=3.6)
-    for panel, column, label in zip(axes[0], ("guidance_rate", "success_rate"), ("guidance rate (share triggered)", "success rate (share reaching)")):
-        sns.lineplot(data=per_step, x="step", y=column, hue=hue, marker="o", ax=panel, legend=panel is axes[0, 1])
-        panel.set_ylim(-0.03, 1.03)
-        panel.xaxis.set_major_locator(MaxNLocator(integer=True))
-        panel.set_xlabel("threshold step (loop index)")
-        panel.set_ylabel(label)
-        panel.set_title(label, fontsize=10)
-        panel.grid(alpha=0.3)
-    if axes[0, 1].get_legend() is not None:
-        axes[0, 1].legend(title=hue, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    fig, axes = _axes_grid(ax, 1, 2, panel=3.8)
+    names = list(dict.fromkeys(per_step[hue]))
+    offsets = np.linspace(-0.25, 0.25, len(names)) if len(names) > 1 else [0.0]
+    for panel, column, n_column, label in zip(axes[0], ("guidance_rate", "success_rate"), ("pairs", "triggered"),
+                                             ("guidance rate (share of pairs triggered)", "success rate (share of triggered reaching)")):  # fmt: skip
+        for name, offset in zip(names, offsets):
+            part = per_step[per_step[hue] == name].sort_values("step")
+            low, high = part[f"{column}_low"], part[f"{column}_high"]
+            errors = np.vstack([part[column] - low, high - part[column]]).clip(min=0)
+            panel.errorbar(part.step + offset, part[column], yerr=np.nan_to_num(errors), fmt="o-", ms=4, capsize=2, lw=1, label=str(name))
+            if column == "success_rate":
+                for step, value, n in zip(part.step, part[column], part[n_column]):
+                    if not np.isnan(value):
+                        panel.annotate(f"n={n}", (step + offset, value), textcoords="offset points", xytext=(3, 4), fontsize=6)
+        steps = sorted(per_step.step.unique())
+        panel.set_xticks(steps)
+        panel.set_xlim(-1, max(max_step or 0, max(steps)) + 1)
+        panel.set_ylim(-0.03, 1.05)
+        _label(panel, "threshold step (denoising loop index)", label, label, legend=hue if panel is axes[0, 1] else None)
     return fig
 
 
 def step_size_schedules(configs: Mapping, n_iterations: int = 51, ax=None) -> Figure:
-    """α_i over the loop for each named GuidanceConfig, up to its last regular update."""
-    fig, axes = _axes_grid(ax, 1, 1, panel=4.2)
+    """α_i over the loop for each named GuidanceConfig, up to its last regular update, its threshold steps marked."""
+    fig, axes = _axes_grid(ax, 1, 1, panel=4.6)
     panel = axes[0, 0]
     for name, config in configs.items():
         if config is None:
             continue
         alphas = config.step_sizes(n_iterations)[: min(config.last_update_iteration(n_iterations), n_iterations)]
-        panel.plot(np.arange(len(alphas)), alphas, label=str(name))
-    _label(panel, "loop index i", "step size α_i", "Step-size schedules (regular updates)")
+        line = panel.plot(np.arange(len(alphas)), alphas, label=str(name))[0]
+        steps = [s for s in config.thresholds if s < len(alphas)]
+        panel.plot(steps, alphas[steps], "o", ms=4, color=line.get_color())
+    panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _label(panel, "loop index i (dots: threshold steps)", "step size α_i", "Step-size schedules (regular updates)", legend="variant")
     return fig
 
 
@@ -311,12 +380,26 @@ def layout_arrows(layout: pd.DataFrame, ax=None) -> Figure:
     return fig
 
 
-def sweep_images(out: str | Path, results: pd.DataFrame, variants: Sequence[str], examples: int = 3, title: str = "", ax=None) -> Figure:
-    """The first ``examples`` (prompt, seed) pairs of a sweep (columns) under each variant (rows), read from ``out``."""
+def sweep_images(results: pd.DataFrame, variants: Sequence[str], examples: int | Sequence[tuple[str, int]] = 3, title: str = "",
+                 caption: Sequence[str] = ("min_object", "all_present"), marks: Mapping[str, tuple[float, float]] | None = None,
+                 ax=None) -> Figure:  # fmt: skip
+    """(prompt, seed) pairs of a study (columns: the first ``examples``, or the pairs given) under each variant
+    (rows), from :func:`anelab.runs.load_results`; each tile captioned with its ``caption`` scores, and a
+    variant's layout target marked (``marks``: {variant: (x, y)})."""
     missing = [v for v in variants if v not in set(results.variant)]
     if missing:
         raise AnelabError(f"variant(s) {missing} are not in these results ({sorted(set(results.variant))})")
-    pairs = list(results.drop_duplicates(["prompt", "seed"]).head(examples)[["prompt", "seed"]].itertuples(index=False))
-    where = results.set_index(["variant", "prompt", "seed"]).image
-    images = [Path(out) / where[(v, p, s)] for v in variants for p, s in pairs]
-    return image_grid(images, list(variants), [f"{p} · seed {s}" for p, s in pairs], title=title, ax=ax)
+    if isinstance(examples, int):
+        pairs = list(results.drop_duplicates(["prompt", "seed"]).head(examples)[["prompt", "seed"]].itertuples(index=False, name=None))
+    else:
+        pairs = [tuple(p) for p in examples]
+    table = results.set_index(["variant", "prompt", "seed"])
+    shown = [c for c in caption if c in table.columns]
+    images, captions = [], []
+    for v in variants:
+        for p, s in pairs:
+            row = table.loc[(v, p, s)]
+            images.append(row.image)
+            captions.append(" · ".join(f"{c} {row[c]:.3g}" for c in shown if pd.notna(row[c])))
+    tile_marks = [(marks or {}).get(v) for v in variants for _ in pairs]
+    return image_grid(images, list(variants), [f"{p} · seed {s}" for p, s in pairs], title=title, captions=captions, marks=tile_marks, ax=ax)

@@ -2,28 +2,39 @@
 
 Notebooks publish their headline numbers with :func:`record` (a display output of its own MIME
 type, kept in the executed ``.ipynb``); :func:`recorded` reads them back for the index and tests.
+A report runs at a scale (``smoke`` / ``quick`` / ``full``, :data:`anelab.runs.SCALES`); its images go
+to the run store, so a second report, or a report after ``anelab report --generate-only`` shards,
+only analyses. No cell has a fixed time limit: a slow machine makes a slow report, not a failed one.
+A failed notebook never hides the others; its page starts with a banner naming the failed cell.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import datetime
 import html
 import json
 import os
+import platform
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .errors import AnelabError
+from .io import write_json, write_text
 from .resources import as_path, notebook
 
 NOTEBOOKS = (
     "00_attention_explorer", "01_reproduction", "02_resolution", "03_timesteps", "04_step_size_and_kernel", "05_suppression_and_layout",
 )  # fmt: skip
+#: Longest first, so that parallel workers finish together (measured smoke times on the tiny model).
+LONGEST_FIRST = ("04_step_size_and_kernel", "02_resolution", "05_suppression_and_layout", "03_timesteps", "01_reproduction", "00_attention_explorer")
 RECORD_MIME = "application/vnd.anelab.record+json"
-SMOKE_CELL_TIMEOUT = 600  # seconds per cell in smoke mode: a hung cell fails its notebook, not the suite
+TRACEBACK_FRAMES = 3  # frames of a failed cell's traceback kept on its page (the rest are folded away)
 RANDOM_WEIGHTS_NOTE = (
     "This report ran on the embedded tiny model with random weights: every number and image in it is "
     "meaningless and exists only to show the pipeline end to end. Run `make report MODEL=CompVis/stable-diffusion-v1-4` "
@@ -70,50 +81,7 @@ class NotebookRun:
     seconds: float
     error: str | None
     values: dict
-
-
-def run_report(
-    model: str = "tiny", smoke: bool = True, only: Sequence[str] | None = None, out: str | os.PathLike = "reports",
-    runs: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None, progress: bool = True,
-) -> list[NotebookRun]:  # fmt: skip
-    """Execute the notebooks (all, or ``only``) into ``out/<name>.ipynb`` and ``.html``, then ``out/index.html``.
-
-    ``runs`` holds the sweeps the notebooks run (default ``runs/report-<model>-<smoke|full>``), so a
-    second report reuses finished work. A failing notebook is reported and the others still run.
-    """
-    import papermill
-
-    names = match_notebooks(only)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = str(model).replace("/", "--")
-    runs = Path(runs) if runs else Path("runs") / f"report-{slug}-{'smoke' if smoke else 'full'}"
-    results = []
-    bar = tqdm(names, desc="report", unit="notebook", disable=not progress)
-    for name in bar:
-        bar.set_postfix_str(name)
-        target = out / f"{name}.ipynb"
-        parameters = {"model": str(model), "smoke": bool(smoke), "out_dir": str((runs / name).resolve()), "device": device, "dtype": dtype}
-        start = time.perf_counter()
-        error = None
-        with as_path(notebook(name)) as source:
-            if "interactive" in papermill.inspect_notebook(str(source)):
-                parameters["interactive"] = False  # no frontend: the widget would be inert (and nbclient can stall on it)
-            try:
-                papermill.execute_notebook(
-                    str(source), str(target), parameters=parameters, kernel_name="python3",
-                    progress_bar=False, cwd=str(Path.cwd()), log_output=False,
-                    execution_timeout=SMOKE_CELL_TIMEOUT if smoke else None,
-                )  # fmt: skip
-            except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error; report and go on
-                error = _one_line(exc)
-        seconds = time.perf_counter() - start
-        values = recorded(target) if target.exists() else {}
-        if target.exists():
-            _to_html(target, out / f"{name}.html")
-        results.append(NotebookRun(name, error is None, seconds, error, values))
-    _index(results, out, model, smoke)
-    return results
+    failed_cell: int | None = None
 
 
 def match_notebooks(only: Sequence[str] | None) -> list[str]:
@@ -129,37 +97,166 @@ def match_notebooks(only: Sequence[str] | None) -> list[str]:
     return names
 
 
+def default_runs(model: str, scale: str) -> Path:
+    return Path("runs") / f"report-{str(model).replace('/', '--')}-{scale}"
+
+
+def run_report(
+    model: str = "tiny", scale: str = "smoke", only: Sequence[str] | None = None, out: str | os.PathLike = "reports",
+    runs: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None, store: str | os.PathLike | None = None,
+    jobs: int = 1, progress: bool = True,
+) -> list[NotebookRun]:  # fmt: skip
+    """Execute the notebooks (all, or ``only``) into ``out/<name>.ipynb`` and ``.html``, then ``out/index.html``.
+
+    ``runs`` holds the notebooks' study views (default ``runs/report-<model>-<scale>``); their images live in
+    the run ``store``. ``jobs`` notebooks run at once (each kernel gets its share of the CPU threads). A
+    failing notebook is reported and the others still run.
+    """
+    names = match_notebooks(only)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = Path(runs) if runs else default_runs(model, scale)
+    store = None if store is None else str(Path(store).resolve())
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # kernels inherit it: share the cores, don't fight over them
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    parameters = {"model": str(model), "scale": scale, "device": device, "dtype": dtype, "store": store}
+    order = [n for n in LONGEST_FIRST if n in names] if jobs > 1 else names
+    started = datetime.datetime.now(datetime.timezone.utc)
+    bar = tqdm(total=len(order), desc="report", unit="notebook", disable=not progress)
+    results = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(_execute, name, out, parameters | {"out_dir": str((runs / name).resolve())}): name for name in order}
+        for future in concurrent.futures.as_completed(futures):
+            result = future.result()
+            results[result.name] = result
+            bar.set_postfix_str(f"{result.name} {'ok' if result.ok else 'FAILED'}")
+            bar.update()
+    bar.close()
+    ordered = [results[n] for n in names]
+    _index(ordered, out, parameters | {"runs": str(runs), "started": started, "jobs": jobs})
+    return ordered
+
+
+def _execute(name: str, out: Path, parameters: dict) -> NotebookRun:
+    """One notebook: papermill (no time limit per cell), then its HTML page (with a failure banner if it failed)."""
+    import papermill
+
+    target = out / f"{name}.ipynb"
+    start = time.perf_counter()
+    error = None
+    with as_path(notebook(name)) as source:
+        declared = papermill.inspect_notebook(str(source))
+        given = {k: v for k, v in parameters.items() if k in declared}
+        if "interactive" in declared:
+            given["interactive"] = False  # no frontend: the widget would be inert (and nbclient can stall on it)
+        try:
+            papermill.execute_notebook(str(source), str(target), parameters=given, kernel_name="python3", progress_bar=False,
+                                       cwd=str(Path.cwd()), log_output=False, execution_timeout=None)  # fmt: skip
+        except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error; report and go on
+            error = _one_line(exc)
+    seconds = time.perf_counter() - start
+    values, failed_cell = {}, None
+    if target.exists():
+        values = recorded(target)
+        failed_cell = _to_html(target, out / f"{name}.html")
+    return NotebookRun(name, error is None, seconds, error, values, failed_cell)
+
+
 def _one_line(exc: Exception) -> str:
     name = getattr(exc, "ename", type(exc).__name__)
     value = getattr(exc, "evalue", str(exc))
     return f"{name}: {value}".splitlines()[0][:400]
 
 
-def _to_html(notebook: Path, target: Path) -> None:
-    """HTML with code cells hidden (the figures, tables and text remain)."""
+def _to_html(notebook: Path, target: Path) -> int | None:
+    """HTML with code cells hidden (figures, tables and text remain). A failed notebook's page opens with a
+    red banner naming the failed cell and the error's last line, and its traceback keeps only its last
+    frames. Returns the failed cell's number (None when nothing failed)."""
     import nbformat
     from nbconvert import HTMLExporter
 
+    nb = nbformat.read(notebook, as_version=4)
+    failed = None
+    for number, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                failed = failed or (number + 1, cell, output)
+                frames = output.get("traceback", [])
+                if len(frames) > TRACEBACK_FRAMES + 1:
+                    output["traceback"] = [f"... {len(frames) - TRACEBACK_FRAMES - 1} earlier frames folded away ...", *frames[-TRACEBACK_FRAMES - 1 :]]
+    nb.cells = [c for c in nb.cells if "papermill-error-cell-tag" not in c.get("metadata", {}).get("tags", [])]
+    if failed:
+        number, cell, output = failed
+        first_line = next((line for line in cell.source.splitlines() if line.strip() and not line.startswith("#")), "")
+        banner = (f'<div style="background:#fdecea;border:2px solid #b00020;padding:10px;font-family:sans-serif">'
+                  f'<b style="color:#b00020">This notebook failed</b> in code cell {number} '
+                  f'(<code>{html.escape(first_line[:100])}</code>):<br><code>{html.escape(output.get("ename", "Error"))}: '
+                  f'{html.escape(str(output.get("evalue", "")).splitlines()[-1] if output.get("evalue") else "")}</code><br>'
+                  'Everything below that cell is missing; the numbers above it are partial.</div>')  # fmt: skip
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(banner))
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
-    target.write_text(body)
+    body, _ = exporter.from_notebook_node(nb)
+    write_text(body, target)
+    return None if failed is None else failed[0]
 
 
-def _index(results: list[NotebookRun], out: Path, model: str, smoke: bool) -> None:
+def _commit() -> str:
+    """The git commit of the source tree, when the package runs from one (else the installed version)."""
+    from . import __version__
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent, capture_output=True,
+                               text=True, timeout=5)  # fmt: skip
+        if head.returncode == 0:
+            return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") + f" (anelab {__version__})"
+    except OSError:
+        pass
+    return f"anelab {__version__}"
+
+
+def _sizes(names, scale: str) -> str:
+    """Prompts and seeds of the report's studies at this scale, in words."""
+    from .runs import load_study
+    from .runs.protocol import studies_of
+
+    parts = []
+    for name in studies_of(names):
+        study = load_study(name, scale=scale)
+        parts.append(f"{name}: {len(study.prompts)} prompts × {len(study.seeds)} seeds × {len(study.variants)} variants, {study.steps} steps, {study.size} px")
+    return "; ".join(parts)
+
+
+def _index(results: list[NotebookRun], out: Path, meta: dict) -> None:
+    """``index.html`` (and ``index.json``): when, which commit, model, device, dtype, scale and sizes; per
+    notebook its status, time and headline numbers (marked partial when it failed), with links."""
+    model = meta["model"]
     rows = []
     for r in results:
         numbers = "<br>".join(f"{html.escape(str(k))}: <b>{html.escape(_fmt(v))}</b>" for k, v in r.values.items()) or "—"
+        if not r.ok:
+            numbers = f"<span class='fail'>partial (failed in cell {r.failed_cell or '?'})</span><br>{numbers}"
         status = "ok" if r.ok else f"<span class='fail'>failed: {html.escape(r.error or '')}</span>"
         rows.append(f"<tr><td><a href='{r.name}.html'>{r.name}</a></td><td>{status}</td><td>{r.seconds:.0f} s</td><td>{numbers}</td></tr>")
     note = f"<p class='warn'>{html.escape(RANDOM_WEIGHTS_NOTE)}</p>" if str(model) == "tiny" else ""
+    facts = {
+        "run": meta["started"].strftime("%Y-%m-%d %H:%M UTC"), "commit": _commit(), "model": model, "scale": meta["scale"],
+        "device": meta["device"] or "default", "dtype": meta["dtype"] or "the weights'", "store": meta["store"] or "runs/store (default)",
+        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)", "sizes": _sizes([r.name for r in results], meta["scale"]),
+    }  # fmt: skip
+    listing = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>anelab report</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{border-bottom:1px solid #ddd;padding:6px;vertical-align:top;text-align:left}}
-table{{border-collapse:collapse}}.fail{{color:#b00}}.warn{{background:#fff3cd;padding:8px}}</style></head><body>
-<h1>anelab report</h1><p>model <code>{html.escape(str(model))}</code>, {'smoke' if smoke else 'full'} mode.</p>{note}
+<style>body{{font-family:sans-serif;max-width:1150px;margin:2em auto}}td,th{{border-bottom:1px solid #ddd;padding:6px;vertical-align:top;text-align:left}}
+table{{border-collapse:collapse;margin-bottom:1.5em}}.fail{{color:#b00}}.warn{{background:#fff3cd;padding:8px}}</style></head><body>
+<h1>anelab report</h1>{note}<table>{listing}</table>
 <table><tr><th>notebook</th><th>status</th><th>time</th><th>headline numbers</th></tr>{''.join(rows)}</table></body></html>"""
-    (out / "index.html").write_text(page)
-    (out / "index.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1, default=str))
+    write_text(page, out / "index.html")
+    write_json({"facts": facts, "notebooks": [dataclasses.asdict(r) for r in results]}, out / "index.json")
 
 
 def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    return str(value)

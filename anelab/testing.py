@@ -27,6 +27,9 @@ SD14_PNDM_CONFIG = dict(
     trained_betas=None,
 )
 
+#: Bumped whenever the tiny models change, so run-store keys of their images change too.
+TINY_VERSION = "1"
+
 #: Cross-attention query/key weights are multiplied by this after random initialisation, so that
 #: attention is peaked enough for the A&E loss to respond to the latent (plain random init gives
 #: near-uniform attention: loss ≈ 0.985, and no step moves it).

@@ -2,7 +2,7 @@
 
 Rows are collected as tensors on the sampling device and copied to the CPU once, when the table is
 built (no host synchronisation per step). Guidance rate, success rate and mean refinement rounds
-(STUDIES.md, measures) are computed from these columns alone (:func:`anelab.metrics.guidance_stats`).
+(STUDIES.md, measures) are computed from these columns alone (:func:`anelab.analysis.guidance_stats`).
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 from anelab import AnelabError
-from anelab.analysis import summarize
+from anelab.analysis import guidance_stats, summarize
 from anelab.cli import main
 from anelab.metrics import (
-    BLIP_PROMPT, clip_scores, find_images, guidance_stats, imagenet_templates, load_blip, load_clip, score_folder,
+    BLIP_PROMPT, clip_scores, find_images, imagenet_templates, load_blip, load_clip, score_folder,
     templated, text_text_scores,
 )  # fmt: skip
 from anelab.prompts import sub_prompts

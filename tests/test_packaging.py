@@ -44,7 +44,7 @@ def test_an_installed_wheel_runs_a_report_from_an_unrelated_directory(wheel, tmp
     where = subprocess.run([sys.executable, "-c", "import anelab; print(anelab.__file__, anelab.__version__)"], cwd=work, env=env,
                            capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert where.startswith(str(target)), where  # the wheel's copy, not the source tree
-    run = subprocess.run([sys.executable, "-m", "anelab", "report", "--model", "tiny", "--smoke", "--only", "00", "--out", "reports"],
+    run = subprocess.run([sys.executable, "-m", "anelab", "report", "--model", "tiny", "--size", "smoke", "--only", "00", "--out", "reports"],
                          cwd=work, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert (work / "reports" / "00_attention_explorer.html").is_file() and (work / "reports" / "index.html").is_file()

@@ -7,7 +7,8 @@ import torch
 
 import anelab
 from anelab import AnelabError, GuidanceConfig, Record
-from anelab.analysis import calibrate_thresholds, calibration_stats, subject_extremes
+from anelab.analysis import calibrate_thresholds, subject_extremes
+from anelab.runs.calibration import calibration_stats
 from anelab.objectives import centroid, gaussian_target, layout_kl, suppress_loss
 
 SEEDS = [0, 1, 2, 3]

@@ -7,7 +7,8 @@ from PIL import Image
 
 from anelab import AnelabError, GuidanceConfig
 from anelab import analysis, plotting
-from anelab.study import load_study
+from anelab.runs import load_study
+from anelab.runs.calibration import calibrated_study
 
 
 def _results():
@@ -78,13 +79,13 @@ def test_calibrated_study_guides_each_resolution_with_its_own_quantiles():
         for step in (0, 10, 20):
             for token, value in (("cat", low), ("dog", 0.9)):
                 stats.append(dict(prompt="a cat and a dog", seed=seed, step=step, timestep=1000 - 20 * step, res=32, token=token, subject=True, max_attention=value))
-    calibrated, thresholds = analysis.calibrated_study(study, pd.DataFrame(stats), {32: "res32"}, quantile=0.5)
+    calibrated, thresholds = calibrated_study(study, pd.DataFrame(stats), {32: "res32"}, quantile=0.5)
     assert thresholds == {32: {0: pytest.approx(0.2), 10: pytest.approx(0.2), 20: pytest.approx(0.2)}}
     assert list(calibrated.variants) == ["res32_calibrated"] and calibrated.name == "resolution_calibrated"
     config = calibrated.variants["res32_calibrated"]
     assert isinstance(config, GuidanceConfig) and config.attention_res == 32 and config.thresholds == thresholds[32]
     with pytest.raises(AnelabError, match="not guided variants"):
-        analysis.calibrated_study(study, pd.DataFrame(stats), {32: "sd"})
+        calibrated_study(study, pd.DataFrame(stats), {32: "sd"})
 
 
 def _labelled(fig):
@@ -111,14 +112,14 @@ def test_wide_summary_and_step_table_are_readable():
     assert list(wide.index) == ["animal_animal", "overall"]
     assert list(wide.columns) == [("min_object", "sd"), ("min_object", "ae"), ("text_text", "sd"), ("text_text", "ae")]
     assert wide.loc["overall", ("min_object", "ae")].startswith("0.300 [") and wide.loc["overall", ("text_text", "sd")] == "0.500 [0.500, 0.500]"
-    from anelab.metrics import guidance_stats
+    from anelab.analysis import guidance_stats
 
     rates = analysis.step_table(guidance_stats(_trace(), by=["variant"]))
     assert list(rates.index) == [("ae", "0"), ("ae", "all")] and rates.loc[("ae", "all"), "guidance_rate"] == 0.5
 
 
 def test_guidance_rates_tradeoff_and_schedules_are_labelled():
-    from anelab.metrics import guidance_stats
+    from anelab.analysis import guidance_stats
 
     rates = guidance_stats(_trace().query("variant == 'ae'"), by=["variant"])
     assert len(_labelled(plotting.guidance_rates(rates))) == 2

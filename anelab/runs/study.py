@@ -1,7 +1,11 @@
 """Study files (``data/studies/*.yaml``): prompts × seeds × variants, validated with file line numbers.
 
-A study fixes everything that changes a result — model size, steps, guidance settings of each
-variant, what to record, the seed batch — so a sweep directory holds one comparable experiment.
+A study fixes everything that changes a result — image size, steps, guidance settings of each
+variant, what to record, the seed batch, the generator — so its images are one comparable experiment.
+A study runs at a *scale* (:data:`SCALES`): ``full`` is the file as written (the seed's protocol),
+``quick`` a real-weights sanity run of every variant, ``smoke`` the thinnest slice that still runs
+every code path (the tiny model in ``make report``). A study file may narrow its own ``smoke`` and
+``quick`` slices (e.g. fewer kernel variants at 512 px).
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .config import GuidanceConfig
-from .errors import AnelabError
-from .prompts import CATEGORIES, load_prompts
-from .recording import Record
-from .resources import study_files
+from ..checks import is_int, is_number
+from ..config import GuidanceConfig
+from ..errors import AnelabError
+from ..prompts import CATEGORIES, load_prompts
+from ..recording import Record
+from ..resources import study_files
 
 TOP_KEYS = {
     "name": "study name (text)",
@@ -32,8 +37,20 @@ TOP_KEYS = {
     "base": "GuidanceConfig fields shared by the guided variants",
     "variants": "name -> GuidanceConfig overrides of base (+ excite/suppress/layout by subject index), or null for plain SD",
     "record": "Record fields (resolutions, steps, tokens); statistics only, maps: false",
+    "generator_device": "where each seed's noise is drawn: cpu (default, the same on every machine) or cuda (the official code's)",
+    "calibrate": "thresholds from another study's plain-SD statistics: {from: study, variant: sd, quantile: 0.5, variants: [...]}",
+    "smoke": "overrides of the smoke slice: {variants: [...], categories: [...], prompts: K per category, seeds: K}",
+    "quick": "overrides of the quick slice: {variants: [...], categories: [...], prompts: K per category, seeds: K}",
     "description": "free text",
 }
+#: The scales a study runs at: overrides of the file's prompts (per category), seeds, steps, batch and
+#: guidance fields. ``smoke`` also shrinks the image to the smallest side that has every resolution read.
+SCALES = {
+    "smoke": dict(prompts=1, seeds=1, steps=4, batch=1, base={"max_refinement_steps": 3}),
+    "quick": dict(prompts=4, seeds=4, batch=4),  # ~48 images per variant: every variant, about one GPU-hour for the whole report
+    "full": {},
+}
+SLICE_KEYS = ("variants", "categories", "prompts", "seeds")
 CONFIG_FIELDS = [f.name for f in dataclasses.fields(GuidanceConfig)]
 #: Variant keys that pick what is steered, by index into each prompt's subject tokens (STUDIES.md 05).
 STEERING_KEYS = {"excite": "subject indices to excite (default: all)", "suppress": "subject indices to suppress",
@@ -57,6 +74,9 @@ class Study:
     steering: dict[str, dict] = dataclasses.field(default_factory=dict)  # variant -> excite/suppress/layout by subject index
     source: str = ""
     notes: list[str] = dataclasses.field(default_factory=list)
+    generator_device: str = "cpu"
+    scale: str = "full"
+    calibrate: dict | None = None  # {from, variant, quantile, variants}: thresholds taken from another study's plain-SD statistics
 
     def spec(self) -> dict:
         """Everything that defines the results, as plain JSON (what the spec hash covers)."""
@@ -71,7 +91,36 @@ class Study:
             "variants": {name: None if c is None else c.to_dict() for name, c in self.variants.items()},
             "record": None if self.record is None else self.record.to_dict(),
             **({"steering": self.steering} if self.steering else {}),
+            **({"generator_device": self.generator_device} if self.generator_device != "cpu" else {}),
+            **({"calibrate": self.calibrate} if self.calibrate else {}),
         }
+
+    def describe(self, variant: str) -> str:
+        """What a variant is, in words a table legend can carry: its resolution, thresholds, step size and
+        schedule, kernel and σ where they differ from the defaults, its steering (plain SD: "plain SD")."""
+        config = self.variants[variant]
+        if config is None:
+            return "plain SD (no guidance)"
+        default = GuidanceConfig()
+        parts = [f"res {config.attention_res}", "thresholds " + (", ".join(f"{k}:{v:g}" for k, v in config.thresholds.items()) or "none")]
+        if config.scale_factor != default.scale_factor:
+            parts.append(f"α {config.scale_factor:g}")
+        if config.step_schedule != default.step_schedule or config.scale_range != default.scale_range:
+            schedule = config.step_schedule if isinstance(config.step_schedule, str) else "table " + " ".join(f"{i}:{v:g}" for i, v in config.step_schedule) if isinstance(config.step_schedule, tuple) else getattr(config.step_schedule, "__name__", "callable")
+            parts.append(f"schedule {schedule} over r {config.scale_range[0]:g}→{config.scale_range[1]:g}")
+        if not config.smooth:
+            parts.append("no smoothing")
+        elif (config.kernel_size, config.sigma) != (default.kernel_size, default.sigma):
+            parts.append(f"kernel {config.kernel_size} σ {config.sigma:g}")
+        if config.layout_update != default.layout_update:
+            parts.append(f"{config.layout_update} layout update")
+        steer = self.steering.get(variant, {})
+        for key in ("excite", "suppress"):
+            if key in steer:
+                parts.append(f"{key} subject{'s' if len(steer[key]) != 1 else ''} {', '.join(map(str, steer[key])) or 'none'}")
+        for index, point in steer.get("layout", {}).items():
+            parts.append(f"subject {index} → ({point[0]:g}, {point[1]:g})")
+        return ", ".join(parts)
 
     def spec_hash(self, model: str) -> str:
         text = json.dumps({"model": model, **self.spec()}, sort_keys=True)
@@ -119,21 +168,19 @@ def study_path(name_or_path: str | Path):
 
 
 def load_study(
-    source: str | Path | Mapping, *, prompts: int | None = None, seeds: int | None = None,
-    steps: int | None = None, batch: int | None = None, size: int | None = None, base: Mapping | None = None, smoke: bool = False,
+    source: str | Path | Mapping, *, scale: str = "full", prompts: int | None = None, seeds: int | None = None,
+    steps: int | None = None, batch: int | None = None, size: int | None = None, base: Mapping | None = None,
 ) -> Study:  # fmt: skip
-    """Read and validate a study (a YAML path, a study name, or a dict), applying overrides.
-
-    ``smoke=True`` shrinks it to :data:`SMOKE` (explicit overrides win).
+    """Read and validate a study (a YAML path, a study name, or a dict) at a ``scale`` of :data:`SCALES`
+    (and the file's own ``smoke``/``quick`` slice), then apply explicit overrides, which win.
 
     ``prompts`` keeps the first K prompts per category (or of an explicit list), ``seeds`` the
     first K seeds; ``steps`` rescales the variants' threshold steps and ``max_iter_to_alter``
     proportionally (:meth:`GuidanceConfig.rescaled`); ``base`` overrides GuidanceConfig fields of
     every guided variant (e.g. ``{"max_refinement_steps": 3}`` for a smoke run).
     """
-    if smoke:
-        given = dict(prompts=prompts, seeds=seeds, steps=steps, batch=batch, base=base)
-        prompts, seeds, steps, batch, base = (SMOKE[k] if given[k] is None else given[k] for k in given)
+    if scale not in SCALES:
+        raise AnelabError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     if isinstance(source, Mapping):
         data, lines, label = dict(source), _Lines(""), "study"
     else:
@@ -163,7 +210,7 @@ def load_study(
         fail(("name",), "must be non-empty text")
 
     def integer(key, value, minimum=1):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if not is_int(value) or value < minimum:
             fail((key,), f"must be an int >= {minimum}, got {value!r}")
         return value
 
@@ -172,9 +219,9 @@ def load_study(
     if side % 8:
         fail(("size",), f"must be a multiple of 8, got {side}")
     batch_size = integer("batch", data.get("batch", 8))
-    scale = data.get("guidance_scale", 7.5)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        fail(("guidance_scale",), f"must be a number, got {scale!r}")
+    cfg_scale = data.get("guidance_scale", 7.5)
+    if not is_number(cfg_scale):
+        fail(("guidance_scale",), f"must be a finite number, got {cfg_scale!r}")
     table = _prompts(data["prompts"], fail)
     seed_list = _seeds(data["seeds"], fail)
     base_fields = data.get("base") or {}
@@ -192,8 +239,21 @@ def load_study(
             overrides = {k: v for k, v in overrides.items() if k not in STEERING_KEYS}
         variants[str(name)] = None if overrides is None else _config(base_fields, overrides, ("variants", str(name)), fail)
     record = _record(data.get("record"), fail)
+    generator = data.get("generator_device", "cpu")
+    if generator not in ("cpu", "cuda"):
+        fail(("generator_device",), f"must be cpu or cuda, got {generator!r}")
+    slices = {name: _slice(data.get(name), name, variants, fail) for name in ("smoke", "quick")}
+    calibrate = _calibrate(data.get("calibrate"), variants, fail)
 
-    # overrides (CLI / notebook parameters)
+    # the scale, then explicit overrides (CLI / notebook parameters)
+    given = dict(prompts=prompts, seeds=seeds, steps=steps, batch=batch, base=base)
+    scaled = {**SCALES[scale], **{k: v for k, v in slices.get(scale, {}).items() if k not in ("variants", "categories")}}
+    prompts, seeds, steps, batch, base = (scaled.get(k) if given[k] is None else given[k] for k in given)
+    if "categories" in slices.get(scale, {}) and "category" in table:
+        table = table[table.category.isin(slices[scale]["categories"])].reset_index(drop=True)
+    if "variants" in slices.get(scale, {}):
+        variants = {k: v for k, v in variants.items() if k in slices[scale]["variants"]}
+        steering = {k: v for k, v in steering.items() if k in variants}
     notes = []
     if prompts is not None:
         table = table.groupby("category", sort=False).head(prompts).reset_index(drop=True) if "category" in table else table.head(prompts)
@@ -203,7 +263,7 @@ def load_study(
         batch_size = batch
     if size is not None:
         side = size
-    elif smoke:
+    elif scale == "smoke":
         side = smallest_size(variants, record, side)
     if base:
         variants = {k: None if c is None else c.replace(**base) for k, c in variants.items()}
@@ -212,15 +272,52 @@ def load_study(
         notes.append(f"steps {n_steps} -> {steps}: threshold steps and max_iter_to_alter rescaled proportionally")
         n_steps = steps
     return Study(
-        name=data["name"], prompts=table, seeds=seed_list, steps=n_steps, size=side, guidance_scale=float(scale),
+        name=data["name"], prompts=table, seeds=seed_list, steps=n_steps, size=side, guidance_scale=float(cfg_scale),
         batch=batch_size, variants=variants, record=record, steering=steering, source=label, notes=notes,
+        generator_device=generator, scale=scale,
+        calibrate=None if calibrate is None else {**calibrate, "variants": [v for v in calibrate["variants"] if v in variants]},
     )  # fmt: skip
 
 
-#: What smoke mode (tiny model, `make report`) shrinks a study to: minutes for the whole suite on a CPU.
-#: The image side also shrinks, to the smallest that still has every resolution the study reads
-#: (:func:`smallest_size`): self-attention at 64x64 makes 512 px images ~5x slower than 256 px.
-SMOKE = dict(prompts=1, seeds=1, steps=4, batch=1, base={"max_refinement_steps": 3})
+def _calibrate(spec, variants: Mapping, fail) -> dict | None:
+    """``calibrate: {from: study, variant: sd, quantile: 0.5, variants: [...]}``: the listed guided variants take
+    thresholds at their own threshold steps from the plain-SD statistics of ``from`` at their own resolution."""
+    if spec is None:
+        return None
+    allowed = {"from", "variant", "quantile", "variants"}
+    if not isinstance(spec, Mapping) or set(spec) - allowed or "from" not in spec or "variants" not in spec:
+        fail(("calibrate",), f"must be a mapping with from and variants (and variant, quantile), got {spec!r}")
+    quantile = spec.get("quantile", 0.5)
+    if not is_number(quantile) or not 0 <= quantile <= 1:
+        fail(("calibrate", "quantile"), f"must be a number in [0, 1], got {quantile!r}")
+    chosen = spec["variants"]
+    if not isinstance(chosen, list) or not chosen or any(variants.get(v) is None for v in chosen):
+        fail(("calibrate", "variants"), f"must list guided variants of this study, got {chosen!r}")
+    return {"from": str(spec["from"]), "variant": str(spec.get("variant", "sd")), "quantile": float(quantile), "variants": list(chosen)}
+
+
+def _slice(spec, name: str, variants: Mapping, fail) -> dict:
+    """A file's own ``smoke``/``quick`` slice: a subset of its variants, and prompts / seeds counts."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, Mapping) or set(spec) - set(SLICE_KEYS):
+        fail((name,), f"must be a mapping of {list(SLICE_KEYS)}, got {spec!r}")
+    out = {}
+    if "variants" in spec:
+        chosen = spec["variants"]
+        if not isinstance(chosen, list) or not chosen or any(v not in variants for v in chosen):
+            fail((name, "variants"), f"must list variants of this study ({list(variants)}), got {chosen!r}")
+        out["variants"] = list(chosen)
+    if "categories" in spec:
+        if not isinstance(spec["categories"], list) or not spec["categories"] or any(c not in (*CATEGORIES, "custom") for c in spec["categories"]):
+            fail((name, "categories"), f"must be a list drawn from {list(CATEGORIES)}, got {spec['categories']!r}")
+        out["categories"] = list(spec["categories"])
+    for key in ("prompts", "seeds"):
+        if key in spec:
+            if not is_int(spec[key]) or spec[key] < 1:
+                fail((name, key), f"must be an int >= 1, got {spec[key]!r}")
+            out[key] = int(spec[key])
+    return out
 
 
 def smallest_size(variants: Mapping[str, GuidanceConfig | None], record: Record | None, size: int, floor: int = 128) -> int:
@@ -244,7 +341,7 @@ def _prompts(spec, fail) -> pd.DataFrame:
         if not isinstance(categories, list) or any(c not in CATEGORIES for c in categories):
             fail(("prompts", "categories"), f"must be a list drawn from {list(CATEGORIES)}, got {categories!r}")
         limit = spec.get("limit")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        if limit is not None and (not is_int(limit) or limit < 1):
             fail(("prompts", "limit"), f"must be null or an int >= 1, got {limit!r}")
         return load_prompts(categories=categories, limit=limit)
     if isinstance(spec, list) and spec:
@@ -269,25 +366,26 @@ def _steering(spec, path, fail) -> dict:
     for key in ("excite", "suppress"):
         if key in spec:
             value = spec[key]
-            if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+            if not isinstance(value, list) or not all(is_int(i) and i >= 0 for i in value):
                 fail((*path, key), f"must be a list of subject indices (0 = the prompt's first subject), got {value!r}")
             out[key] = list(value)
     if "layout" in spec:
+        from ..pipeline import layout_point  # the one check of a layout point
+
         value = spec["layout"]
-        ok = isinstance(value, Mapping) and all(
-            isinstance(i, int) and isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in p)
-            for i, p in value.items()
-        )
-        if not ok:
+        if not isinstance(value, Mapping) or not all(is_int(i) and i >= 0 for i in value):
             fail((*path, "layout"), f"must map subject indices to [x, y] points in [0, 1], got {value!r}")
-        out["layout"] = {int(i): [float(v) for v in p] for i, p in value.items()}
+        try:
+            out["layout"] = {int(i): list(layout_point(f"subject {i}", p)) for i, p in value.items()}
+        except AnelabError as error:
+            fail((*path, "layout"), str(error))
     return out
 
 
 def _seeds(spec, fail) -> list[int]:
-    if isinstance(spec, int) and not isinstance(spec, bool) and spec >= 1:
+    if is_int(spec) and spec >= 1:
         return list(range(spec))
-    if isinstance(spec, list) and spec and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in spec):
+    if isinstance(spec, list) and spec and all(is_int(s) and 0 <= s < 2**64 for s in spec):
         if len(set(spec)) != len(spec):
             fail(("seeds",), "seeds must be distinct")
         return list(spec)
