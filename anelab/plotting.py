@@ -46,7 +46,7 @@ def _label(panel, xlabel: str, ylabel: str, title: str, legend: str | None = "",
 
 SCALES = {"token": "shared across steps (this token)", "all": "shared (all tokens)", "map": "this map"}  # colour scales
 VIEWS = {"over": "over the image (cells)", "smooth": "over the image (smoothed)", "beside": "image beside", "map": "map only"}
-EDGES_UP_TO = 32  # cell edges are drawn on maps up to this side; finer grids would turn grey
+EDGES_UP_TO = 16  # cell edges are drawn on maps up to this side (the coarse ones); finer grids would turn into a mesh
 
 
 def _check(scale: str, view: str) -> None:
