@@ -102,7 +102,7 @@ def _cell_reader(values: np.ndarray):
     return read
 
 
-def _draw(ax, heat: torch.Tensor, image, vmax: float, alpha: float = 0.6, view: str = "over"):
+def _draw(ax, heat: torch.Tensor, *, image, vmax: float, alpha: float = 0.6, view: str = "over"):
     """One map ``[h, w]`` on ``ax`` in cell coordinates: ticks are cell indices, cell edges are drawn (sides up to
     ``EDGES_UP_TO``) and the cursor reads the cell's value. ``view="over"`` lays the cells over ``image``;
     ``"smooth"`` a bilinear upsampling of them (no edges); ``"beside"``, ``"map"`` or no image: the raw map."""
@@ -184,7 +184,7 @@ def attention_map(
         _picture(axes[0, 0], picture, "image")
     panel = axes[0, -1]
     top = vmax if vmax is not None else _vmax([cache], scale, heat, token=token, **where)
-    mappable = _draw(panel, heat, picture, top, alpha, view)
+    mappable = _draw(panel, heat, image=picture, vmax=top, alpha=alpha, view=view)
     seed_label = cache.seeds[cache.seed_row(seed)]
     panel.set_title(f"'{cache.token_label(token)}' · {_where(cache, res, layer, head)}\n{_step_label(cache, step)} · seed {seed_label}", fontsize=9)
     fig.colorbar(mappable, ax=panel, label=f"attention · {'fixed' if vmax is not None else SCALES[scale]}", shrink=0.8)
@@ -233,7 +233,7 @@ def attention_grid(
         if beside:
             _picture(axes[r, 0], picture if r == 0 else None, "image")
         for c, ((kind, v), heat) in enumerate(zip(columns, row)):
-            mappable = _draw(axes[r, c + beside], heat, picture, top, alpha, view)
+            mappable = _draw(axes[r, c + beside], heat, image=picture, vmax=top, alpha=alpha, view=view)
             if r == 0:
                 axes[r, c + beside].set_title(f"res {v}" if kind == "res" else _step_label(cache, v), fontsize=9)
         axes[r, beside].set_ylabel(cache.token_label(token), fontsize=10)
@@ -262,18 +262,11 @@ def attention_compare(
     named = named_runs(runs)
     pictures = run_images(images, named)
     _check(scale, view)
-    first = next(iter(named.values()))
+    caches, first = list(named.values()), next(iter(named.values()))
     if res is None and layer in (None, MEAN):
         res = first.default_res
     columns = [first.token_index(t) for t in tokens] if tokens is not None else (first.subjects or list(first.tokens))
     where = dict(res=res, layer=layer, seed=seed, head=head)
-    heats = [[cache.maps(token=t, step=step, **where) for t in columns] for cache in named.values()]
-    if vmax is not None or scale == "all":
-        tops = [[vmax if vmax is not None else _vmax(list(named.values()), "all", heats[0][0], token=None, **where)] * len(columns)] * len(named)
-    elif scale == "token":
-        tops = [[_vmax(list(named.values()), "token", heats[0][c], token=t, **where) for c, t in enumerate(columns)]] * len(named)
-    else:
-        tops = [[float(heat.max()) for heat in row] for row in heats]
     beside = int(view == "beside" and bool(pictures))
     fig, axes = _axes_grid(ax, len(named), len(columns) + beside)
     panels = axes[:, beside:]
@@ -282,7 +275,9 @@ def attention_compare(
         if beside:
             _picture(axes[r, 0], picture, f"{name} image".strip())
         for c, token in enumerate(columns):
-            mappable = _draw(panels[r, c], heats[r][c], picture, tops[r][c], alpha, view)
+            heat = cache.maps(token=token, step=step, **where)
+            top = vmax if vmax is not None else _vmax(caches, scale, heat, token=token, **where)  # "token"/"all": same for every run
+            mappable = _draw(panels[r, c], heat, image=picture, vmax=top, alpha=alpha, view=view)
             panels[r, c].set_title(" · ".join(filter(None, [name, f"'{cache.token_label(token)}'"])), fontsize=9)
             if scale == "map" and vmax is None:
                 fig.colorbar(mappable, ax=panels[r, c], shrink=0.8)
