@@ -1,8 +1,8 @@
 """`AttentionCache`: the cross-attention one :func:`anelab.generate` call recorded.
 
 A small class around a dict keyed by ``(step, layer)``: each value is the head-averaged
-probability map of the recorded tokens for every seed, ``[n_seeds, h, w, K]``, detached, on the
-CPU. Token statistics (smoothed max as the A&E loss sees it, raw max, mass) come as a long-form
+probability map of the recorded tokens for every seed, ``[n_seeds, h, w, K]`` (with
+``Record(heads=True)`` every head's map, ``[n_seeds, heads, h, w, K]``), detached, on the CPU. Token statistics (smoothed max as the A&E loss sees it, raw max, mass) come as a long-form
 pandas frame. Saved as safetensors + parquet + a JSON manifest; never pickled objects.
 """
 
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -29,15 +31,29 @@ FRAME_COLUMNS = [
     *STAT_COLUMNS,
 ]  # fmt: skip
 MEAN = "mean"
+_PATH = re.compile(r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$")
+
+
+def short_layer_name(name: str) -> str:
+    """``up_blocks.1.attentions.0.transformer_blocks.0.attn2`` → ``up 1.0``; ``mid_block…`` → ``mid``
+    (a transformer block other than 0 adds `` t<k>``); a name of another shape is returned as is."""
+    match = _PATH.match(name)
+    if not match:
+        return name
+    kind, block, attention, transformer = match.groups()
+    short = f"mid{f' {attention}' if attention != '0' else ''}" if kind == "mid_block" else f"{kind.split('_')[0]} {block}.{attention}"
+    return short + (f" t{transformer}" if transformer != "0" else "")
 _MANIFEST, _MAPS, _STATS = "manifest.json", "maps.safetensors", "stats.parquet"
 
 
 class AttentionCache:
     """Recorded cross-attention of one generate call: maps by ``(step, layer)`` and token statistics.
 
-    ``cache[step, layer]`` is ``[n_seeds, h, w, K]`` over the recorded tokens ``cache.tokens``
-    (position → word); ``cache.maps(...)`` picks one ``[h, w]`` map; ``cache.stats()`` and
-    ``cache.to_frame()`` are the statistics as pandas (columns ``FRAME_COLUMNS``).
+    ``cache[step, layer]`` is ``[n_seeds, h, w, K]`` (``per_head``: ``[n_seeds, heads, h, w, K]``)
+    over the recorded tokens ``cache.tokens`` (position → word); ``cache.maps(...)`` picks one
+    ``[h, w]`` map and ``cache.vmax(...)`` a colour scale fixed over steps; ``cache.stats()`` and
+    ``cache.to_frame()`` are the statistics as pandas (columns ``FRAME_COLUMNS``). Layers are named
+    by module path or short name (``cache.layer_names``: ``"up 1.0"`` → path).
     """
 
     def __init__(
@@ -58,6 +74,7 @@ class AttentionCache:
         self.timesteps = dict(timesteps)  # recorded loop index → scheduler timestep
         self.layers, self.heads = list(layers), dict(heads)
         self._maps, self._stats, self.meta = maps, stats, dict(meta or {})
+        self._tops: dict[tuple, float] = {}  # vmax answers: the maps never change after construction
 
     # -- what is there ------------------------------------------------------------------------
     @property
@@ -74,6 +91,22 @@ class AttentionCache:
     @property
     def has_maps(self) -> bool:
         return bool(self._maps)
+
+    @property
+    def per_head(self) -> bool:
+        """Whether every head's map was kept (``Record(heads=True)``), not only the head mean."""
+        return any(t.ndim == 5 for t in self._maps.values())
+
+    @property
+    def layer_names(self) -> dict[str, str]:
+        """Short name → module path of every recorded layer (``"up 1.0"`` → ``up_blocks.1.attentions.0…attn2``)."""
+        return {short_layer_name(layer.name): layer.name for layer in self.layers}
+
+    @property
+    def default_res(self) -> int:
+        """The resolution to open at: the one the run's A&E loss read (``attention_res``), else 16, else the finest recorded."""
+        guidance = (self.meta.get("config") or {}).get("attention_res", 16)
+        return next(r for r in (guidance, 16, self.resolutions[0]) if r in self.resolutions)
 
     @property
     def nbytes(self) -> int:
@@ -101,33 +134,84 @@ class AttentionCache:
         )
 
     # -- reading ------------------------------------------------------------------------------
-    def maps(self, *, token: str | int, step: int, res: int | None = None, layer: str | None = None, seed: int | None = None) -> torch.Tensor:
-        """One map ``[h, w]`` (fp32): a layer's head mean, or (``layer=None``) the mean over every
-        (layer, head) at ``res`` — the map the A&E loss reads, before its token re-normalisation."""
+    def maps(
+        self, *, token: str | int, step: int, res: int | None = None, layer: str | None = None, seed: int | None = None,
+        head: int | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """One map ``[h, w]`` (fp32): a layer's head mean (or its head ``head``, when ``per_head``), or
+        (``layer=None``) the mean over every (layer, head) at ``res`` — the map the A&E loss reads,
+        before its token re-normalisation."""
+        column = list(self.tokens).index(self.token_index(token))
+        return self._block(step=step, res=res, layer=layer, seed=seed, head=head)[..., column]
+
+    def vmax(
+        self, *, res: int | None = None, layer: str | None = None, seed: int | None = None, head: int | None = None,
+        tokens: Sequence[str | int] | None = None, steps: Sequence[int] | None = None,
+    ) -> float:  # fmt: skip
+        """The largest value of the maps of ``tokens`` (default: every recorded token) over ``steps``
+        (default: every recorded step): a colour scale that stays put while the step (and, over
+        every token, the token) changes."""
+        columns = tuple(list(self.tokens).index(self.token_index(t)) for t in tokens) if tokens is not None else None
+        steps = tuple(self.steps if steps is None else steps)
+        key = (res, layer, seed, head, columns, steps)
+        if key not in self._tops:
+            pick = list(columns) if columns is not None else slice(None)
+            self._tops[key] = max(float(self._block(step=s, res=res, layer=layer, seed=seed, head=head)[..., pick].max()) for s in steps)
+        return self._tops[key]
+
+    def _block(self, *, step: int, res: int | None, layer: str | None, seed: int | None, head: int | None) -> torch.Tensor:
+        """The maps of every recorded token at one step, ``[h, w, K]`` fp32 (see :meth:`maps`)."""
         if not self._maps:
             raise AnelabError("this recording holds statistics only (Record(maps=False)); record with maps=True to get maps")
-        column = list(self.tokens).index(self.token_index(token))
         row = self.seed_row(seed)
         if step not in self.timesteps:
             raise AnelabError(f"step {step} was not recorded; recorded steps are {self.steps}")
         if layer is not None and layer != MEAN:
-            found = [item for item in self.layers if item.name == layer]
-            if not found:
-                raise AnelabError(f"layer {layer!r} was not recorded; recorded layers are {[item.name for item in self.layers]}")
-            if res is not None and found[0].res != res:
-                raise AnelabError(f"layer {layer!r} is at resolution {found[0].res}, not {res}")
-            return self._maps[step, layer][row, ..., column].float()
+            name = self.layer_name(layer)
+            found = next(item for item in self.layers if item.name == name)
+            if res is not None and found.res != res:
+                raise AnelabError(f"layer {layer!r} is at resolution {found.res}, not {res}")
+            return self._head(self._maps[step, name][row], name, head)
+        if head is not None:
+            raise AnelabError(f"head={head} needs one layer (layer=...): heads are not aligned across layers, so the resolution mean has none")
         if res not in self.resolutions:
             raise AnelabError(f"resolution {res!r} was not recorded; recorded resolutions are {self.resolutions}")
         layers = self.layers_at(res)
         weights = torch.tensor([self.heads[item.name] for item in layers], dtype=torch.float32)
-        stacked = torch.stack([self._maps[step, item.name][row, ..., column].float() for item in layers])
-        return (stacked * weights[:, None, None]).sum(0) / weights.sum()
+        stacked = torch.stack([self._head(self._maps[step, item.name][row], item.name, None) for item in layers])
+        return (stacked * weights[:, None, None, None]).sum(0) / weights.sum()
+
+    def _head(self, kept: torch.Tensor, name: str, head: int | None) -> torch.Tensor:
+        """``kept`` (``[h, w, K]`` head mean, or ``[heads, h, w, K]``) as the head mean or head ``head``, fp32."""
+        if head is None:
+            return kept.float().mean(0) if kept.ndim == 4 else kept.float()
+        if kept.ndim != 4:
+            raise AnelabError(f"head={head}: this recording kept head means only; record with anelab.Record(heads=True) for every head's map")
+        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < kept.shape[0]:
+            raise AnelabError(f"layer {short_layer_name(name)!r} has heads 0..{kept.shape[0] - 1}, got head={head!r}")
+        return kept[head].float()
+
+    def layer_name(self, layer: str) -> str:
+        """A recorded layer's module path, from its path or short name (``"up 1.0"``)."""
+        paths = [item.name for item in self.layers]
+        name = layer if layer in paths else self.layer_names.get(layer)
+        if name is None:
+            raise AnelabError(f"layer {layer!r} was not recorded; recorded layers are {', '.join(self.layer_names)} (short names or module paths)")
+        return name
+
+    def token_label(self, token: str | int) -> str:
+        """A recorded token's word, with its position when the word is recorded twice (``"a (1)"``, ``"a (4)"``)."""
+        index = self.token_index(token)
+        word = self.tokens[index]
+        return f"{word} ({index})" if list(self.tokens.values()).count(word) > 1 else word
 
     def token_index(self, token: str | int) -> int:
-        """A recorded token's position, from its word or position."""
-        if isinstance(token, int) and not isinstance(token, bool) and token in self.tokens:
-            return token
+        """A recorded token's position, from its word, position or label (``"a (4)"``)."""
+        if isinstance(token, (int, np.integer)) and not isinstance(token, bool) and int(token) in self.tokens:
+            return int(token)
+        labelled = re.fullmatch(r"(.+) \((\d+)\)", str(token).strip())
+        if labelled and self.tokens.get(int(labelled[2])) == labelled[1].lower():
+            return int(labelled[2])
         hits = [i for i, word in self.tokens.items() if word == str(token).strip().lower()]
         if len(hits) != 1:
             listing = " ".join(f"{i}:{w}" for i, w in self.tokens.items())

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .analysis import DEFAULT_QUANTILES, quantile_trends
-from .cache import AttentionCache
+from .cache import MEAN, AttentionCache, short_layer_name
 from .errors import AnelabError
 
 CMAP = "magma"
@@ -44,6 +44,18 @@ def _label(panel, xlabel: str, ylabel: str, title: str, legend: str | None = "",
     panel.grid(axis=grid, alpha=0.3)
 
 
+SCALES = {"token": "shared across steps (this token)", "all": "shared (all tokens)", "map": "this map"}  # colour scales
+VIEWS = {"over": "over the image (cells)", "smooth": "over the image (smoothed)", "beside": "image beside", "map": "map only"}
+EDGES_UP_TO = 16  # cell edges are drawn on maps up to this side (the coarse ones); finer grids would turn into a mesh
+
+
+def _check(scale: str, view: str) -> None:
+    if scale not in SCALES:
+        raise AnelabError(f"scale must be one of {list(SCALES)} ({'; '.join(f'{k}: {v}' for k, v in SCALES.items())}), got {scale!r}")
+    if view not in VIEWS:
+        raise AnelabError(f"view must be one of {list(VIEWS)} ({'; '.join(f'{k}: {v}' for k, v in VIEWS.items())}), got {view!r}")
+
+
 def _image_of(images, cache: AttentionCache, seed: int | None):
     """``images`` is one image, or one per recorded seed (list in ``cache.seeds`` order, or dict by seed)."""
     if images is None:
@@ -57,50 +69,147 @@ def _image_of(images, cache: AttentionCache, seed: int | None):
     return images
 
 
-def _draw(ax, heat: torch.Tensor, image, vmax: float, alpha: float):
-    """One heat map on ``ax``, optionally upsampled over ``image``; returns the mappable."""
+def named_runs(runs) -> dict[str, AttentionCache]:
+    """``runs`` as ``{name: cache}``: one cache (named ``""``) or a mapping of named caches of one prompt."""
+    named = dict(runs) if isinstance(runs, Mapping) else {"": runs}
+    if not named or not all(isinstance(cache, AttentionCache) for cache in named.values()):
+        raise AnelabError("runs must be an AttentionCache or a non-empty {name: AttentionCache} mapping, e.g. {'SD': sd.attention, 'A&E': ae.attention}")
+    prompts = sorted({cache.prompt for cache in named.values()})
+    if len(prompts) > 1:
+        raise AnelabError(f"runs side by side must share one prompt (token positions differ otherwise); got {prompts}")
+    return named
+
+
+def run_images(images, named: Mapping[str, AttentionCache]) -> dict:
+    """``images`` by run name: ``{name: images}`` (a name left out: no image), or for one unnamed run its images as they are."""
+    if images is None:
+        return {}
+    if isinstance(images, Mapping) and images and set(images) <= set(named):
+        return dict(images)
+    if list(named) == [""]:
+        return {"": images}
+    raise AnelabError(f"with named runs pass images as {{name: images}} with names from {list(named)}")
+
+
+def _cell_reader(values: np.ndarray):
+    """``format_coord`` of a map drawn in cell coordinates: the cell under the cursor and its value."""
+    h, w = values.shape
+
+    def read(x: float, y: float) -> str:
+        col, row = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+        return f"cell x={col}, y={row}: attention {values[row, col]:.4f}" if 0 <= row < h and 0 <= col < w else f"x={x:.1f}, y={y:.1f}"
+
+    return read
+
+
+def _draw(ax, heat: torch.Tensor, *, image, vmax: float, alpha: float = 0.6, view: str = "over"):
+    """One map ``[h, w]`` on ``ax`` in cell coordinates: ticks are cell indices, cell edges are drawn (sides up to
+    ``EDGES_UP_TO``) and the cursor reads the cell's value. ``view="over"`` lays the cells over ``image``;
+    ``"smooth"`` a bilinear upsampling of them (no edges); ``"beside"``, ``"map"`` or no image: the raw map."""
+    h, w = heat.shape
+    values = heat.numpy()
+    style = dict(cmap=CMAP, vmin=0, vmax=vmax, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    over = image is not None and view in ("over", "smooth")
+    if over:
+        picture = np.asarray(image)
+        ax.imshow(picture, extent=style["extent"])
+    if over and view == "smooth":
+        up = F.interpolate(heat[None, None], size=picture.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+        mappable = ax.imshow(up.numpy(), alpha=alpha, **style)
+    else:
+        mappable = ax.imshow(values, alpha=alpha if over else None, interpolation="nearest", **style)
+    stride = -(-max(h, w) // 8)  # at most 8 labelled cells a side
+    ax.set_xticks(range(0, w, stride))
+    ax.set_yticks(range(0, h, stride))
+    ax.tick_params(labelsize=6, length=2, pad=1)
+    if max(h, w) <= EDGES_UP_TO and not (over and view == "smooth"):
+        ax.set_xticks(np.arange(-0.5, w), minor=True)
+        ax.set_yticks(np.arange(-0.5, h), minor=True)
+        ax.tick_params(which="minor", length=0)
+        ax.grid(which="minor", color="white", linewidth=0.4, alpha=0.5)
+    ax.format_coord = _cell_reader(values)
+    return mappable
+
+
+def _picture(ax, image, title: str) -> None:
+    """The generated image in a panel of its own (``view="beside"``); an empty panel without one."""
+    if image is None:
+        ax.set_axis_off()
+        return
+    ax.imshow(np.asarray(image))
     ax.set_xticks([])
     ax.set_yticks([])
-    if image is None:
-        return ax.imshow(heat.numpy(), cmap=CMAP, vmin=0, vmax=vmax, interpolation="nearest")
-    picture = np.asarray(image)
-    ax.imshow(picture)
-    up = F.interpolate(heat[None, None], size=picture.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-    return ax.imshow(up.numpy(), cmap=CMAP, vmin=0, vmax=vmax, alpha=alpha)
+    ax.set_title(title, fontsize=9)
+
+
+def _vmax(caches: Sequence[AttentionCache], scale: str, heat: torch.Tensor, *, token, res, layer, seed, head) -> float:
+    """Top of the colour scale: ``"map"`` the map's own maximum; ``"token"`` the token's maximum over every
+    recorded step of every run; ``"all"`` the maximum over every recorded token too."""
+    if scale == "map":
+        return float(heat.max())
+    tokens = [token] if scale == "token" else None
+    return max(cache.vmax(tokens=tokens, res=res, layer=layer, seed=seed, head=head) for cache in caches)
 
 
 def _step_label(cache: AttentionCache, step: int) -> str:
     return f"step {step} (t={cache.timesteps[step]})"
 
 
+def _where(cache: AttentionCache, res: int | None, layer: str | None, head: int | None) -> str:
+    """``res 16 mean``, or a layer's short name (``up 1.0``), and the head when one is chosen."""
+    place = f"res {res} mean" if layer in (None, MEAN) else short_layer_name(cache.layer_name(layer))
+    return place + ("" if head is None else f" · head {head}")
+
+
 def attention_map(
     cache: AttentionCache, *, token: str | int, step: int, res: int | None = None, layer: str | None = None,
-    seed: int | None = None, image=None, alpha: float = 0.6, vmax: float | None = None, ax=None,
+    head: int | None = None, seed: int | None = None, image=None, alpha: float = 0.6, scale: str = "token",
+    vmax: float | None = None, view: str = "over", ax=None,
 ) -> Figure:  # fmt: skip
-    """One token's recorded map (a layer's, or the mean at ``res``), optionally over the image."""
-    heat = cache.maps(token=token, step=step, res=res, layer=layer, seed=seed)
-    fig, axes = _axes_grid(ax, 1, 1, panel=3.6)
-    mappable = _draw(axes[0, 0], heat, _image_of(image, cache, seed), vmax or float(heat.max()), alpha)
-    where = f"res {res} mean" if layer in (None, "mean") else layer
-    word = cache.tokens[cache.token_index(token)]
-    axes[0, 0].set_title(f"'{word}' · {where}\n{_step_label(cache, step)} · seed {cache.seeds[cache.seed_row(seed)]}", fontsize=9)
-    fig.colorbar(mappable, ax=axes[0, 0], label="attention probability", shrink=0.8)
+    """One token's recorded map (the mean at ``res``, a layer's — by path or short name — or one of its heads).
+
+    Colour scale: ``vmax``, else ``scale`` (``SCALES``): ``"token"`` (default) the token's maximum over every
+    recorded step, so maps of different steps compare by eye; ``"all"`` over every token too; ``"map"`` this
+    map's own maximum. ``view`` (``VIEWS``): ``"over"`` the cells over ``image`` with their edges, ``"smooth"``
+    bilinear over it, ``"beside"`` the raw map with the image in a panel of its own (two axes), ``"map"`` no image.
+    Ticks are cell indices; the cursor reads the cell's value (ipympl / JupyterLab status bar).
+    """
+    _check(scale, view)
+    where = dict(res=res, layer=layer, seed=seed, head=head)
+    heat = cache.maps(token=token, step=step, **where)
+    picture = _image_of(image, cache, seed) if view != "map" else None
+    beside = int(picture is not None and view == "beside")
+    fig, axes = _axes_grid(ax, 1, 1 + beside, panel=3.6)
+    if beside:
+        _picture(axes[0, 0], picture, "image")
+    panel = axes[0, -1]
+    top = vmax if vmax is not None else _vmax([cache], scale, heat, token=token, **where)
+    mappable = _draw(panel, heat, image=picture, vmax=top, alpha=alpha, view=view)
+    seed_label = cache.seeds[cache.seed_row(seed)]
+    panel.set_title(f"'{cache.token_label(token)}' · {_where(cache, res, layer, head)}\n{_step_label(cache, step)} · seed {seed_label}", fontsize=9)
+    fig.colorbar(mappable, ax=panel, label=f"attention · {'fixed' if vmax is not None else SCALES[scale]}", shrink=0.8)
     return fig
 
 
 def attention_grid(
     cache: AttentionCache, *, step: int | Sequence[int] | None = None, res: int | Sequence[int] | None = None,
-    tokens: Sequence[str | int] | None = None, layer: str | None = None, seed: int | None = None,
-    image=None, alpha: float = 0.6, max_columns: int = 6, title: str = "", ax=None,
+    tokens: Sequence[str | int] | None = None, layer: str | None = None, head: int | None = None, seed: int | None = None,
+    image=None, alpha: float = 0.6, max_columns: int = 6, vmax: float | None = None, view: str = "over", title: str = "", ax=None,
 ) -> Figure:  # fmt: skip
-    """Tokens × resolutions at one ``step``, or tokens × steps at one ``res``, on one colour scale.
-    ``title`` goes before the generated one (prompt, seed, step), e.g. the run's name.
+    """Tokens × resolutions at one ``step``, or tokens × steps at one ``res``, on one colour scale
+    (``vmax``, else the largest map shown). ``title`` goes before the generated one (prompt, seed, step),
+    e.g. the run's name.
 
     ``step=3`` → columns are ``res`` (default: every recorded resolution); ``res=16`` → columns are
     ``step`` (default: ``max_columns`` recorded steps spread over the schedule). Rows are ``tokens``
-    (default: the subject tokens, else every recorded token). ``image`` overlays the maps.
+    (default: the subject tokens, else every recorded token). ``image`` with ``view`` as in :func:`attention_map`
+    (``"beside"``: the image heads an extra first column).
     """
+    _check("all", view)
     one_step, one_res = isinstance(step, (int, np.integer)), isinstance(res, (int, np.integer))
+    if res is None and layer not in (None, MEAN):  # one layer: its own resolution
+        res = next(x.res for x in cache.layers if x.name == cache.layer_name(layer))
+        one_res = True
     if one_step:
         columns = [("res", r) for r in (cache.resolutions if res is None else ([res] if one_res else list(res)))]
     elif one_res:
@@ -111,22 +220,75 @@ def attention_grid(
     else:
         raise AnelabError("give one step (a tokens x resolutions grid) or one res (a tokens x steps grid), e.g. step=0 or res=16")
     rows = [cache.token_index(t) for t in tokens] if tokens is not None else (cache.subjects or list(cache.tokens))
+    where = dict(layer=layer, head=head, seed=seed)
     heats = [
-        [cache.maps(token=t, step=step if kind == "res" else v, res=v if kind == "res" else res, layer=layer, seed=seed) for kind, v in columns]
+        [cache.maps(token=t, step=step if kind == "res" else v, res=v if kind == "res" else res, **where) for kind, v in columns]
         for t in rows
     ]
-    vmax = max(float(h.max()) for row in heats for h in row)
-    fig, axes = _axes_grid(ax, len(rows), len(columns))
-    picture = _image_of(image, cache, seed)
+    top = vmax if vmax is not None else max(float(h.max()) for row in heats for h in row)
+    picture = _image_of(image, cache, seed) if view != "map" else None
+    beside = int(picture is not None and view == "beside")
+    fig, axes = _axes_grid(ax, len(rows), len(columns) + beside)
     for r, (token, row) in enumerate(zip(rows, heats)):
+        if beside:
+            _picture(axes[r, 0], picture if r == 0 else None, "image")
         for c, ((kind, v), heat) in enumerate(zip(columns, row)):
-            mappable = _draw(axes[r, c], heat, picture, vmax, alpha)
+            mappable = _draw(axes[r, c + beside], heat, image=picture, vmax=top, alpha=alpha, view=view)
             if r == 0:
-                axes[r, c].set_title(f"res {v}" if kind == "res" else _step_label(cache, v), fontsize=9)
-        axes[r, 0].set_ylabel(cache.tokens[token], fontsize=10)
-    fig.colorbar(mappable, ax=axes, label="attention probability (shared scale)", shrink=0.8)
-    fixed = _step_label(cache, step) if one_step else f"res {res} {'mean' if layer in (None, 'mean') else layer}"
+                axes[r, c + beside].set_title(f"res {v}" if kind == "res" else _step_label(cache, v), fontsize=9)
+        axes[r, beside].set_ylabel(cache.token_label(token), fontsize=10)
+    fig.colorbar(mappable, ax=axes[:, beside:], label="attention probability (shared scale)", shrink=0.8)
+    chosen = layer not in (None, MEAN) or head is not None
+    fixed = _step_label(cache, step) + (f" · {_where(cache, res, layer, head)}" if chosen else "") if one_step else _where(cache, res, layer, head)
     fig.suptitle(f"{title + ': ' if title else ''}{cache.prompt!r} · seed {cache.seeds[cache.seed_row(seed)]} · {fixed}", fontsize=10)
+    return fig
+
+
+def attention_compare(
+    runs: AttentionCache | Mapping[str, AttentionCache], *, step: int, res: int | None = None,
+    tokens: Sequence[str | int] | None = None, layer: str | None = None, head: int | None = None, seed: int | None = None,
+    images=None, alpha: float = 0.6, scale: str = "all", vmax: float | None = None, view: str = "over", title: str = "", ax=None,
+) -> Figure:  # fmt: skip
+    """Runs (rows) × tokens (columns) at one ``step`` and resolution, side by side: e.g. plain SD next to
+    A&E for the same seed, ``attention_compare({"SD": sd.attention, "A&E": ae.attention}, step=10,
+    images={"SD": sd.images, "A&E": ae.images})``. One unnamed cache gives a row of its tokens.
+
+    ``res`` defaults to the first run's ``default_res`` (the guidance resolution), ``tokens`` to its subjects
+    (else every recorded token). Colour scale: ``vmax``, else ``scale``: ``"all"`` (default) one scale for the
+    figure, the largest map over every recorded step, token and run, so figures of other steps share it;
+    ``"token"`` one per column (the token over steps and runs); ``"map"`` one per panel. ``view`` as in
+    :func:`attention_map` (``"beside"``: each run's image heads its row).
+    """
+    named = named_runs(runs)
+    pictures = run_images(images, named)
+    _check(scale, view)
+    caches, first = list(named.values()), next(iter(named.values()))
+    if res is None and layer in (None, MEAN):
+        res = first.default_res
+    columns = [first.token_index(t) for t in tokens] if tokens is not None else (first.subjects or list(first.tokens))
+    where = dict(res=res, layer=layer, seed=seed, head=head)
+    beside = int(view == "beside" and bool(pictures))
+    fig, axes = _axes_grid(ax, len(named), len(columns) + beside)
+    panels = axes[:, beside:]
+    for r, (name, cache) in enumerate(named.items()):
+        picture = _image_of(pictures.get(name), cache, seed) if view != "map" else None
+        if beside:
+            _picture(axes[r, 0], picture, f"{name} image".strip())
+        for c, token in enumerate(columns):
+            heat = cache.maps(token=token, step=step, **where)
+            top = vmax if vmax is not None else _vmax(caches, scale, heat, token=token, **where)  # "token"/"all": same for every run
+            mappable = _draw(panels[r, c], heat, image=picture, vmax=top, alpha=alpha, view=view)
+            panels[r, c].set_title(" · ".join(filter(None, [name, f"'{cache.token_label(token)}'"])), fontsize=9)
+            if scale == "map" and vmax is None:
+                fig.colorbar(mappable, ax=panels[r, c], shrink=0.8)
+    if vmax is not None or scale == "all":
+        fig.colorbar(mappable, ax=panels, label=f"attention · {'fixed' if vmax is not None else SCALES['all']}", shrink=0.8)
+    elif scale == "token":
+        for c, token in enumerate(columns):
+            fig.colorbar(panels[-1, c].images[-1], ax=panels[:, c], location="bottom", shrink=0.8, label=f"'{first.token_label(token)}' (over steps)")
+    context = f"seed {first.seeds[first.seed_row(seed)]} · {_step_label(first, step)} · {_where(first, res, layer, head)}"
+    note = f" · colour: {SCALES[scale]}" if vmax is None and scale != "all" else ""
+    fig.suptitle(f"{title + ': ' if title else ''}{first.prompt!r} · {context}{note}", fontsize=10)
     return fig
 
 

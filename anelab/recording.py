@@ -4,8 +4,9 @@ The recorder watches the **conditional half of the CFG forward** of each recorde
 iteration — the forward that predicts the noise, on the latent after any A&E update — so no
 extra UNet pass runs and the samples are bit-identical to an unrecorded run (the layers keep
 their fused output; the probabilities are computed beside it). Per layer it keeps the head mean
-of the recorded tokens' maps; per resolution it computes the token statistics of the mean over
-every (layer, head) at that resolution, normalised exactly as the A&E loss normalises (§1.2-1.4).
+of the recorded tokens' maps (with ``heads=True``, every head's map); per resolution it computes
+the token statistics of the mean over every (layer, head) at that resolution, normalised exactly
+as the A&E loss normalises (§1.2-1.4).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Record:
     steps: Sequence[int] | None = None  # loop indices to record; None = every iteration
     tokens: str | Sequence[str | int] = "subjects"  # "subjects" (the guided tokens), "prompt" (all, incl. <eot>) or a list
     maps: bool = True  # keep the maps; False keeps only the token statistics (cheap scalars)
+    heads: bool = False  # keep every head's map, [n_seeds, heads, h, w, K] per (step, layer), instead of the head mean (x heads memory)
     dtype: torch.dtype = torch.float16  # dtype of the kept maps (statistics are computed in fp32)
     max_gb: float = 4.0  # budget for the kept maps
 
@@ -55,6 +57,8 @@ class Record:
             object.__setattr__(self, "steps", tuple(sorted({int(s) for s in steps})))
         if isinstance(self.tokens, str) and self.tokens not in TOKEN_CHOICES:
             raise AnelabError(f"Record.tokens must be one of {TOKEN_CHOICES} or a list of words/positions, got {self.tokens!r}")
+        if not isinstance(self.heads, bool) or (self.heads and not self.maps):
+            raise AnelabError(f"Record.heads must be True or False, and True needs maps=True; got heads={self.heads!r}, maps={self.maps!r}")
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
             raise AnelabError(f"Record.dtype must be a floating torch dtype (torch.float16, torch.float32), got {self.dtype!r}")
         if isinstance(self.max_gb, bool) or not isinstance(self.max_gb, (int, float)) or self.max_gb <= 0:
@@ -67,7 +71,7 @@ class Record:
             "tokens": self.tokens if isinstance(self.tokens, str) else list(self.tokens),
             "maps": self.maps,
             "dtype": str(self.dtype).removeprefix("torch."),
-        }
+        } | ({"heads": True} if self.heads else {})  # written only when set: study spec hashes of head-mean records stay as they were
 
 
 @dataclasses.dataclass
@@ -115,13 +119,15 @@ def plan_record(record, *, pipe, prompt, subjects, eot, seeds, timesteps, layers
         positions = resolve_tokens(pipe.tokenizer, prompt, record.tokens)
     names = words | {eot: "<eot>"}
     size = torch.empty(0, dtype=record.dtype).element_size()
-    per_step = sum(layer.shape[0] * layer.shape[1] for layer in recorded_layers) * len(positions) * size
+    copies = {layer.name: pipe.unet.get_submodule(layer.name).heads if record.heads else 1 for layer in recorded_layers}  # maps kept per layer
+    per_step = sum(layer.shape[0] * layer.shape[1] * copies[layer.name] for layer in recorded_layers) * len(positions) * size
     estimate = len(seeds) * len(steps) * per_step if record.maps else 0
     if estimate > record.max_gb * 2**30:
         raise AnelabError(
             f"recording would hold {estimate / 2**30:.1f} GiB of maps ({len(seeds)} seeds x {len(steps)} steps x "
-            f"{per_step / 2**20:.2f} MiB), over the Record.max_gb budget of {record.max_gb:g} GiB; record fewer steps, "
-            "resolutions, tokens or seeds, use maps=False (statistics only), or raise max_gb"
+            f"{per_step / 2**20:.2f} MiB{', every head' if record.heads else ''}), over the Record.max_gb budget of "
+            f"{record.max_gb:g} GiB; record fewer steps, resolutions, tokens or seeds, "
+            f"{'keep head means (heads=False), ' if record.heads else ''}use maps=False (statistics only), or raise max_gb"
         )
     return RecordPlan(record, recorded_layers, steps, {i: names[i] for i in positions}, list(subjects), eot, config, estimate)
 
@@ -152,8 +158,11 @@ class Recorder:
         self.heads[name] = probs.shape[1]
         mean = probs.detach().mean(dim=1).unflatten(1, layer.shape)  # [B, h, w, S]
         self._means.setdefault(layer.res, []).append((name, mean))
-        if self.plan.record.maps:
-            self.maps[self._step, name] = mean[..., self.positions].to("cpu", self.plan.record.dtype)
+        if self.plan.record.heads:
+            kept = probs.detach()[..., self.positions].unflatten(2, layer.shape)  # [B, heads, h, w, K]
+            self.maps[self._step, name] = kept.to("cpu", self.plan.record.dtype)
+        elif self.plan.record.maps:
+            self.maps[self._step, name] = mean[..., self.positions].to("cpu", self.plan.record.dtype)  # [B, h, w, K]
 
     def end_step(self, step: int, timestep: int) -> None:
         """Close a recorded step: statistics of every layer and of each resolution's mean over every

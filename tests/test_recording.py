@@ -1,5 +1,7 @@
 """Attention recording: what is recorded, that it matches direct computation and the trace, the cache files."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,7 +9,7 @@ import torch
 
 import anelab
 from anelab import AnelabError, GuidanceConfig, Record
-from anelab.cache import FRAME_COLUMNS, AttentionCache
+from anelab.cache import FRAME_COLUMNS, AttentionCache, short_layer_name
 from anelab.hooks import attention_capture, cross_attention_layers
 
 PROMPT, TOKENS = "a cat and a dog", ["cat", "dog"]
@@ -205,6 +207,8 @@ def test_bad_recording_requests_fail_before_any_denoising(tiny_pipe, record, tok
         (dict(resolutions=()), "Record.resolutions must be None \\(all\\) or positive ints"),
         (dict(steps=[-1]), "Record.steps must be None"),
         (dict(tokens="nouns"), "Record.tokens must be one of"),
+        (dict(heads=True, maps=False), "Record.heads must be True or False, and True needs maps=True"),
+        (dict(heads=1), "Record.heads must be True or False"),
         (dict(dtype=torch.int8), "Record.dtype must be a floating"),
         (dict(max_gb=0), "Record.max_gb must be a positive"),
     ],
@@ -223,3 +227,83 @@ def test_only_the_recorded_resolutions_materialise_probabilities(tiny_pipe, monk
     anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0, 1], record=Record(resolutions=(8,), steps=[0, 5]), **FAST)
     layers = [x for x in cross_attention_layers(tiny_pipe.unet, 16, 16) if x.res == 8]
     assert sorted(seen) == sorted([(2, 64)] * len(layers) * 2)  # conditional rows only, 8x8 layers, two steps
+
+
+@pytest.fixture(scope="module")
+def per_head(tiny_pipe):
+    """The same run recorded twice in fp32: head means, and every head."""
+    kwargs = dict(seeds=[0, 1], config=GuidanceConfig(attention_res=8, thresholds={0: 0.05, 3: 0.5}), **FAST)
+    record = dict(resolutions=(16, 8), steps=[0, 3], tokens="prompt", dtype=torch.float32)
+    means = anelab.generate(tiny_pipe, PROMPT, TOKENS, record=Record(**record), **kwargs)
+    heads = anelab.generate(tiny_pipe, PROMPT, TOKENS, record=Record(heads=True, **record), **kwargs)
+    assert torch.equal(means.latents, heads.latents)
+    return means.attention, heads.attention
+
+
+def test_per_head_maps_average_to_the_head_mean(per_head):
+    means, heads = per_head
+    assert heads.per_head and not means.per_head and list(heads.keys()) == list(means.keys())
+    assert heads.meta["record"]["heads"] is True and "heads" not in means.meta["record"]  # head-mean specs hash as before
+    for step, name in means.keys():
+        kept = heads[step, name]
+        assert kept.shape == (2, heads.heads[name], *means[step, name].shape[1:])  # [n_seeds, heads, h, w, K]
+        torch.testing.assert_close(kept.mean(1), means[step, name], rtol=0, atol=1e-6)
+    layer = heads.layers_at(8)[0].name
+    for k in range(heads.heads[layer]):
+        assert torch.equal(heads.maps(token="dog", step=3, layer=layer, seed=1, head=k), heads[3, layer][1, k, ..., 4])
+    for where in (dict(layer=layer), dict(res=16), dict(res=8)):
+        torch.testing.assert_close(heads.maps(token="cat", step=3, seed=0, **where), means.maps(token="cat", step=3, seed=0, **where), rtol=0, atol=1e-6)
+    pd.testing.assert_frame_equal(heads.to_frame(), means.to_frame())  # statistics do not depend on what is kept
+
+
+def test_per_head_maps_round_trip_through_save_and_load(per_head, tmp_path):
+    _, heads = per_head
+    again = AttentionCache.load(heads.save(tmp_path / "heads"))
+    assert again.per_head and list(again.keys()) == list(heads.keys())
+    assert all(torch.equal(again[key], heads[key]) and again[key].dtype == heads[key].dtype for key in heads.keys())
+    assert again.heads == heads.heads and again.meta == json.loads(json.dumps(heads.meta))  # JSON: threshold keys come back as strings
+
+
+def test_head_questions_with_wrong_answers_get_clear_errors(per_head):
+    means, heads = per_head
+    layer = heads.layers_at(8)[0].name
+    with pytest.raises(AnelabError, match="kept head means only; record with anelab.Record\\(heads=True\\)"):
+        means.maps(token="cat", step=0, layer=layer, seed=0, head=0)
+    with pytest.raises(AnelabError, match="layer 'down 1.0' has heads 0..1, got head=2"):
+        heads.maps(token="cat", step=0, layer=layer, seed=0, head=2)
+    with pytest.raises(AnelabError, match="head=0 needs one layer"):
+        heads.maps(token="cat", step=0, res=8, seed=0, head=0)
+
+
+def test_memory_estimate_counts_every_head(tiny_pipe):
+    record = dict(resolutions=(16, 8), steps=[0, 3], tokens="prompt")
+    means = anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0], record=Record(**record), **FAST).attention
+    heads = anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0], record=Record(heads=True, max_gb=means.nbytes * 2 / 2**30, **record), **FAST).attention
+    assert heads.nbytes == 2 * means.nbytes  # two heads per layer in the tiny model; the estimate was exactly at the budget
+    with pytest.raises(AnelabError, match="MiB, every head\\), over the Record.max_gb budget .* keep head means \\(heads=False\\)"):
+        anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0], record=Record(heads=True, max_gb=(heads.nbytes - 1) / 2**30, **record), **FAST)
+    anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0], record=Record(max_gb=(heads.nbytes - 1) / 2**30, **record), **FAST)  # head means fit
+
+
+def test_layers_have_short_names_and_tokens_position_labels(recorded_512):
+    cache = recorded_512.attention
+    names = cache.layer_names
+    assert list(names) == ["down 0.0", "down 1.0", "down 2.0", "mid", "up 1.0", "up 1.1", "up 2.0", "up 2.1", "up 3.0", "up 3.1"]
+    assert names["up 1.0"] == "up_blocks.1.attentions.0.transformer_blocks.0.attn2" and list(names.values()) == [x.name for x in cache.layers]
+    assert torch.equal(cache.maps(token="cat", step=2, layer="up 1.0", seed=0), cache.maps(token="cat", step=2, layer=names["up 1.0"], seed=0))
+    assert short_layer_name("up_blocks.0.attentions.2.transformer_blocks.1.attn2") == "up 0.2 t1" and short_layer_name("custom") == "custom"
+    with pytest.raises(AnelabError, match="layer 'up 9.0' was not recorded; recorded layers are down 0.0, down 1.0, .*, up 3.1 \\(short names or module paths\\)"):
+        cache.maps(token="cat", step=2, layer="up 9.0", seed=0)
+    assert [cache.token_label(i) for i in cache.tokens] == ["a (1)", "cat", "and", "a (4)", "dog", "<eot>"]
+    assert cache.token_index("a (4)") == 4 and cache.token_index("A (1)") == 1
+    with pytest.raises(AnelabError, match="ambiguous\\); recorded tokens are 1:a 2:cat 3:and 4:a"):
+        cache.token_index("a")
+
+
+def test_vmax_is_the_largest_map_over_steps_and_tokens(recorded_512):
+    cache = recorded_512.attention
+    per_step = {(t, s): float(cache.maps(token=t, step=s, res=32, seed=1).max()) for t in cache.tokens for s in cache.steps}
+    assert cache.vmax(tokens=["dog"], res=32, seed=1) == pytest.approx(max(per_step[5, s] for s in cache.steps))
+    assert cache.vmax(res=32, seed=1) == pytest.approx(max(per_step.values()))
+    assert cache.vmax(res=32, seed=1, steps=[2], tokens=[2, 5]) == pytest.approx(max(per_step[2, 2], per_step[5, 2]))
+    assert cache.default_res == 16  # plain SD: the A&E default resolution
