@@ -225,9 +225,14 @@ def guidance_stats(trace: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
             }
         )
 
-    per_step = pairs.groupby([*by, "step"]).apply(summary, include_groups=False).reset_index() if len(pairs) else None
+    per_step = pairs.groupby([*by, "step"], sort=False).apply(summary, include_groups=False).reset_index() if len(pairs) else None
+    if per_step is not None:  # groups in order of first appearance (a study's variant order), steps ascending
+        per_step = per_step.sort_values("step", kind="stable")
+        if by:
+            rank = {k: i for i, k in enumerate(dict.fromkeys(pairs[list(by)].itertuples(index=False, name=None)))}
+            per_step = per_step.iloc[np.argsort([rank[k] for k in per_step[list(by)].itertuples(index=False, name=None)], kind="stable")]
     if by:
-        overall = pairs.groupby(list(by)).apply(summary, include_groups=False).reset_index() if len(pairs) else None
+        overall = pairs.groupby(list(by), sort=False).apply(summary, include_groups=False).reset_index() if len(pairs) else None
     else:
         overall = summary(pairs).to_frame().T
     frames = [f for f in (per_step, overall) if f is not None]

@@ -335,15 +335,20 @@ def attention_trends(
                                        label=f"{rank}: q{q:g}–q{ordered[-1]:g}" if r == 0 and c == len(resolutions) - 1 else None)  # fmt: skip
             for step, threshold in ((thresholds or {}).get(name) or {}).items():
                 panel.axvline(step, color="grey", lw=0.6, ls=":")
-                panel.plot([step], [threshold], marker="_", ms=14, mew=2, color="crimson",
-                           label="threshold" if r == 0 and c == len(resolutions) - 1 and step == min(thresholds[name]) else None)  # fmt: skip
+                panel.plot([step], [threshold], marker="_", ms=14, mew=2, color="crimson")
             panel.set_ylim(0, 1.02)
             panel.xaxis.set_major_locator(MaxNLocator(integer=True))
             panel.grid(alpha=0.3)
             panel.set_title(f"{name} · resolution {res}", fontsize=9)
             panel.set_xlabel("denoising step (loop index)" if r == len(names) - 1 else "")
             panel.set_ylabel(f"smoothed max ({value})" if c == 0 else "")
-    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False)
+    handles, labels = axes[0, -1].get_legend_handles_labels()
+    if thresholds:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], marker="_", ms=14, mew=2, color="crimson", ls=""))
+        labels.append("threshold")
+    axes[0, -1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False)
     n_images = int(trends.images.max())
     fig.suptitle(f"Quantiles over images ({n_images} per step) of the higher- and lower-attended subject", fontsize=10)
     return fig

@@ -32,8 +32,8 @@ def test_committed_notebooks_carry_no_outputs_and_have_a_parameters_cell():
 
 
 #: Figures each notebook draws (the plotting functions' titles, labels and legends are tested in test_study_views).
-FIGURES = {"00_attention_explorer": 2, "01_reproduction": 4, "02_resolution": 6, "03_timesteps": 3,
-           "04_step_size_and_kernel": 3, "05_suppression_and_layout": 4}  # fmt: skip
+FIGURES = {"00_attention_explorer": 3, "01_reproduction": 4, "02_resolution": 7, "03_timesteps": 3,
+           "04_step_size_and_kernel": 3, "05_suppression_and_layout": 5}  # fmt: skip
 
 
 def _rate(value):
@@ -85,6 +85,19 @@ class TestExplorer(NotebookCase):
         assert v["recorded maps"] > 0 and v["MiB held by the recording"] > 0
 
 
+def _html_tables(out, name):
+    """The text of every table a notebook showed."""
+    nb = nbformat.read(out / f"{name}.ipynb", as_version=4)
+    return [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.outputs if "text/html" in o.get("data", {})]
+
+
+def _interval(text):
+    """'+0.0012 [-0.0030, +0.0050]' → (difference, low, high)."""
+    value, interval = text.split(" [")
+    low, high = interval.rstrip("]").split(", ")
+    return float(value), float(low), float(high)
+
+
 class TestReproduction(NotebookCase):
     name = "01_reproduction"
 
@@ -92,8 +105,19 @@ class TestReproduction(NotebookCase):
         repro = run[1].values
         for measure in ("full_prompt", "min_object", "text_text"):
             assert {f"{measure} sd", f"{measure} ae"} <= set(repro) and all(-1 <= repro[f"{measure} {x}"] <= 1 for x in ("sd", "ae"))
+            difference, low, high = _interval(repro[f"A&E - SD {measure}"])
+            assert low <= difference <= high and difference == pytest.approx(repro[f"{measure} ae"] - repro[f"{measure} sd"], abs=2e-4)
+        assert 0 <= repro["all_present sd"] <= 1 and 0 <= repro["all_present ae"] <= 1  # the detector's no-neglect rate
         assert _rate(repro["guidance rate"]) and _rate(repro["guidance success rate"]) and repro["mean refinement rounds"] >= 0
         assert repro["seconds per image ae"] > 0 and repro["seconds per image sd"] > 0
+        agree, total = repro["agrees with the published figures"].split(" of ")
+        assert 0 <= int(agree) <= int(total) and int(total) >= 10
+
+    def test_tables_say_what_each_variant_is_and_show_the_published_column(self, run):
+        tables = " ".join(_html_tables(run[0], self.name))
+        assert "plain SD (no guidance)" in tables and "res 16, thresholds 0:0.05, 1:0.5, 2:0.8" in tables  # the defaults at smoke's 4 steps
+        assert "published" in tables and "verdict" in tables and "0.806" in tables and "0.958" in tables and "ae_paper" in tables
+        assert "without_refinement" in tables and "with_refinement" in tables  # seconds per image split by refinement
 
 
 class TestResolution(NotebookCase):
@@ -101,17 +125,32 @@ class TestResolution(NotebookCase):
 
     def test_values(self, run):
         resolution = run[1].values
-        assert {f"min_object {x}" for x in ("sd", "res8", "res16", "res32", "res64")} <= set(resolution)
+        variants = ("sd", "res8", "res16", "res32", "res64")
+        assert {f"min_object {x}" for x in variants} <= set(resolution)
         assert all(_rate(resolution[f"guidance rate {x}"]) for x in ("res8", "res16", "res32", "res64"))
+        for measure in ("full_prompt", "min_object", "text_text"):  # the observed ordering, computed from the numbers
+            assert sorted(resolution[f"ordering by {measure}"].split(" > ")) == sorted(variants)
         thresholds = resolution["calibrated thresholds res32_calibrated"]
         assert set(map(int, thresholds)) == {0, 1, 2} and all(0 <= t <= 1 for t in resolution["calibrated thresholds res64_calibrated"].values())
+
+    def test_tables(self, run):
+        tables = " ".join(_html_tables(run[0], self.name))
+        assert "res 64, thresholds" in tables and "without_refinement" in tables and "res32_calibrated" in tables
 
 
 class TestTimesteps(NotebookCase):
     name = "03_timesteps"
 
     def test_values(self, run):
-        assert {"min_object default", "min_object strong_at_0", "min_object sd"} <= set(run[1].values)
+        values = run[1].values
+        assert {"min_object default", "min_object strong_at_0", "min_object all_zero", "min_object sd"} <= set(values)
+        agree, total = values["agrees with the original study"].split(" of ")
+        assert int(total) >= 5
+
+    def test_zero_thresholds_keep_their_steps_and_the_reference_column_shows(self, run):
+        tables = " ".join(_html_tables(run[0], self.name))
+        assert "thresholds 0:0.8, 1:0, 2:0" in tables  # strong_at_0 at smoke's 4 steps: the zero steps stay
+        assert "0.227" in tables and "0.931" in tables and "original_study" in tables
 
 
 class TestStepSizeAndKernel(NotebookCase):
@@ -121,6 +160,12 @@ class TestStepSizeAndKernel(NotebookCase):
         v = run[1].values
         assert {"success rate scale5", "success rate scale80"} <= set(v)
         assert all(_rate(v[f"success rate scale{s}"]) for s in (5, 80))
+        assert set(map(int, v["calibrated thresholds at 32"])) == {0, 1, 2}  # thresholds from plain SD's statistics at 32
+
+    def test_schedules_and_kernels_are_described(self, run):
+        tables = " ".join(_html_tables(run[0], self.name))
+        assert "schedule table 0:0.5 24:1" in tables or "schedule table 0:0.5 2:1" in tables  # the rising table, rescaled to smoke's steps
+        assert "kernel 9 σ 0.5" in tables and "no smoothing" in tables
 
 
 class TestSuppressionAndLayout(NotebookCase):
@@ -129,4 +174,7 @@ class TestSuppressionAndLayout(NotebookCase):
     def test_values(self, run):
         five = run[1].values
         assert all(_rate(five[f"share under bound {x}"]) for x in ("sd", "ae", "suppress_second", "suppress_only"))
-        assert all(len(five[f"centroid distance first_{d} (A&E -> steered)"]) == 2 for d in ("left", "right", "up", "down"))
+        assert all(_rate(five[f"suppression success {x}"]) for x in ("sd", "ae", "suppress_second", "suppress_only"))
+        for d in ("left", "right", "up", "down", "right_two_stage"):
+            assert len(five[f"centroid distance first_{d} (A&E -> steered)"]) == 2 and len(five[f"object distance first_{d} (A&E -> steered)"]) == 2
+        assert len(five["a cat at right: centroid distance (A&E -> joint)"]) == 2

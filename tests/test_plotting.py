@@ -174,12 +174,13 @@ def test_single_map_draws_into_a_given_axes(run):
 def test_trend_plot_has_a_panel_per_resolution_with_labels_and_legend(run, tiny_pipe):
     guided = anelab.generate(tiny_pipe, "a cat and a dog", ["cat", "dog"], seeds=[0, 1], config=anelab.GuidanceConfig(attention_res=8, thresholds={0: 0.05, 5: 0.5}),
                              record=Record(maps=False), num_inference_steps=10, height=128, width=128, progress=False)  # fmt: skip
-    fig = attention_trends({"SD": run.attention.stats(), "A&E": guided.attention.stats()}, resolutions=[16, 8])
+    fig = attention_trends({"SD": run.attention.stats(), "A&E": guided.attention.stats()}, resolutions=[16, 8], thresholds={"A&E": {0: 0.05, 5: 0.5}})
     panels = [ax for ax in fig.axes if ax.lines]
-    assert [ax.get_title() for ax in panels] == ["resolution 16", "resolution 8"]
-    assert all(ax.get_xlabel() for ax in panels) and panels[0].get_ylabel()
-    legend = [t.get_text() for t in panels[-1].get_legend().get_texts()]
-    assert {"SD", "A&E", "higher", "lower", "q0.05", "q0.5"} <= set(legend)
-    assert len(panels[0].lines) >= 2 * 2 * 4  # runs x (higher, lower) x quantiles
+    assert [ax.get_title() for ax in panels] == ["SD · resolution 16", "SD · resolution 8", "A&E · resolution 16", "A&E · resolution 8"]
+    assert all(ax.get_xlabel() for ax in panels[2:]) and panels[0].get_ylabel() and panels[2].get_ylabel()
+    legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert {"higher subject, q0.5", "lower subject, q0.5", "higher: q0.05–q0.5", "threshold"} <= set(legend)
+    assert all(len(ax.collections) == 2 * 3 for ax in panels)  # (higher, lower) x bands below the median
+    assert sum(1 for line in panels[2].lines if line.get_marker() == "_") == 2 and not any(line.get_marker() == "_" for line in panels[0].lines)
     with pytest.raises(AnelabError, match="no statistics at resolution\\(s\\) \\[64\\]"):
         attention_trends({"SD": run.attention.stats()}, resolutions=[64])

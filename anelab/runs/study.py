@@ -102,7 +102,7 @@ class Study:
         if config is None:
             return "plain SD (no guidance)"
         default = GuidanceConfig()
-        parts = [f"res {config.attention_res}", "thresholds " + (", ".join(f"{k}:{v:g}" for k, v in config.thresholds.items()) or "none")]
+        parts = [f"res {config.attention_res}", "thresholds " + (", ".join(f"{k}:{v:.3g}" for k, v in config.thresholds.items()) or "none")]
         if config.scale_factor != default.scale_factor:
             parts.append(f"α {config.scale_factor:g}")
         if config.step_schedule != default.step_schedule or config.scale_range != default.scale_range:
@@ -398,10 +398,8 @@ def _config(base, overrides, path, fail) -> GuidanceConfig:
         if key not in CONFIG_FIELDS:
             where = path + (key,) if key in overrides else ("base", key)
             fail(where, f"is not a GuidanceConfig field; allowed: {', '.join(CONFIG_FIELDS)}")
-    if isinstance(fields.get("scale_range"), list):
-        fields["scale_range"] = tuple(fields["scale_range"])
     try:
-        return GuidanceConfig(**fields)
+        return GuidanceConfig.from_dict(fields)  # also a spec read back from JSON (threshold steps as text)
     except AnelabError as error:
         fail(path, str(error))
 
