@@ -93,16 +93,17 @@ def _heads(attn, x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _probs(attn, query: torch.Tensor, key: torch.Tensor, attention_mask, batch: int) -> torch.Tensor:
-    """softmax(QKᵀ·scale) in fp32: [B, heads, query, key]."""
+    """softmax(QKᵀ·scale) in fp32 or wider (fp64 pipelines keep fp64): [B, heads, query, key]."""
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    q, k = query.flatten(0, 1).float(), key.flatten(0, 1).float()  # [B·heads, n, d]
+    wide = torch.promote_types(query.dtype, torch.float32)  # at least fp32 (fp64 stays fp64)
+    q, k = query.flatten(0, 1).to(wide), key.flatten(0, 1).to(wide)  # [B·heads, n, d]
     if attention_mask is None:
         scores = torch.baddbmm(q.new_empty(q.shape[0], q.shape[1], k.shape[1]), q, k.transpose(-1, -2), beta=0, alpha=attn.scale)
     else:
-        mask = attn.prepare_attention_mask(attention_mask, k.shape[1], batch).float()
+        mask = attn.prepare_attention_mask(attention_mask, k.shape[1], batch).to(wide)
         scores = torch.baddbmm(mask, q, k.transpose(-1, -2), beta=1, alpha=attn.scale)
     return scores.softmax(dim=-1).unflatten(0, (batch, attn.heads))
 
