@@ -1,28 +1,43 @@
 """`anelab bench` on a very small workload: every comparison measured, written, and the port's result equal."""
 
 import json
+import statistics
 
+import pytest
 import torch
 
 from anelab.bench import Workload, run_bench, table
 
 
 def test_bench_measures_every_comparison_and_writes_json(tmp_path):
+    """Every figure is derived from the stored runs (medians, their ratios), the port's latent matches ours,
+    and the printed table shows the stored ratios."""
     results = run_bench(Workload("test", 128, 6, "cpu", torch.float32, max_refinement_steps=2, warmup=False), repeats=1, progress=False, results_dir=tmp_path)
     saved = json.loads((tmp_path / "test.json").read_text())
-    assert saved["a_vs_diffusers_port"]["relative_latent_difference"] < 1e-4  # same work as diffusers' port (float noise)
+    assert saved == results
     for key, programs in {"a_vs_diffusers_port": ("anelab", "diffusers_port"), "b_vs_plain_sd": ("sd", "ae_no_refinement", "ae_defaults"),
                           "c_batching": ("batch_of_8", "8_single_runs"), "d_recording": ("no_recording", "record_all")}.items():  # fmt: skip
+        assert saved[key]["repeats"] == 1, key
         for program in programs:
-            assert saved[key][program]["seconds"] > 0 and len(saved[key][program]["runs"]) == 1, (key, program)
-    assert saved["b_vs_plain_sd"]["ratio_no_refinement"] > 0 and saved["d_recording"]["ratio"] > 0
+            runs = saved[key][program]["runs"]
+            assert len(runs) == 1 and saved[key][program]["seconds"] == statistics.median(runs) > 0, (key, program)
+            assert isinstance(saved[key][program]["peak_bytes"], int), (key, program)
+    a, b, c, d = (saved[key] for key in ("a_vs_diffusers_port", "b_vs_plain_sd", "c_batching", "d_recording"))
+    assert a["time_ratio"] == pytest.approx(a["anelab"]["seconds"] / a["diffusers_port"]["seconds"])
+    assert b["ratio_no_refinement"] == pytest.approx(b["ae_no_refinement"]["seconds"] / b["sd"]["seconds"])
+    assert b["ratio_defaults"] == pytest.approx(b["ae_defaults"]["seconds"] / b["sd"]["seconds"])
+    assert c["throughput_gain"] == pytest.approx(c["8_single_runs"]["seconds"] / c["batch_of_8"]["seconds"])
+    assert d["ratio"] == pytest.approx(d["record_all"]["seconds"] / d["no_recording"]["seconds"])
+    assert a["relative_latent_difference"] < 1e-4  # same work as diffusers' port: float noise only
     printed = table(results)
-    assert "(a) diffusers A&E port" in printed and "target <= 0.5" in printed and printed.count("\n") == 11
+    assert printed.count("\n") == 11 and "(a) diffusers A&E port" in printed
+    for text in (f"{a['time_ratio']:.2f}x the port", f"{b['ratio_no_refinement']:.2f}x SD", f"{b['ratio_defaults']:.2f}x SD",
+                 f"{c['throughput_gain']:.2f}x throughput", f"{d['ratio']:.2f}x (target <= 1.15)",
+                 f"max |latent diff| {a['max_abs_latent_difference']:.2e}", "medians of runs (a 1, b 1, c 1, d 1)"):  # fmt: skip
+        assert text in printed, text
 
 
 def test_bench_runs_only_the_comparisons_asked_for(tmp_path):
-    import pytest
-
     from anelab import AnelabError
 
     with pytest.raises(AnelabError, match="comparisons must be letters of 'abcd', got 'ax'"):
@@ -42,6 +57,9 @@ def test_a_partial_run_keeps_the_other_comparisons_of_the_same_workload_only(tmp
     saved = json.loads((tmp_path / "test.json").read_text())
     assert saved == merged and list(saved) == ["workload", "device", "b_vs_plain_sd", "d_recording"]
     assert saved["d_recording"] == first["d_recording"] and saved["d_recording"]["repeats"] == 2 and saved["b_vs_plain_sd"]["repeats"] == 1
+    for program in ("no_recording", "record_all"):  # the figure is the median of the two runs
+        runs = saved["d_recording"][program]["runs"]
+        assert len(runs) == 2 and saved["d_recording"][program]["seconds"] == pytest.approx(sum(runs) / 2)
     assert "medians of runs (b 1, d 2)" in table(merged)
     other = run_bench(Workload("test", 128, 2, "cpu", torch.float32, max_refinement_steps=1, warmup=False), repeats=1, progress=False,
                       results_dir=tmp_path, comparisons="b")  # fmt: skip

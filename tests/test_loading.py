@@ -23,25 +23,36 @@ def test_tiny_pipeline_has_sd1_shaped_cross_attention(tiny_pipe):
 
 
 def test_tiny_attention_responds_to_guidance(tiny_pipe):
-    """At the default thresholds refinement sometimes triggers, and sometimes succeeds (256 px: the 8×8
-    layers are the ones that are 16×16 at 512 px)."""
+    """At the default thresholds refinement triggers at some threshold steps and not at others, lifts the weakest
+    token where it runs, and guidance lowers the loss (256 px: the 8×8 layers are the ones that are 16×16 at 512 px).
+    All on averages with wide margins: single samples sit close to a threshold on some CPUs."""
     out = anelab.generate(tiny_pipe, "a cat and a dog", ["cat", "dog"], seeds=[0, 1, 2, 3], config=GuidanceConfig(attention_res=8),
                           height=256, width=256, output_type="latent", progress=False)  # fmt: skip
-    pairs = out.trace.drop_duplicates(["seed", "step"])
-    at_thresholds = pairs[pairs.threshold.notna()]
-    assert 0 < at_thresholds.triggered.mean() < 1
-    assert at_thresholds[at_thresholds.triggered].reached.any()
-    first, later = pairs[pairs.step == 0].loss.mean(), pairs[pairs.step == 24].loss.mean()
-    assert later < first - 0.1  # guidance lowered the loss
+    per_pair = out.trace.groupby(["seed", "step"]).agg(
+        threshold=("threshold", "first"), triggered=("triggered", "first"), first=("max_attention", "min"), final=("final_max_attention", "min"),
+    )  # fmt: skip
+    at_thresholds = per_pair[per_pair.threshold.notna()]
+    assert 0 < at_thresholds.triggered.mean() < 1  # here: never at step 0 (margin >= 0.1), always at step 20 (>= 0.15)
+    refined = at_thresholds[at_thresholds.triggered]
+    assert (refined.final - refined.first).mean() > 0.02  # here 0.04-0.05
+    loss = out.trace.groupby("step").loss.mean()
+    assert loss[24] < loss[0] - 0.1  # guidance lowered the loss (here 0.70 -> 0.39)
 
 
 def test_saved_pipeline_loads_and_gives_the_same_images(tiny_pipe, tmp_path):
+    """The saved weights come back bit for bit; the outputs agree to float noise (the loaded, memory-mapped
+    weights may take other vectorised code paths, so outputs are compared with a tolerance)."""
     tiny_pipe.save_pretrained(tmp_path / "model")
     loaded = anelab.load_pipeline(str(tmp_path / "model"), device="cpu")
+    for name in ("unet", "vae", "text_encoder"):
+        mine, theirs = getattr(tiny_pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
+    public = [{k: v for k, v in p.scheduler.config.items() if not k.startswith("_")} for p in (tiny_pipe, loaded)]
+    assert public[0] == public[1] and loaded.tokenizer.get_vocab() == tiny_pipe.tokenizer.get_vocab()
     args = dict(seeds=[0], height=128, width=128, num_inference_steps=5, output_type="latent", progress=False)
     plain = [anelab.generate(p, "a cat and a dog", config=None, **args).latents for p in (tiny_pipe, loaded)]
-    assert torch.equal(*plain)
-    # guided: the loaded (memory-mapped) weights round differently in the last bit; compare the first measurement
+    torch.testing.assert_close(*plain, rtol=1e-5, atol=1e-5)
+    # guided: compare the first measurement (later ones amplify float noise)
     guided = [anelab.generate(p, "a cat and a dog", ["cat", "dog"], config=GuidanceConfig(attention_res=4, thresholds={}), **args).trace for p in (tiny_pipe, loaded)]
     first = [g[g.step == 0].max_attention.to_numpy() for g in guided]
     np.testing.assert_allclose(*first, rtol=1e-4)
