@@ -76,7 +76,7 @@ class _ScriptedSuppression(_Sampler):
         objective = suppress_loss(m, self.config.suppress_bound)
         return _Measure(None, m, torch.zeros(1, dtype=torch.float64), objective, suppressed=m, grad=torch.ones_like(z))
 
-    def log(self, i, t, alpha, first, end, triggered, iterations, reached, updated):
+    def log(self, *, end, triggered, iterations, reached, **step):
         self.result = dict(triggered=triggered.item(), iterations=iterations.item(), reached=reached.item(), final=end.suppressed.item())
 
 
