@@ -153,6 +153,8 @@ def run_bench(
     from .loading import load_pipeline
     from .testing import sd14_sized_pipeline
 
+    from . import fast as fast_path
+
     w = WORKLOADS[workload] if isinstance(workload, str) else workload
     w = dataclasses.replace(w, device=str(device or w.device), dtype=dtype or w.dtype)  # --device / --dtype override the workload's
     unknown = set(comparisons) - set("abcd")
@@ -164,6 +166,7 @@ def run_bench(
     common = dict(num_inference_steps=w.steps, height=w.size, width=w.size, output_type="latent", progress=False)
     defaults, no_refinement = w.config(), w.config(thresholds={})
     repeats = repeats or w.repeats
+    fast_differs = fast_path.available(torch.device(w.device))  # on CUDA the fast path is the default: time it against eager
     identity = {k: v for k, v in dataclasses.asdict(w).items() if k != "repeats"} | {"dtype": str(w.dtype)}
     results = {"workload": identity, "device": _device_name(w.device)}
     say = print if progress else (lambda *a, **k: None)
@@ -187,18 +190,34 @@ def run_bench(
                                               "relative_latent_difference": difference / theirs.abs().max().item()}  # fmt: skip
 
     if "b" in comparisons:
-        say(f"[{w.name}] (b) A&E vs plain SD ...")
-        b = _alternate({
-            "sd": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=None, **common),
-            "ae_no_refinement": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common),
-            "ae_defaults": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common),
-        }, repeats, w.device, w.warmup)  # fmt: skip
-        _drop_results(b)
+        say(f"[{w.name}] (b) A&E vs plain SD, and diffusers' own plain pipeline ...")
+        plain = _plain_diffusers(pipe)
+        programs = {
+            "diffusers_sd": lambda: plain(PROMPT, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=w.steps,
+                                          height=w.size, width=w.size, output_type="latent").images,
+            "sd": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=None, **common).latents,
+            "ae_no_refinement": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common).latents,
+            "ae_defaults": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common).latents,
+        }  # fmt: skip
+        if fast_differs:  # the fast path against the eager one, on the same work
+            programs["sd_eager"] = lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=None, fast=False, **common).latents
+            programs["ae_no_refinement_eager"] = lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, fast=False, **common).latents
+        b = _alternate(programs, repeats, w.device, w.warmup)
+        latents = {k: b[k].pop("result").double() for k in programs}
+        sd_seconds = b["sd"]["seconds"]
         results["b_vs_plain_sd"] = b | {
-            "ratio_no_refinement": b["ae_no_refinement"]["seconds"] / b["sd"]["seconds"],
-            "ratio_defaults": b["ae_defaults"]["seconds"] / b["sd"]["seconds"],
+            "ratio_no_refinement": b["ae_no_refinement"]["seconds"] / sd_seconds,
+            "ratio_defaults": b["ae_defaults"]["seconds"] / sd_seconds,
             "memory_ratio_no_refinement": b["ae_no_refinement"]["peak_bytes"] / max(b["sd"]["peak_bytes"], 1),
+            "sd_vs_diffusers": sd_seconds / b["diffusers_sd"]["seconds"],
+            "ae_no_refinement_vs_diffusers": b["ae_no_refinement"]["seconds"] / b["diffusers_sd"]["seconds"],
+            "sd_latent_difference_vs_diffusers": _relative(latents["sd"], latents["diffusers_sd"]),
         }
+        if fast_differs:
+            results["b_vs_plain_sd"] |= {
+                "fast_sd_latent_difference": _relative(latents["sd"], latents["sd_eager"]),
+                "fast_ae_latent_difference": _relative(latents["ae_no_refinement"], latents["ae_no_refinement_eager"]),
+            }
 
     if "c" in comparisons:
         say(f"[{w.name}] (c) 8 seeds in one batch vs 8 single-seed runs ...")
@@ -219,6 +238,21 @@ def run_bench(
         _drop_results(d)
         results["d_recording"] = d | {"ratio": d["record_all"]["seconds"] / d["no_recording"]["seconds"]}
     return _write(results, results_dir)
+
+
+def _plain_diffusers(pipe):
+    """diffusers' own ``StableDiffusionPipeline`` on the same components (the program users run today without guidance)."""
+    from diffusers import StableDiffusionPipeline
+
+    components = {k: v for k, v in pipe.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    plain = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    plain.set_progress_bar_config(disable=True)
+    return plain
+
+
+def _relative(mine: torch.Tensor, theirs: torch.Tensor) -> float:
+    """max |mine − theirs| / max |theirs|."""
+    return (mine - theirs).abs().max().item() / max(theirs.abs().max().item(), 1e-12)
 
 
 def _drop_results(comparison: dict) -> None:
@@ -256,18 +290,26 @@ def table(results: dict) -> str:
     if "a_vs_diffusers_port" in results:
         a = results["a_vs_diffusers_port"]
         rows += [
-            ("(a) anelab A&E, defaults", a["anelab"]["seconds"], a["anelab"]["peak_bytes"] / mib, f"{a['time_ratio']:.2f}x the port (target <= 0.5)"),
+            ("(a) anelab A&E, defaults", a["anelab"]["seconds"], a["anelab"]["peak_bytes"] / mib, f"{a['time_ratio']:.2f}x the port (target <= 0.5 CPU / 0.4 GPU)"),
             ("(a) diffusers A&E port", a["diffusers_port"]["seconds"], a["diffusers_port"]["peak_bytes"] / mib, f"max |latent diff| {a['max_abs_latent_difference']:.2e} ({a['relative_latent_difference']:.1e} of max |latent|)"),
         ]  # fmt: skip
+    gpu = results["workload"]["device"].startswith("cuda")
     if "b_vs_plain_sd" in results:
         b = results["b_vs_plain_sd"]
+        rows += [("(b) diffusers StableDiffusionPipeline", b["diffusers_sd"]["seconds"], b["diffusers_sd"]["peak_bytes"] / mib, "")] if "diffusers_sd" in b else []
         rows += [
-            ("(b) plain SD", b["sd"]["seconds"], b["sd"]["peak_bytes"] / mib, ""),
+            ("(b) anelab plain SD", b["sd"]["seconds"], b["sd"]["peak_bytes"] / mib,
+             f"{b['sd_vs_diffusers']:.2f}x diffusers (target <= 0.4 GPU); latents {b['sd_latent_difference_vs_diffusers']:.1e} rel." if "sd_vs_diffusers" in b else ""),
             ("(b) A&E, refinement never triggered", b["ae_no_refinement"]["seconds"], b["ae_no_refinement"]["peak_bytes"] / mib,
-             f"{b['ratio_no_refinement']:.2f}x SD (target <= 1.3 GPU / 1.4 CPU)"
-             + (f"; memory {b['memory_ratio_no_refinement']:.2f}x (target <= 1.5)" if results["workload"]["device"].startswith("cuda") else "")),
+             f"{b['ratio_no_refinement']:.2f}x anelab SD (target <= 1.5 GPU / 1.4 CPU)"
+             + (f", {b['ae_no_refinement_vs_diffusers']:.2f}x diffusers SD (target <= 0.7 GPU)" if "ae_no_refinement_vs_diffusers" in b else "")
+             + (f"; memory {b['memory_ratio_no_refinement']:.2f}x (target <= 1.5)" if gpu else "")),
             ("(b) A&E, default thresholds", b["ae_defaults"]["seconds"], b["ae_defaults"]["peak_bytes"] / mib, f"{b['ratio_defaults']:.2f}x SD"),
         ]  # fmt: skip
+        for key, label in (("sd_eager", "(b) anelab plain SD, eager (fast path off)"), ("ae_no_refinement_eager", "(b) A&E no refinement, eager")):
+            if key in b:
+                note = f"fast path latents differ by {b['fast_sd_latent_difference' if key == 'sd_eager' else 'fast_ae_latent_difference']:.1e} rel."
+                rows.append((label, b[key]["seconds"], b[key]["peak_bytes"] / mib, note))
     if "c_batching" in results:
         c = results["c_batching"]
         rows += [
@@ -278,7 +320,7 @@ def table(results: dict) -> str:
         d = results["d_recording"]
         rows += [
             ("(d) no recording", d["no_recording"]["seconds"], d["no_recording"]["peak_bytes"] / mib, ""),
-            ("(d) recording 4 resolutions", d["record_all"]["seconds"], d["record_all"]["peak_bytes"] / mib, f"{d['ratio']:.2f}x (target <= 1.15)"),
+            ("(d) recording 4 resolutions", d["record_all"]["seconds"], d["record_all"]["peak_bytes"] / mib, f"{d['ratio']:.2f}x (target <= 1.15 CPU / 1.1 GPU)"),
         ]  # fmt: skip
     w = results["workload"]
     runs = ", ".join(f"{key[0]} {results[key]['repeats']}" for key in COMPARISONS if key in results)

@@ -107,7 +107,7 @@ def load_or_explain(what: str, spec: str, marker: str, load: Callable[[str], obj
 def load_pipeline(
     spec="tiny", device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
     revision: str | None = None, variant: str | None = None, cache_dir: str | os.PathLike | None = None,
-    token: str | bool | None = None, local_files_only: bool | None = None,
+    token: str | bool | None = None, local_files_only: bool | None = None, fast: bool | None = None,
 ):  # fmt: skip
     """A diffusers ``StableDiffusionPipeline`` ready for :func:`anelab.generate`.
 
@@ -118,6 +118,7 @@ def load_pipeline(
     the tiny model). ``revision``, ``variant`` (e.g. ``"fp16"``), ``cache_dir``, ``token`` and
     ``local_files_only`` go to ``from_pretrained``. The safety checker is not loaded (reference runs
     compare raw images). Parameters are frozen: guidance needs gradients with respect to the latent only.
+    ``fast`` (default: on CUDA) stores the UNet and VAE channels-last (:mod:`anelab.fast`).
     """
     dtype = resolve_dtype(dtype)
     target = None if device is None and _is_pipeline(spec) else resolve_device(device)
@@ -136,8 +137,12 @@ def load_pipeline(
         pipe = _from_pretrained(str(spec), dtype, {k: v for k, v in options.items() if v is not None})
     else:
         raise AnelabError(f"model must be 'tiny', a Hub id, a local directory or a StableDiffusionPipeline, got {type(spec).__name__}")
+    from . import fast as fast_path
+
     modules = pipeline_modules(pipe)
     place(modules, target or pipe.device, dtype)
+    if fast is None and fast_path.available(pipe.unet.device) or fast:
+        fast_path.channels_last(*(m for m in (pipe.unet, getattr(pipe, "vae", None)) if m is not None))
     for module in modules.values():
         module.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)

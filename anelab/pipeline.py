@@ -30,11 +30,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm  # text bars everywhere: a notebook widget bar leaves "model not found" in saved notebooks
 
+from . import fast as fast_path
 from . import hooks as hk
 from .cache import AttentionCache
 from .checks import is_int, is_number, require_number, require_seeds
 from .config import GuidanceConfig
 from .errors import AnelabError
+from .fast import GraphedForward
 from .objectives import excite_loss, gaussian_target, layout_kl, suppress_loss, token_maps
 from .recording import Record, Recorder, RecordPlan, plan_record
 from .tokens import eot_index, prompt_tokens, resolve_tokens
@@ -88,6 +90,7 @@ class RunPlan:
     guidance_layers: list[hk.Layer]  # those at config.attention_res, execution order
     record: RecordPlan | None  # what to record of the CFG forward
     generator_device: str = "cpu"
+    fast: bool = False  # CUDA graphs for the CFG forward (anelab.fast)
 
 
 def generate(
@@ -106,6 +109,7 @@ def generate(
     output_type: str = "pil",
     record: Record | None = None,
     generator_device: str = "cpu",
+    fast: bool | None = None,
     progress: bool = True,
 ) -> GuidedOutput:
     """Sample ``prompt`` for every seed at once; A&E-guided on ``tokens`` unless ``config`` is None.
@@ -116,12 +120,14 @@ def generate(
     ``record=Record(...)`` keeps cross-attention maps and token statistics of the CFG forward in
     ``out.attention``. ``generator_device="cuda"`` draws each seed's noise with
     ``torch.Generator("cuda")`` as the official code does (the paper's images); the default CPU
-    generator gives the same noise on every machine. See the module docstring for the loop.
+    generator gives the same noise on every machine. ``fast`` (default: on CUDA) replays the CFG forward
+    from a CUDA graph at every step whose attention nobody reads (:mod:`anelab.fast`; same results). See
+    the module docstring for the loop.
     """
     plan = plan_run(
         pipe, prompt, tokens=tokens, seeds=seeds, config=config, suppress=suppress, layout=layout,
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
-        output_type=output_type, record=record, generator_device=generator_device,
+        output_type=output_type, record=record, generator_device=generator_device, fast=fast,
     )  # fmt: skip
     recorder = Recorder(plan.record, prompt, plan.seeds) if plan.record else None
     hooked = plan.guidance_layers + (plan.record.layers if plan.record else [])
@@ -207,6 +213,7 @@ class _Sampler:
         self.last_update = plan.config.last_update_iteration(len(plan.timesteps)) if plan.config else 0
         self.traces = TraceLog(seeds=plan.seeds, measured=plan.measured, roles=plan.roles, words=plan.token_words, layout=list(plan.layout))
         self.broken_at = None  # per sample: first loop index whose latent was not finite (-1: none)
+        self.graphed = GraphedForward(self.unet) if plan.fast else None
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, num_inference_steps: int, progress: bool) -> torch.Tensor:
@@ -241,7 +248,8 @@ class _Sampler:
             if self.cfg:
                 x = self.scheduler.scale_model_input(torch.cat([z, z]), t)
                 context = torch.cat([self.uncond.expand(n, -1, -1), self.cond.expand(n, -1, -1)])
-                uncond, cond = self.unet(x, t, encoder_hidden_states=context).sample.chunk(2)
+                forward = self.graphed if self.graphed is not None and not sinks else self.eager  # recorded steps run eagerly
+                uncond, cond = forward(x, t, context).chunk(2)
                 eps = uncond + self.plan.guidance_scale * (cond - uncond)
             else:
                 eps = self.unet(self.scheduler.scale_model_input(z, t), t, encoder_hidden_states=self.cond.expand(n, -1, -1)).sample
@@ -264,6 +272,9 @@ class _Sampler:
                 f"the latent of seed(s) {seeds} became NaN/inf (first at loop index {i}, t={self.plan.timesteps[i]}), e.g. an fp16 "
                 "overflow; run in float32 (dtype=torch.float32) or with a smaller scale_factor"
             )
+
+    def eager(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=context).sample
 
     # -- Attend-and-Excite ---------------------------------------------------------------------
     def measure(self, z: torch.Tensor, t) -> _Measure:
@@ -384,7 +395,7 @@ class _Sampler:
 def plan_run(
     pipe, prompt: str, *, tokens=(), seeds=(0,), config: GuidanceConfig | None = None, suppress=(), layout=None,
     num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
-    output_type: str = "pil", record: Record | None = None, generator_device: str = "cpu",
+    output_type: str = "pil", record: Record | None = None, generator_device: str = "cpu", fast: bool | None = None,
 ) -> RunPlan:  # fmt: skip
     """Check every argument of :func:`generate` against ``pipe`` and decide the run, before any
     denoising (each failure is one clear :class:`AnelabError`). The one pre-flight check: the study
@@ -402,6 +413,8 @@ def plan_run(
         raise AnelabError(f"generator_device must be one of {GENERATOR_DEVICES}, got {generator_device!r}")
     if generator_device == "cuda" and not torch.cuda.is_available():
         raise AnelabError("generator_device='cuda' draws the noise with torch.Generator('cuda') as the official code does; torch sees no GPU here")
+    if fast and not fast_path.available(pipe.unet.device):
+        raise AnelabError(f"fast=True replays CUDA graphs and needs the pipeline on a CUDA GPU; it is on {pipe.unet.device} (leave fast=None)")
     if config is not None and not isinstance(config, GuidanceConfig):
         raise AnelabError(f"config must be a GuidanceConfig or None (plain SD), got {type(config).__name__}")
     scale = getattr(pipe, "vae_scale_factor", 8)
@@ -462,6 +475,7 @@ def plan_run(
         guidance_layers=guidance_layers,
         record=record,
         generator_device=generator_device,
+        fast=fast_path.available(pipe.unet.device) if fast is None else bool(fast),
     )
 
 

@@ -28,11 +28,14 @@ def test_bench_measures_every_comparison_and_writes_json(tmp_path):
     assert b["ratio_defaults"] == pytest.approx(b["ae_defaults"]["seconds"] / b["sd"]["seconds"])
     assert c["throughput_gain"] == pytest.approx(c["8_single_runs"]["seconds"] / c["batch_of_8"]["seconds"])
     assert d["ratio"] == pytest.approx(d["record_all"]["seconds"] / d["no_recording"]["seconds"])
+    assert b["sd_vs_diffusers"] == pytest.approx(b["sd"]["seconds"] / b["diffusers_sd"]["seconds"])
+    assert b["ae_no_refinement_vs_diffusers"] == pytest.approx(b["ae_no_refinement"]["seconds"] / b["diffusers_sd"]["seconds"])
     assert a["relative_latent_difference"] < 1e-4  # same work as diffusers' port: float noise only
+    assert b["sd_latent_difference_vs_diffusers"] < 1e-4  # plain SD: diffusers' own pipeline, float noise only
     printed = table(results)
-    assert printed.count("\n") == 11 and "(a) diffusers A&E port" in printed
-    for text in (f"{a['time_ratio']:.2f}x the port", f"{b['ratio_no_refinement']:.2f}x SD", f"{b['ratio_defaults']:.2f}x SD",
-                 f"{c['throughput_gain']:.2f}x throughput", f"{d['ratio']:.2f}x (target <= 1.15)",
+    assert printed.count("\n") == 12 and "(a) diffusers A&E port" in printed and "(b) diffusers StableDiffusionPipeline" in printed
+    for text in (f"{a['time_ratio']:.2f}x the port", f"{b['ratio_no_refinement']:.2f}x anelab SD", f"{b['ratio_defaults']:.2f}x SD",
+                 f"{b['sd_vs_diffusers']:.2f}x diffusers", f"{c['throughput_gain']:.2f}x throughput", f"{d['ratio']:.2f}x (target <= 1.15",
                  f"max |latent diff| {a['max_abs_latent_difference']:.2e}", "medians of runs (a 1, b 1, c 1, d 1)"):  # fmt: skip
         assert text in printed, text
 

@@ -170,3 +170,32 @@ def test_version_and_help_do_not_import_torch():
     code = "import sys; from anelab.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'pandas', 'diffusers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_the_fast_path_is_off_on_the_cpu_and_refused_when_asked_for(tiny_pipe):
+    from anelab.pipeline import plan_run
+
+    assert not plan_run(tiny_pipe, "a cat", tokens=["cat"]).fast  # default: CUDA only
+    with pytest.raises(AnelabError, match="fast=True replays CUDA graphs and needs the pipeline on a CUDA GPU"):
+        anelab.generate(tiny_pipe, "a cat", ["cat"], config=None, fast=True, **RUN)
+
+
+def test_channels_last_weights_give_the_same_images():
+    """The fast path's layout change alters no value: the same run from channels-last weights agrees to float noise."""
+    from anelab import fast
+
+    plain = load_pipeline("tiny", dtype=torch.float64)
+    packed = load_pipeline("tiny", dtype=torch.float64)
+    fast.channels_last(packed.unet, packed.vae)
+    conv = next(m for m in packed.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    config = GuidanceConfig(attention_res=8, thresholds={0: 0.05}, max_iter_to_alter=2)
+    a, b = (anelab.generate(p, "a cat and a dog", ["cat", "dog"], seeds=[0], config=config, **RUN).latents for p in (plain, packed))
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_graphed_cfg_forward_equals_eager_on_cuda():
+    pipe = load_pipeline("tiny", device="cuda")
+    runs = {fast: anelab.generate(pipe, "a cat and a dog", ["cat", "dog"], seeds=[0, 1], config=None, fast=fast, **RUN).latents for fast in (True, False)}
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-5)
