@@ -151,7 +151,8 @@ def _execute(name: str, out: Path, parameters: dict) -> NotebookRun:
             given["interactive"] = False  # no frontend: the widget would be inert (and nbclient can stall on it)
         try:
             papermill.execute_notebook(str(source), str(target), parameters=given, kernel_name="python3", progress_bar=False,
-                                       cwd=str(Path.cwd()), log_output=False, execution_timeout=None)  # fmt: skip
+                                       cwd=str(Path.cwd()), log_output=False, execution_timeout=None,
+                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])  # the kernel's own notices, not ours  # fmt: skip
         except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error; report and go on
             error = _one_line(exc)
     seconds = time.perf_counter() - start
