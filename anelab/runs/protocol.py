@@ -105,13 +105,15 @@ def plan_report(notebooks, *, scale: str, context: Context, store) -> tuple[pd.D
         if study.calibrate:
             try:
                 study, _ = resolve_calibration(study, None, context=context, store=store, run_missing=False)
-            except AnelabError:
-                notes[name] = f"waits for {study.calibrate['from']}'s plain-SD statistics"
-                per_study[name] = (sum(len(study.seeds) for _ in study.variants for _ in range(len(study.prompts))), None)
+            except AnelabError:  # the calibrated variants' keys wait for their thresholds; the others are known
+                calibrated = set(study.calibrate["variants"])
+                notes[name] = f"{len(calibrated)} variant(s) wait for {study.calibrate['from']}'s plain-SD statistics"
+                known = dataclasses.replace(study, variants={k: v for k, v in study.variants.items() if k not in calibrated})
+                per_study[name] = (len(calibrated) * len(study.prompts) * len(study.seeds), context.keys(known) if known.variants else [])
                 continue
-        per_study[name] = (None, context.keys(study))
+        per_study[name] = (0, context.keys(study))
     held = set()
-    all_keys = {k for _, keys in per_study.values() if keys for k in keys}
+    all_keys = {k for _, keys in per_study.values() for k in keys}
     if all_keys:
         held = set(store.latest_rows(all_keys, columns=[]).key)
     seconds, source = seconds_per_image()
@@ -120,20 +122,17 @@ def plan_report(notebooks, *, scale: str, context: Context, store) -> tuple[pd.D
         images = in_store = todo = 0
         waiting = []
         for name in NOTEBOOK_STUDIES[notebook]:
-            count, keys = per_study.get(name, (0, []))
-            if keys is None:
-                images += count
-                todo += count
-                waiting.append(f"{name}: {notes[name]}")
-                continue
-            images += len(keys)
+            pending, keys = per_study.get(name, (0, []))
+            images += pending + len(keys)
             in_store += sum(k in held for k in keys)
-            todo += len(set(keys) - held)
+            todo += pending + len(set(keys) - held)
             union |= set(keys)
+            if name in notes:
+                waiting.append(f"{name}: {notes[name]}")
         rows.append({"notebook": notebook, "studies": ", ".join(NOTEBOOK_STUDIES[notebook]) or "-", "images": images,
                      "in_store": in_store, "to_generate": todo, "gpu_hours": todo * seconds / 3600, "note": "; ".join(waiting)})  # fmt: skip
     table = pd.DataFrame(rows)
-    pending = sum(c for c, k in per_study.values() if k is None)
+    pending = sum(c for c, _ in per_study.values())
     unique_todo = len(union - held) + pending
     total = {"notebook": "total", "studies": f"{len(per_study)} studies", "images": int(table.images.sum()),
              "in_store": len(union & held), "to_generate": unique_todo, "gpu_hours": unique_todo * seconds / 3600,
