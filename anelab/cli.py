@@ -145,7 +145,7 @@ def sweep(
     dtype: Optional[str] = DTYPE,
     revision: Optional[str] = REVISION,
     variant: Optional[str] = VARIANT,
-    scale: str = typer.Option("full", "--scale", "--size", help="smoke / quick / full: the study's protocol or a slice of it."),
+    scale: str = typer.Option("full", "--scale", help="smoke / quick / full: the study's protocol or a slice of it (--size is the image side)."),
     store: Optional[Path] = STORE,
 ):
     """Run a study into the run store: every (variant, prompt, seed) the store lacks; OUT holds the study's view.
