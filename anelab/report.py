@@ -14,7 +14,6 @@ import concurrent.futures
 import dataclasses
 import datetime
 import html
-import json
 import os
 import platform
 import subprocess

@@ -1,12 +1,7 @@
 """Study files, the runner and the run store: validation, scales, shards, accelerate, SIGKILL, concurrent writers,
 damaged files, reuse across studies, results."""
 
-import os
-import random
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,27 +13,12 @@ import yaml
 
 from anelab import AnelabError
 from anelab.resources import study_files
+from study_helpers import STUDY, comparable
+
 from anelab.runs import SCALES, Store, load_results, load_stats, load_study, load_trace, run_sweep, score_run
 from anelab.runs.plan import parse_shard, work_plan
 from anelab.runs.runner import steering_arguments
 
-STUDY = """\
-name: mini
-prompts:
-  - {prompt: a cat and a dog, tokens: [cat, dog]}
-  - {prompt: a bird with a crown, tokens: [bird, crown]}
-seeds: 4
-steps: 5
-size: 128
-batch: 2
-base: {attention_res: 8, thresholds: {0: 0.05, 3: 0.5}, max_iter_to_alter: 3}
-variants:
-  sd: null
-  ae8: {}
-  ae4: {attention_res: 4}
-record: {resolutions: [8, 4]}
-"""
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
 
 
 @pytest.fixture()
@@ -55,18 +35,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _comparable(out):
-    """A study's results without what differs between equal runs (times, store paths), and its image bytes."""
-    rows = load_results(out)
-    images = {(v, p, s): Path(i).read_bytes() for v, p, s, i in rows[["variant", "prompt", "seed", "image"]].itertuples(index=False)}
-    return rows.drop(columns=["seconds", "image"]), images
-
-
-def _cli(*args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "anelab", *map(str, args)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kwargs)  # fmt: skip
 
 
 def test_study_loads_with_overrides(study_file):
@@ -157,8 +125,8 @@ def test_two_shards_together_equal_one(study_file, tiny_pipe, tmp_path, one_thre
     assert whole["images"] == 24 and whole["already"] == 0 and whole["writes"] == 4
     for index in (1, 0):
         run_sweep(study, tiny_pipe, tmp_path / "sharded", model="tiny", store=tmp_path / "s2", shard=(index, 2), progress=False)
-    rows, images = _comparable(tmp_path / "whole")
-    rows2, images2 = _comparable(tmp_path / "sharded")
+    rows, images = comparable(tmp_path / "whole")
+    rows2, images2 = comparable(tmp_path / "sharded")
     pd.testing.assert_frame_equal(rows, rows2)
     assert images == images2 and len(images) == 24
     pd.testing.assert_frame_equal(*(load_trace(d).sort_values(["variant", "prompt", "seed", "step", "token"], ignore_index=True)
@@ -235,7 +203,7 @@ def test_a_damaged_table_file_is_moved_aside_and_its_images_made_again(study_fil
     store, out = Store(tmp_path / "store"), tmp_path / "out"
     study = load_study(study_file)
     run_sweep(study, tiny_pipe, out, model="tiny", store=store, chunk_blocks=2, progress=False)
-    reference, images = _comparable(out)
+    reference, images = comparable(out)
     rows_files = sorted((store.root / "tables" / "rows").glob("*.parquet"))
     victim = rows_files[1]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # cut short, as a full disk or a kill of a copy would
@@ -243,7 +211,7 @@ def test_a_damaged_table_file_is_moved_aside_and_its_images_made_again(study_fil
         assert len(load_results(out)) == 20  # the lost block's rows are gone, the rest reads
     again = run_sweep(study, tiny_pipe, out, model="tiny", store=store, progress=False)
     assert again["images"] == 4  # the two blocks of that write, made again
-    rows, images2 = _comparable(out)
+    rows, images2 = comparable(out)
     pd.testing.assert_frame_equal(reference.drop(columns="key"), rows.drop(columns="key"))
     assert images == images2 and (store.root / "quarantine" / f"rows-{victim.name}").exists()
 

@@ -1,7 +1,6 @@
 """The run store under several processes: SIGKILL at random moments and in the middle of a write, two writers
 at once, accelerate processes. (Separate from test_runs.py so that `make test` runs the two files side by side.)"""
 
-import os
 import random
 import re
 import signal
@@ -13,44 +12,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from study_helpers import ENV, STUDY, cli, comparable
+
 from anelab.runs import Store, load_results, load_trace
 
-STUDY = """\
-name: mini
-prompts:
-  - {prompt: a cat and a dog, tokens: [cat, dog]}
-  - {prompt: a bird with a crown, tokens: [bird, crown]}
-seeds: 4
-steps: 5
-size: 128
-batch: 2
-base: {attention_res: 8, thresholds: {0: 0.05, 3: 0.5}, max_iter_to_alter: 3}
-variants:
-  sd: null
-  ae8: {}
-record: {resolutions: [8]}
-"""
 IMAGES = 16
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
 
 
 @pytest.fixture()
 def study_file(tmp_path):
     path = tmp_path / "mini.yaml"
-    path.write_text(STUDY)
+    path.write_text(STUDY.replace("  ae4: {attention_res: 4}\n", "").replace("[8, 4]", "[8]"))
     return path
-
-
-def _comparable(out):
-    """A study's results without what differs between equal runs (times, store paths), and its image bytes."""
-    rows = load_results(out)
-    images = {(v, p, s): Path(i).read_bytes() for v, p, s, i in rows[["variant", "prompt", "seed", "image"]].itertuples(index=False)}
-    return rows.drop(columns=["seconds", "image"]), images
-
-
-def _cli(*args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "anelab", *map(str, args)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kwargs)  # fmt: skip
 
 
 def test_a_kill_during_a_store_write_leaves_no_half_entry(study_file, tmp_path):
@@ -73,14 +46,14 @@ main(["sweep", {str(study_file)!r}, "--out", {str(out)!r}, "--store", {str(store
     killed = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert len(load_results(out)) == 4  # two whole writes of two images; the half write is invisible
-    final = _cli("sweep", study_file, "--out", out, "--store", store, "--chunk", "1")
+    final = cli("sweep", study_file, "--out", out, "--store", store, "--chunk", "1")
     assert final.wait(timeout=300) == 0, final.stderr.read()[-2000:]
     rows = Store(store).read("rows", columns=["key"])
     assert len(rows) == IMAGES and not rows.key.duplicated().any() and len(load_results(out)) == IMAGES
 
 
 def test_sweep_killed_at_random_moments_then_resumed_equals_an_uninterrupted_one(study_file, tmp_path):
-    reference = _cli("sweep", study_file, "--out", tmp_path / "reference", "--store", tmp_path / "s1", "--chunk", "1")
+    reference = cli("sweep", study_file, "--out", tmp_path / "reference", "--store", tmp_path / "s1", "--chunk", "1")
     assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
     rng = random.Random(7)
     out, store = tmp_path / "killed", tmp_path / "s2"
@@ -91,7 +64,7 @@ def test_sweep_killed_at_random_moments_then_resumed_equals_an_uninterrupted_one
         return len(list(folder.glob("*.parquet"))) if folder.exists() else 0
 
     for attempt in range(4):
-        process = _cli("sweep", study_file, "--out", out, "--store", store, "--chunk", "1")
+        process = cli("sweep", study_file, "--out", out, "--store", store, "--chunk", "1")
         before, deadline = written(), time.time() + 120
         while time.time() < deadline and process.poll() is None and written() == before:  # until this run has written once
             time.sleep(0.05)
@@ -100,11 +73,11 @@ def test_sweep_killed_at_random_moments_then_resumed_equals_an_uninterrupted_one
             process.send_signal(signal.SIGKILL)
             kills += 1
         process.wait(timeout=60)
-    final = _cli("sweep", study_file, "--out", out, "--store", store, "--chunk", "1")
+    final = cli("sweep", study_file, "--out", out, "--store", store, "--chunk", "1")
     assert final.wait(timeout=300) == 0, final.stderr.read()[-2000:]
     assert kills >= 1
-    rows, images = _comparable(tmp_path / "reference")
-    rows2, images2 = _comparable(out)
+    rows, images = comparable(tmp_path / "reference")
+    rows2, images2 = comparable(out)
     pd.testing.assert_frame_equal(rows, rows2)
     assert images == images2
     raw = Store(store).read("rows", columns=["key"])
@@ -117,8 +90,8 @@ def test_sweep_killed_at_random_moments_then_resumed_equals_an_uninterrupted_one
 def test_two_writers_of_one_store_share_the_work(study_file, tmp_path):
     """Two terminals start the same study into one store at once: every image is made once, both finish complete."""
     store = tmp_path / "store"
-    first = _cli("sweep", study_file, "--out", tmp_path / "a", "--store", store, "--chunk", "1")
-    second = _cli("sweep", study_file, "--out", tmp_path / "b", "--store", store, "--chunk", "1")
+    first = cli("sweep", study_file, "--out", tmp_path / "a", "--store", store, "--chunk", "1")
+    second = cli("sweep", study_file, "--out", tmp_path / "b", "--store", store, "--chunk", "1")
     outputs = [p.communicate(timeout=300) for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, outputs
     made = [int(re.search(r"(\d+) image\(s\) made", out).group(1)) for out, _ in outputs]
@@ -130,7 +103,7 @@ def test_two_writers_of_one_store_share_the_work(study_file, tmp_path):
 
 def test_two_accelerate_processes_equal_one(study_file, tmp_path):
     accelerate = Path(sys.executable).parent / "accelerate"
-    single = _cli("sweep", study_file, "--out", tmp_path / "single", "--store", tmp_path / "s1")
+    single = cli("sweep", study_file, "--out", tmp_path / "single", "--store", tmp_path / "s1")
     assert single.wait(timeout=300) == 0
     launch = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -139,7 +112,7 @@ def test_two_accelerate_processes_equal_one(study_file, tmp_path):
     )  # fmt: skip
     assert launch.returncode == 0, launch.stderr[-2000:]
     assert launch.stdout.count(f"{IMAGES // 2} image(s) made") == 2  # each process made its half
-    rows, images = _comparable(tmp_path / "single")
-    rows2, images2 = _comparable(tmp_path / "multi")
+    rows, images = comparable(tmp_path / "single")
+    rows2, images2 = comparable(tmp_path / "multi")
     pd.testing.assert_frame_equal(rows, rows2)
     assert images == images2
