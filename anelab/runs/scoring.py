@@ -1,0 +1,61 @@
+"""Scoring a study's images into the store: each (image, scorer model) is scored once, whichever study asks.
+
+The scores live in the store (``tables/scores/<scorer>/``) keyed by image key and model, so a second
+study over the same images, or a second report, pays nothing; the view records which models the study
+was scored with, and :func:`anelab.runs.load_results` joins those.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..io import file_lock, write_json
+from ..metrics import Scorers, _as_rgb, score_images
+from .results import load_view
+from .runner import VIEW
+
+
+def score_run(out: str | Path, scorers: Scorers, *, shard: tuple[int, int] = (0, 1), batch_size: int = 16, chunk: int = 64,
+              progress: bool = True) -> dict:  # fmt: skip
+    """Score every image of the study in ``out`` (this shard's share: every N-th distinct key) with every scorer
+    of ``scorers`` that has not scored it yet.
+
+    Returns counts per scorer (``{"clip": {"scored": n, "already": m}, ...}``) and the notices."""
+    out = Path(out)
+    view, keys, store = load_view(out)
+    rows = store.latest_rows(set(keys.key), columns=["prompt"])
+    images = keys.drop_duplicates("key").merge(rows[["key", "prompt"]].rename(columns={"prompt": "stored_prompt"}), on="key")
+    images = images.iloc[shard[0] :: shard[1]].reset_index(drop=True)
+    counts, notices = {}, []
+    for kind, model in scorers.names().items():
+        have = set(store.scores(kind, model, set(images.key)).key) if len(images) else set()
+        todo = images[~images.key.isin(have)].reset_index(drop=True)
+        counts[kind] = {"scored": len(todo), "already": len(images) - len(todo)}
+        if todo.empty:
+            continue
+        scorers.get(kind)  # load before the first image: a bad model id fails here
+        bar = tqdm(total=len(todo), desc=f"scoring ({kind})", unit="img", disable=not progress)
+        for start in range(0, len(todo), chunk):
+            part = todo.iloc[start : start + chunk]
+            pictures = [_as_rgb(store.image(k)) for k in part.key]
+            subjects = [t.split(",") if t else [] for t in part.tokens]
+            frame, said = score_images(pictures, list(part.stored_prompt), subjects, scorers, [kind], batch_size)
+            notices += [n for n in said if n not in notices]
+            frame = frame.drop(columns=[f"{kind}_model"]).assign(key=list(part.key), model=model)
+            store.write_scores(kind, frame)
+            bar.update(len(part))
+        bar.close()
+    with file_lock(out / f".{VIEW}.lock"):
+        view = json.loads((out / VIEW).read_text())
+        view["scorers"] = {**view.get("scorers", {}), **scorers.names()}
+        write_json(view, out / VIEW)
+    return {"counts": counts, "notices": notices}
+
+
+def scored_summary(result: dict) -> str:
+    parts = [f"{kind}: {c['scored']} scored, {c['already']} already" for kind, c in result["counts"].items()]
+    return "; ".join(parts) or "nothing to score"
+

@@ -1,0 +1,295 @@
+"""The run store: every generated image once, under a key of everything that changes its bytes.
+
+Layout (default ``runs/store`` under the working directory; ``ANELAB_STORE`` or ``--store`` elsewhere,
+e.g. a shared cluster folder)::
+
+    STORE.json                              format marker
+    images/<k[:2]>/<key>.png                one image per key
+    tables/rows/<write>.parquet             one row per image: key, prompt, seed, guidance statistics, what was recorded
+    tables/trace/<write>.parquet            the guidance trace rows of those images
+    tables/stats/<write>.parquet            their recorded token statistics
+    tables/scores/<scorer>/<write>.parquet  scores per key and scorer model (clip, blip, detector)
+    locks/<k[:2]>/<block>.lock              held while a block is generated and not yet written
+    quarantine/                             damaged table files, moved aside (their images are made again)
+
+A *key* is the SHA-256 of a canonical JSON of the run's identity (:func:`block_identity`: model, dtype,
+device kind, prompt, objectives, steps, size, guidance scale, the whole GuidanceConfig with its step
+sizes, the generator, the seeds generated together) and the seed. A *write* is one flush of one writer:
+its trace and statistics files go first and its rows file is renamed into place last, so a writer killed
+midway leaves no visible half entry. Two writers never write the same file. Tables are read through
+``pyarrow.dataset`` with column and filter selection; when a key was written twice, the latest write wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import AnelabError
+from ..io import write_parquet
+
+FORMAT = "anelab-store/1"
+STORE_ENV = "ANELAB_STORE"
+DEFAULT_ROOT = Path("runs") / "store"
+TABLES = ("rows", "trace", "stats")
+SCORER_KINDS = ("clip", "blip", "detector")
+
+
+def default_root() -> Path:
+    """``$ANELAB_STORE`` if set, else ``runs/store`` under the working directory."""
+    return Path(os.environ.get(STORE_ENV) or DEFAULT_ROOT).expanduser()
+
+
+def model_identity(model, revision: str | None = None, variant: str | None = None) -> str:
+    """What names the weights: ``tiny/<version>``, ``<hub id>@<revision>[:<variant>]`` or ``dir:<absolute path>``."""
+    from ..testing import TINY_VERSION
+
+    if not isinstance(model, (str, os.PathLike)):
+        name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        if not name:
+            raise AnelabError("the store needs a model name: pass the model as 'tiny', a Hub id or a local directory")
+        model = name
+    model = str(model)
+    if model == "tiny":
+        return f"tiny/{TINY_VERSION}"
+    if Path(model).expanduser().exists():
+        return f"dir:{Path(model).expanduser().resolve()}"
+    return f"{model}@{revision or 'main'}" + (f":{variant}" if variant else "")
+
+
+def block_identity(*, model: str, dtype: str, device: str, scheduler: str, iterations: int, prompt: str, tokens, suppress, layout,
+                   seeds, steps: int, height: int, width: int, guidance_scale: float, config, generator_device: str) -> dict:  # fmt: skip
+    """Everything of one generate call that changes its images' bytes (the recording does not: it only observes).
+    ``iterations``: the scheduler's loop length for ``steps`` (the step sizes are taken over it, so a callable
+    schedule is keyed by what it computes)."""
+    guidance = None if config is None else config.to_dict() | {"step_sizes": [float(a) for a in config.step_sizes(iterations)]}
+    return {
+        "format": FORMAT, "model": model, "dtype": str(dtype).removeprefix("torch."), "device": device, "scheduler": scheduler,
+        "prompt": prompt,
+        "tokens": [str(t) for t in tokens], "suppress": [str(t) for t in suppress],
+        "layout": {str(k): [float(v) for v in p] for k, p in (layout or {}).items()}, "seeds": [int(s) for s in seeds],
+        "steps": int(steps), "height": int(height), "width": int(width), "guidance_scale": float(guidance_scale),
+        "config": guidance, "generator_device": generator_device,
+    }  # fmt: skip
+
+
+def _digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def image_key(identity: dict, seed: int) -> str:
+    """The key of seed ``seed`` of a block."""
+    return _digest({"block": identity, "seed": int(seed)})
+
+
+def block_key(identity: dict) -> str:
+    return _digest({"block": identity})
+
+
+def covers(have: str | None, need: dict | None) -> bool:
+    """Whether statistics recorded as ``have`` (JSON of resolutions, steps, token positions) include ``need``."""
+    if need is None:
+        return True
+    if have in (None, "null"):
+        return False
+    have = json.loads(have)
+    return all(set(need[k]) <= set(have[k]) for k in ("resolutions", "steps", "tokens"))
+
+
+class Store:
+    """A content-addressed store of generated images, their traces, statistics and scores (module docstring)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_root()
+        self._schemas: dict[Path, object] = {}  # table file → its schema, read once (reading it checks the footer)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # -- layout --------------------------------------------------------------------------------
+    def image(self, key: str) -> Path:
+        return self.root / "images" / key[:2] / f"{key}.png"
+
+    def _table_dir(self, kind: str) -> Path:
+        return self.root / "tables" / (kind if kind in TABLES else f"scores/{kind}")
+
+    def prepare(self) -> None:
+        """Create the store's folders (a new store) and check that it is one."""
+        marker = self.root / "STORE.json"
+        if self.root.exists() and any(self.root.iterdir()) and not marker.is_file():
+            raise AnelabError(f"{self.root} is not empty and is not a run store (no STORE.json); choose another --store")
+        for kind in (*TABLES, *SCORER_KINDS):
+            self._table_dir(kind).mkdir(parents=True, exist_ok=True)
+        if not marker.is_file():
+            from ..io import write_json
+
+            write_json({"format": FORMAT}, marker)
+
+    # -- locks ---------------------------------------------------------------------------------
+    def try_lock(self, block: str):
+        """The lock of a block if no other process holds it, else None (non-blocking)."""
+        from filelock import FileLock, Timeout
+
+        path = self.root / "locks" / block[:2] / f"{block}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return None
+        path.with_suffix(".owner").write_text(f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}")
+        return lock
+
+    def wait_lock(self, block: str, timeout: float = -1):
+        """The lock of a block, waiting for its holder to finish."""
+        from filelock import FileLock
+
+        path = self.root / "locks" / block[:2] / f"{block}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path), timeout=timeout)
+        lock.acquire()
+        return lock
+
+    def holder(self, block: str) -> str:
+        path = self.root / "locks" / block[:2] / f"{block}.owner"
+        return path.read_text() if path.is_file() else "another process"
+
+    # -- writing -------------------------------------------------------------------------------
+    def write(self, rows: pd.DataFrame, trace: pd.DataFrame, stats: pd.DataFrame) -> str:
+        """One write: trace and statistics first, rows last (the rows make the entries visible)."""
+        write = f"{time.time_ns()}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        stamp = {"write": write, "written": time.time_ns()}
+        for kind, frame in (("trace", trace), ("stats", stats), ("rows", rows)):
+            if kind == "rows" or len(frame):
+                write_parquet(frame.assign(**stamp), self._table_dir(kind) / f"{write}.parquet")
+        return write
+
+    def write_scores(self, kind: str, frame: pd.DataFrame) -> None:
+        """Scores of some keys by one scorer model (columns ``key``, ``model`` and the scorer's)."""
+        write = f"{time.time_ns()}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        write_parquet(frame.assign(written=time.time_ns()), self._table_dir(kind) / f"{write}.parquet")
+
+    # -- reading -------------------------------------------------------------------------------
+    def rows_files(self) -> set[str]:
+        """The names of the rows files (one per write) now in the store."""
+        folder = self._table_dir("rows")
+        return {p.name for p in folder.glob("*.parquet") if not p.name.startswith(".")} if folder.is_dir() else set()
+
+    def rows_since(self, seen: set[str], columns: list[str] | None = None) -> pd.DataFrame:
+        """Rows of the writes that appeared since ``seen`` (rows file names; updated in place): a cheap way for
+        a writer to learn what other processes finished, without reading the whole table."""
+        import pyarrow.parquet as pq
+
+        new = sorted(self.rows_files() - seen)
+        frames = []
+        for name in new:
+            try:
+                frames.append(pq.read_table(self._table_dir("rows") / name, columns=["key", *(columns or [])]).to_pandas())
+            except Exception:  # damaged or just moved aside: the full read handles it
+                continue
+            seen.add(name)
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["key", *(columns or [])])
+
+    def read(self, kind: str, keys=None, columns: list[str] | None = None, filter=None) -> pd.DataFrame:
+        """Rows of a table, for ``keys`` (None: all), only ``columns`` (None: all), and a ``pyarrow.compute``
+        ``filter`` expression, read through ``pyarrow.dataset``."""
+        import pyarrow.compute as pc
+
+        for attempt in range(2):
+            dataset = self._dataset(kind)
+            if dataset is None:
+                return pd.DataFrame(columns=columns or ["key"])
+            condition = filter
+            if keys is not None:
+                keyed = pc.field("key").isin(list(keys))
+                condition = keyed if condition is None else condition & keyed
+            wanted = None if columns is None else [c for c in dict.fromkeys(columns) if c in dataset.schema.names]
+            try:
+                return dataset.to_table(columns=wanted, filter=condition).to_pandas()
+            except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid / IOError: a file damaged past its footer
+                if attempt:
+                    raise AnelabError(f"cannot read the store's {kind} table in {self.root}: {error}") from None
+                self._find_damaged(kind)
+        raise AssertionError("unreachable")
+
+    def latest_rows(self, keys=None, columns: list[str] | None = None) -> pd.DataFrame:
+        """The rows of ``keys`` (one per key: the latest write)."""
+        wanted = None if columns is None else list(dict.fromkeys([*columns, "key", "write", "written"]))
+        rows = self.read("rows", keys, wanted)
+        if rows.empty:
+            return rows
+        return rows.sort_values("written", kind="stable").drop_duplicates("key", keep="last").reset_index(drop=True)
+
+    def entries(self, kind: str, rows: pd.DataFrame, columns: list[str] | None = None, filter=None) -> pd.DataFrame:
+        """The ``trace`` or ``stats`` rows written together with ``rows`` (same key and write)."""
+        wanted = None if columns is None else list(dict.fromkeys([*columns, "key", "write"]))
+        table = self.read(kind, set(rows.key), wanted, filter)
+        if table.empty:
+            return table
+        chosen = pd.MultiIndex.from_frame(rows[["key", "write"]])
+        return table[pd.MultiIndex.from_frame(table[["key", "write"]]).isin(chosen)].reset_index(drop=True)
+
+    def scores(self, kind: str, model: str, keys=None) -> pd.DataFrame:
+        """The latest score of each key by ``model``."""
+        import pyarrow.compute as pc
+
+        table = self.read(kind, keys, filter=pc.field("model") == model)
+        if table.empty:
+            return table
+        return table.sort_values("written", kind="stable").drop_duplicates("key", keep="last").reset_index(drop=True)
+
+    def _dataset(self, kind: str):
+        import pyarrow as pa
+        import pyarrow.dataset as ds
+        import pyarrow.parquet as pq
+
+        folder = self._table_dir(kind)
+        files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
+        valid = []
+        for path in files:
+            if path not in self._schemas:
+                try:
+                    self._schemas[path] = pq.read_schema(path)  # reads the footer: a truncated file fails here
+                except Exception as error:  # pyarrow raises ArrowInvalid / OSError for a damaged file
+                    self._quarantine(kind, path, error)
+                    continue
+            valid.append(path)
+        if not valid:
+            return None
+        schema = pa.unify_schemas([self._schemas[p] for p in valid], promote_options="permissive")
+        return ds.dataset([str(p) for p in valid], schema=schema, format="parquet")
+
+    def _find_damaged(self, kind: str) -> None:
+        import pyarrow.parquet as pq
+
+        for path in list(self._schemas):
+            if path.parent == self._table_dir(kind) and path.exists():
+                try:
+                    pq.read_table(path)
+                except Exception as error:  # damaged data pages behind an intact footer
+                    self._quarantine(kind, path, error)
+
+    def _quarantine(self, kind: str, path: Path, error: Exception) -> None:
+        """Move a damaged table file aside, with the other tables of the same write (so its images are made again)."""
+        aside = self.root / "quarantine"
+        aside.mkdir(parents=True, exist_ok=True)
+        moved = []
+        siblings = [self._table_dir(k) / path.name for k in TABLES] if kind in TABLES else [path]
+        for file in siblings:
+            if file.exists():
+                target = aside / f"{file.parent.name}-{file.name}"
+                with contextlib.suppress(FileNotFoundError):  # another reader moved it first
+                    os.replace(file, target)
+                    moved.append(str(target))
+            self._schemas.pop(file, None)
+        warnings.warn(f"damaged store file {path} ({type(error).__name__}: {str(error).splitlines()[0][:120]}) moved to {aside}; "
+                      "its images will be generated again", stacklevel=3)  # fmt: skip
