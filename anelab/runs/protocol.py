@@ -50,24 +50,28 @@ class Context:
     dtype: str
     device: str
     scheduler: object
+    arch: object = None  # anelab.models.Architecture: what fit_study needs (no weights)
 
     @classmethod
     def of(cls, model: str, device=None, dtype=None, revision=None, variant=None) -> "Context":
         import torch
 
         from ..loading import load_parts, resolve_device, resolve_dtype
+        from ..models import architecture
         from .store import model_identity
 
         _, scheduler = load_parts(model, revision=revision)
         return cls(str(model), model_identity(model, revision, variant), str(resolve_dtype(dtype) or torch.float32),
-                   resolve_device(device).type, scheduler)  # fmt: skip
+                   resolve_device(device).type, scheduler, architecture(model, revision=revision))  # fmt: skip
 
     def keys(self, study: Study) -> list[str]:
         """The store key of every image of ``study`` (its tokens unchecked: planning only)."""
         from .plan import work_plan
         from .runner import steering_arguments
         from .store import block_identity, image_key
+        from .study import fit_study
 
+        study = fit_study(study, self.arch) if self.arch is not None else study
         self.scheduler.set_timesteps(study.steps)
         common = dict(model=self.identity, dtype=self.dtype, device=self.device, scheduler=type(self.scheduler).__name__,
                       iterations=len(self.scheduler.timesteps), steps=study.steps, height=study.size, width=study.size,
@@ -102,6 +106,10 @@ def plan_report(notebooks, *, scale: str, context: Context, store) -> tuple[pd.D
     per_study, notes = {}, {}
     for name in studies_of(notebooks):
         study = load_study(name, scale=scale)
+        if context.arch is not None:
+            from .study import fit_study
+
+            study = fit_study(study, context.arch)
         if study.calibrate:
             try:
                 study, _ = resolve_calibration(study, None, context=context, store=store, run_missing=False)
