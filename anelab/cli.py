@@ -26,7 +26,7 @@ app = typer.Typer(
 #: Options that take several values after one flag (``--tokens cat dog``), as in the README.
 MULTI_VALUE_OPTIONS = ("--tokens", "--seeds", "--suppress", "--only", "--workload", "--layout")
 
-MODEL = typer.Option("tiny", help="'tiny' (offline random model), a Hub id, or a local directory.")
+MODEL = typer.Option("tiny", help="'tiny', 'tiny-sd2' or 'tiny-xl' (offline random SD 1.x / 2.x / SDXL-shaped models), a Hub id, or a local directory.")
 DEVICE = typer.Option(None, help="cpu, cuda, cuda:N, mps (default: cuda when available). A GPU torch cannot see is an error.")
 DTYPE = typer.Option(None, help="fp32 / fp16 / bf16 (default: the weights', fp32 for the tiny model).")
 REVISION = typer.Option(None, help="Hub revision (branch, tag or commit) of --model.")
@@ -216,7 +216,7 @@ def score(
 @app.command()
 def report(
     model: str = MODEL,
-    scale: Optional[str] = typer.Option(None, "--size", "--scale", help="smoke / quick / full (default: smoke for 'tiny', full otherwise)."),
+    scale: Optional[str] = typer.Option(None, "--size", "--scale", help="smoke / quick / full (default: smoke for the tiny models, full otherwise)."),
     only: list[str] = typer.Option([], help="Run only these notebooks (name or number prefix, e.g. --only 02)."),
     out: Path = typer.Option(Path("reports"), help="Where the executed notebooks, HTML and index.html go."),
     runs: Optional[Path] = typer.Option(None, help="Where the notebooks' study views go (default runs/report-<model>-<scale>)."),
@@ -238,8 +238,11 @@ def report(
     from .runs.plan import parse_shard
     from .runs.study import SCALES
 
+    from .testing import TINY_MODELS
+
     names = match_notebooks(only)
-    scale = scale or ("smoke" if model == "tiny" else "full")
+    tiny = model in TINY_MODELS
+    scale = scale or ("smoke" if tiny else "full")
     if scale not in SCALES:
         raise AnelabError(f"--size must be one of {', '.join(SCALES)}, got {scale!r}")
     share = parse_shard(shard)
@@ -265,7 +268,6 @@ def report(
         from .runs.protocol import generate_report
 
         pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
-        tiny = model == "tiny"
         scorers = Scorers("tiny" if tiny else "openai/clip-vit-base-patch16", "tiny" if tiny else "Salesforce/blip-image-captioning-base",
                           "tiny" if tiny else "google/owlv2-base-patch16-ensemble", device=device)  # fmt: skip
         generate_report(names, scale=scale, pipe=pipe, model=model, runs=runs, store=store, shard=share, scorers=scorers,
@@ -273,7 +275,7 @@ def report(
         typer.echo(f"shard {share[0]}/{share[1]} done: its images and scores are in the store; run `anelab report` (same --size) when every shard is")
         return
     ensure_writable(out)
-    jobs = jobs or (2 if model == "tiny" and device.type == "cpu" else 1)
+    jobs = jobs or (2 if tiny and device.type == "cpu" else 1)
     results = run_report(model=model, scale=scale, only=names, out=out, runs=runs, device=str(device), dtype=dtype_name, store=store, jobs=jobs)
     for r in results:
         typer.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.name:28s} {r.seconds:6.0f} s" + ("" if r.ok else f"  {r.error}"))
