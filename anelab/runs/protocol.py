@@ -27,9 +27,10 @@ NOTEBOOK_STUDIES: dict[str, tuple[str, ...]] = {
     "03_timesteps": ("timesteps",),
     "04_step_size_and_kernel": ("step_size", "kernel"),
     "05_suppression_and_layout": ("suppression", "layout_right"),
+    "06_architectures": ("architectures",),  # on the report's model; the notebook runs the other architectures itself
 }
 #: Generation order: calibration sources first, then the studies that record the most statistics.
-GENERATION_ORDER = ("resolution", "resolution_calibrated", "step_size", "timesteps", "suppression", "layout_right", "reproduction", "kernel")
+GENERATION_ORDER = ("resolution", "architectures", "resolution_calibrated", "step_size", "timesteps", "suppression", "layout_right", "reproduction", "kernel")
 #: Seconds per image assumed when no GPU bench result is at hand: anelab A&E without refinement in
 #: batches of 8, fp16, 512 px, 50 steps, SD-1.4-size weights on an H200 (measured, issue 15).
 ASSUMED_SECONDS_PER_IMAGE = 0.5
