@@ -56,7 +56,7 @@ def generate(
     model: str = MODEL,
     out: Path = typer.Option(..., help="Output directory: OUT/<prompt>/<seed>.png, OUT/prompts.json, OUT/trace.parquet (every run kept)."),
     steps: int = typer.Option(50, min=1, help="Inference steps (PNDM 50 steps = 51 loop iterations)."),
-    attention_res: int = typer.Option(16, min=1, help="Attention resolution the loss reads."),
+    attention_res: Optional[int] = typer.Option(None, min=1, help="Attention resolution the loss reads (default: 16 on SD 1.x; on other models the same fraction of their native side, e.g. 32 on SDXL)."),
     thresholds: Optional[str] = typer.Option(None, help="Refinement thresholds 'loop index:min attention,...' ('' = none). Default: 0:0.05,10:0.5,20:0.8 at 50 steps, rescaled to --steps."),
     scale_factor: float = typer.Option(20.0, help="Base step size."),
     max_iter_to_alter: Optional[int] = typer.Option(None, min=0, help="Regular updates while loop index < this. Default: 25 at 50 steps, rescaled to --steps."),
@@ -95,7 +95,7 @@ def generate(
     config = None
     if not plain:
         config = GuidanceConfig(
-            attention_res=attention_res,
+            attention_res=attention_res or 16,  # None: scaled to the model below, once it is loaded
             thresholds=DEFAULT_THRESHOLDS if thresholds is None else parse_thresholds(thresholds),
             scale_factor=scale_factor,
             max_iter_to_alter=DEFAULT_MAX_ITER_TO_ALTER if max_iter_to_alter is None else max_iter_to_alter,
@@ -119,6 +119,10 @@ def generate(
     from .runs.runner import stored_generate
 
     pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
+    if config is not None and attention_res is None:
+        from .models import scaled_resolution
+
+        config = config.replace(attention_res=scaled_resolution(pipe, 16))  # 16 on SD 1.x and 2.1-base, 24 on SD 2.1, 32 on SDXL
     images, trace, seconds, reused = stored_generate(
         pipe, prompt, model=model, store=store, revision=revision, variant=variant, tokens=token_args, seeds=seeds, config=config,
         suppress=suppress, layout=targets, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,

@@ -91,10 +91,11 @@ def check_tokenizers(pipe, prompt: str) -> None:
                               "and needs both encoders' tokens at the same positions")  # fmt: skip
 
 
-def scaled_resolution(pipe, res: int = 16, height: int | None = None) -> int:
-    """``res`` written for SD 1.x at 512 px as the same fraction of the image on this model at ``height``
-    (default: native): the A&E default 16 is 16 on SD 1.x, 24 on SD 2.1 at 768 px, 32 on SDXL at 1024 px."""
-    return int(round(res * (height or native_size(pipe)) / SD1_SIZE))
+def scaled_resolution(pipe, res: int = 16, width: int | None = None) -> int:
+    """``res`` written for SD 1.x at 512 px as the same fraction of the image on this model at ``width`` (default:
+    native): the A&E default 16 is 16 on SD 1.x, 24 on SD 2.1 at 768 px, 32 on SDXL at 1024 px. (Whether the
+    model has it there is :func:`attention_resolutions`' answer.)"""
+    return int(round(res * (width or native_size(pipe)) / SD1_SIZE))
 
 
 @dataclasses.dataclass
