@@ -450,9 +450,10 @@ def plan_run(
         if targets:
             layout_targets = torch.stack([gaussian_target(p, (h, w), config.layout_sigma) for p in targets.values()])
     eot = eot_index(pipe.tokenizer, prompt)
-    normaliser = config or GuidanceConfig()
-    if models.softmax_tokens(pipe, normaliser.softmax_tokens) != normaliser.softmax_tokens:
-        normaliser = normaliser.replace(softmax_tokens=models.softmax_tokens(pipe, normaliser.softmax_tokens))
+    normaliser = config or GuidanceConfig()  # its token columns as this model reads them (§1.3): the loss, the trace and the recording
+    columns = models.softmax_tokens(pipe, normaliser.softmax_tokens)
+    if columns != normaliser.softmax_tokens:
+        normaliser = normaliser.replace(softmax_tokens=columns)
     if record is not None:
         record = plan_record(record, pipe=pipe, prompt=prompt, subjects=measured, eot=eot, seeds=seeds, timesteps=timesteps,
                              layers=layers, config=normaliser, height=height, width=width)  # fmt: skip

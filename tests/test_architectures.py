@@ -284,3 +284,15 @@ def test_loading_sdxl_from_a_directory_and_its_placement(pipes, tmp_path):
     with pytest.raises(AnelabError, match="is a StableDiffusion3Pipeline; anelab runs SD 1.x / 2.x"):
         anelab.load_pipeline(str(tmp_path / "other"), device="cpu")
     assert (model_identity("tiny"), model_identity("tiny-sd2"), model_identity("tiny-xl")) == ("tiny/1", "tiny-sd2/1", "tiny-xl/1")
+
+
+def test_the_report_plan_counts_the_fitted_studies(tmp_path):
+    from anelab.runs import Store
+    from anelab.runs.protocol import Context, plan_report
+
+    context = Context.of("tiny-xl", device="cpu")
+    assert context.identity == "tiny-xl/1" and context.arch.family == "sdxl"
+    table, _ = plan_report(["06_architectures", "01_reproduction"], scale="smoke", context=context, store=Store(tmp_path / "store"))
+    rows = table.set_index("notebook")
+    assert rows.loc["06_architectures", "images"] == 3  # sd, res16, res32 (res8 and res64 dropped) x 1 prompt x 1 seed
+    assert rows.loc["01_reproduction", "images"] == 2 * 3 and rows.loc["total", "in_store"] == 0  # sd and ae x 3 categories
