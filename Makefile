@@ -27,9 +27,10 @@ test: install
 	MPLBACKEND=agg OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job: every notebook executed with papermill into reports/ (smoke slice on the tiny model;
-# on real weights the scale SIZE=quick|full, e.g. make report MODEL=CompVis/stable-diffusion-v1-4 DEVICE=cuda DTYPE=fp16).
+# on real weights the scale SIZE=quick|full, e.g. make report MODEL=CompVis/stable-diffusion-v1-4 DEVICE=cuda DTYPE=fp16;
+# SD 2.x and SDXL too: MODEL=stabilityai/stable-diffusion-2-1, MODEL=stabilityai/stable-diffusion-xl-base-1.0; offline stand-ins tiny-sd2, tiny-xl).
 report: install
-	MPLBACKEND=agg $(PY) -m anelab report --model "$(MODEL)" --size $(if $(filter tiny,$(MODEL)),smoke,$(SIZE)) --out reports \
+	MPLBACKEND=agg $(PY) -m anelab report --model "$(MODEL)" --size $(if $(filter tiny tiny-sd2 tiny-xl,$(MODEL)),smoke,$(SIZE)) --out reports \
 		$(if $(DEVICE),--device $(DEVICE)) $(if $(DTYPE),--dtype $(DTYPE)) $(if $(STORE),--store $(STORE))
 
 clean:

@@ -17,6 +17,7 @@ _EXPORTS = {
     "GuidanceConfig": "config",
     "GuidedOutput": "pipeline",
     "Record": "recording",
+    "attention_resolutions": "models",
     "generate": "pipeline",
     "load_pipeline": "loading",
 }

@@ -10,7 +10,7 @@ shared), and the published figures side by side (``data/published.json``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -435,3 +435,78 @@ def beside_published(measured: pd.DataFrame, notebook: str, tolerance: float = 0
     table["verdict"] = table.apply(verdict, axis=1)
     columns = ["variant", "category", "measure", "measured", "ci_low", "ci_high", "published", "verdict", "source"]
     return table[[*columns, *(["note"] if "note" in table else [])]]
+
+
+def variant_resolutions(view: dict) -> dict[str, int]:
+    """Guided variant → the attention resolution it read on the study's model (the view's spec, after
+    :func:`anelab.runs.study.fit_study`: SDXL's ``res16`` reads 32)."""
+    return {name: int(config["attention_res"]) for name, config in view["study"]["variants"].items() if config is not None}
+
+
+def attention_profile(stats: Mapping[str, pd.DataFrame], sizes: Mapping[str, int], baseline: str = "sd",
+                      steps: Sequence[int] | None = None) -> pd.DataFrame:  # fmt: skip
+    """Which resolution carries the subjects under plain SD, per model (06, architectures): per model and recorded
+    resolution, the mean over images and steps of the lower- and higher-attended subject's smoothed max attention
+    (``steps``: only those loop indices), with the image pixels per attention cell (``sizes``: model → image side).
+    ``stats``: model → the study's token statistics. Long form ``[model, res, px_per_cell, lower, higher, gap]``."""
+    rows = []
+    for model, frame in stats.items():
+        _require(frame, ["variant"], "attention_profile")
+        part = frame[frame.variant == baseline]
+        if steps is not None:
+            part = part[part.step.isin(list(steps))]
+        if part.empty:
+            continue
+        extremes = subject_extremes(part).groupby("res")[["lower", "higher"]].mean()
+        for res, row in extremes.iterrows():
+            rows.append({"model": model, "res": int(res), "px_per_cell": sizes[model] / int(res), "lower": row.lower, "higher": row.higher,
+                         "gap": row.higher - row.lower})  # fmt: skip
+    return pd.DataFrame(rows, columns=["model", "res", "px_per_cell", "lower", "higher", "gap"])
+
+
+def architecture_comparison(runs: Mapping[str, Mapping], measure: str = "min_object", baseline: str = "sd") -> pd.DataFrame:
+    """A&E at each resolution against the model's own plain SD, per model (06, architectures): the paired difference
+    of ``measure`` over all images with its 95% CI, the guidance rate and success rate over all threshold steps, and
+    the image pixels per attention cell. ``runs``: model → ``{"results", "trace", "view"}`` of its study. Long form
+    ``[model, variant, res, px_per_cell, n, difference, ci_low, ci_high, guidance_rate, success_rate]``."""
+    columns = ["model", "variant", "res", "px_per_cell", "n", "difference", "ci_low", "ci_high", "guidance_rate", "success_rate"]
+    rows = []
+    for model, run in runs.items():
+        results, trace, view = run["results"], run["trace"], run["view"]
+        resolutions, size = variant_resolutions(view), view["study"]["size"]
+        have = measure in results.columns and baseline in set(results.variant)
+        differences = paired_differences(results, [measure], baseline) if have else pd.DataFrame(columns=["variant", "category", "difference"])
+        overall = differences[differences.category == "overall"].set_index("variant")
+        rates = guidance_stats(trace, by=["variant"]) if len(trace) else pd.DataFrame(columns=["variant", "step"])
+        rates = rates[rates.step.isna()].set_index("variant")
+        for variant, res in resolutions.items():
+            if variant not in set(results.variant):
+                continue
+            got = overall.loc[variant] if variant in overall.index else None
+            rows.append({"model": model, "variant": variant, "res": res, "px_per_cell": size / res,
+                         "n": np.nan if got is None else got.n, "difference": np.nan if got is None else got.difference,
+                         "ci_low": np.nan if got is None else got.ci_low, "ci_high": np.nan if got is None else got.ci_high,
+                         "guidance_rate": rates.guidance_rate.get(variant, np.nan), "success_rate": rates.success_rate.get(variant, np.nan)})  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def architecture_reading(comparison: pd.DataFrame, profile: pd.DataFrame, measure: str = "min_object") -> str:
+    """A 'Reading' of :func:`architecture_comparison` and :func:`attention_profile`, per model: the resolution where plain
+    SD's lower subject is most attended, and the resolution whose guidance moves ``measure`` most (with its CI)."""
+    lines = []
+    for model in dict.fromkeys([*profile.model, *comparison.model]):
+        said = []
+        mine = profile[profile.model == model].dropna(subset=["lower"])
+        if len(mine):
+            top = mine.loc[mine.lower.idxmax()]
+            said.append(f"plain SD attends its lower subject most at resolution {int(top.res)} ({top.px_per_cell:g} px per cell, "
+                        f"mean smoothed max {top.lower:.3f})")  # fmt: skip
+        guided = comparison[comparison.model == model].dropna(subset=["difference"])
+        if len(guided):
+            best = guided.loc[guided.difference.idxmax()]
+            interval = "" if pd.isna(best.ci_low) else f" [{best.ci_low:+.4f}, {best.ci_high:+.4f}]"
+            resolved = "" if pd.isna(best.ci_low) else (" (resolved)" if best.ci_low > 0 or best.ci_high < 0 else " (within noise)")
+            said.append(f"A&E raises {measure} most at resolution {int(best.res)} ({best.px_per_cell:g} px per cell): "
+                        f"{best.difference:+.4f}{interval}{resolved}")  # fmt: skip
+        lines.append(f"- {model}: " + ("; ".join(said) if said else "nothing to compare") + ".")
+    return "\n".join(lines)

@@ -26,7 +26,7 @@ app = typer.Typer(
 #: Options that take several values after one flag (``--tokens cat dog``), as in the README.
 MULTI_VALUE_OPTIONS = ("--tokens", "--seeds", "--suppress", "--only", "--workload", "--layout")
 
-MODEL = typer.Option("tiny", help="'tiny' (offline random model), a Hub id, or a local directory.")
+MODEL = typer.Option("tiny", help="'tiny', 'tiny-sd2' or 'tiny-xl' (offline random SD 1.x / 2.x / SDXL-shaped models), a Hub id, or a local directory.")
 DEVICE = typer.Option(None, help="cpu, cuda, cuda:N, mps (default: cuda when available). A GPU torch cannot see is an error.")
 DTYPE = typer.Option(None, help="fp32 / fp16 / bf16 (default: the weights', fp32 for the tiny model).")
 REVISION = typer.Option(None, help="Hub revision (branch, tag or commit) of --model.")
@@ -56,7 +56,7 @@ def generate(
     model: str = MODEL,
     out: Path = typer.Option(..., help="Output directory: OUT/<prompt>/<seed>.png, OUT/prompts.json, OUT/trace.parquet (every run kept)."),
     steps: int = typer.Option(50, min=1, help="Inference steps (PNDM 50 steps = 51 loop iterations)."),
-    attention_res: int = typer.Option(16, min=1, help="Attention resolution the loss reads."),
+    attention_res: Optional[int] = typer.Option(None, min=1, help="Attention resolution the loss reads (default: 16 on SD 1.x; on other models the same fraction of their native side, e.g. 32 on SDXL)."),
     thresholds: Optional[str] = typer.Option(None, help="Refinement thresholds 'loop index:min attention,...' ('' = none). Default: 0:0.05,10:0.5,20:0.8 at 50 steps, rescaled to --steps."),
     scale_factor: float = typer.Option(20.0, help="Base step size."),
     max_iter_to_alter: Optional[int] = typer.Option(None, min=0, help="Regular updates while loop index < this. Default: 25 at 50 steps, rescaled to --steps."),
@@ -95,7 +95,7 @@ def generate(
     config = None
     if not plain:
         config = GuidanceConfig(
-            attention_res=attention_res,
+            attention_res=attention_res or 16,  # None: scaled to the model below, once it is loaded
             thresholds=DEFAULT_THRESHOLDS if thresholds is None else parse_thresholds(thresholds),
             scale_factor=scale_factor,
             max_iter_to_alter=DEFAULT_MAX_ITER_TO_ALTER if max_iter_to_alter is None else max_iter_to_alter,
@@ -119,6 +119,10 @@ def generate(
     from .runs.runner import stored_generate
 
     pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
+    if config is not None and attention_res is None:
+        from .models import scaled_resolution
+
+        config = config.replace(attention_res=scaled_resolution(pipe, 16))  # 16 on SD 1.x and 2.1-base, 24 on SD 2.1, 32 on SDXL
     images, trace, seconds, reused = stored_generate(
         pipe, prompt, model=model, store=store, revision=revision, variant=variant, tokens=token_args, seeds=seeds, config=config,
         suppress=suppress, layout=targets, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
@@ -216,7 +220,7 @@ def score(
 @app.command()
 def report(
     model: str = MODEL,
-    scale: Optional[str] = typer.Option(None, "--size", "--scale", help="smoke / quick / full (default: smoke for 'tiny', full otherwise)."),
+    scale: Optional[str] = typer.Option(None, "--size", "--scale", help="smoke / quick / full (default: smoke for the tiny models, full otherwise)."),
     only: list[str] = typer.Option([], help="Run only these notebooks (name or number prefix, e.g. --only 02)."),
     out: Path = typer.Option(Path("reports"), help="Where the executed notebooks, HTML and index.html go."),
     runs: Optional[Path] = typer.Option(None, help="Where the notebooks' study views go (default runs/report-<model>-<scale>)."),
@@ -238,8 +242,11 @@ def report(
     from .runs.plan import parse_shard
     from .runs.study import SCALES
 
+    from .testing import TINY_MODELS
+
     names = match_notebooks(only)
-    scale = scale or ("smoke" if model == "tiny" else "full")
+    tiny = model in TINY_MODELS
+    scale = scale or ("smoke" if tiny else "full")
     if scale not in SCALES:
         raise AnelabError(f"--size must be one of {', '.join(SCALES)}, got {scale!r}")
     share = parse_shard(shard)
@@ -265,7 +272,6 @@ def report(
         from .runs.protocol import generate_report
 
         pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
-        tiny = model == "tiny"
         scorers = Scorers("tiny" if tiny else "openai/clip-vit-base-patch16", "tiny" if tiny else "Salesforce/blip-image-captioning-base",
                           "tiny" if tiny else "google/owlv2-base-patch16-ensemble", device=device)  # fmt: skip
         generate_report(names, scale=scale, pipe=pipe, model=model, runs=runs, store=store, shard=share, scorers=scorers,
@@ -273,7 +279,7 @@ def report(
         typer.echo(f"shard {share[0]}/{share[1]} done: its images and scores are in the store; run `anelab report` (same --size) when every shard is")
         return
     ensure_writable(out)
-    jobs = jobs or (2 if model == "tiny" and device.type == "cpu" else 1)
+    jobs = jobs or (2 if tiny and device.type == "cpu" else 1)
     results = run_report(model=model, scale=scale, only=names, out=out, runs=runs, device=str(device), dtype=dtype_name, store=store, jobs=jobs)
     for r in results:
         typer.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.name:28s} {r.seconds:6.0f} s" + ("" if r.ok else f"  {r.error}"))

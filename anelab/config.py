@@ -47,7 +47,7 @@ class GuidanceConfig:
     kernel_size: int = 3  # odd; reflect padding kernel_size // 2
     sigma: float = 0.5
     sigma_convention: Literal["legacy", "standard"] = "legacy"  # legacy: exp(-((x-μ)/(2σ))²) (§1.4)
-    softmax_tokens: Literal["legacy", "prompt"] = "legacy"  # legacy: columns 1..75; prompt: 1..eot-1 (§1.3)
+    softmax_tokens: Literal["legacy", "prompt", "padded"] = "legacy"  # legacy: the official code's columns for the model (SD 1.x 1..75; SD 2.x, SDXL: prompt); prompt: 1..eot-1; padded: 1..75 (§1.3, anelab.models.softmax_tokens)
     temperature: float = 100.0  # the ×100 before the token softmax (§1.3)
     suppress_scale: float = 1.0  # step size of the suppression term, relative to α_i (STUDIES.md 05)
     suppress_bound: float = 0.2  # suppressed tokens are pushed down only while their smoothed max exceeds this
@@ -78,7 +78,7 @@ class GuidanceConfig:
             raise AnelabError(f"kernel_size must be a positive odd int (3, 5, 7, ...), got {self.kernel_size!r}")
         if not is_number(self.sigma) or self.sigma <= 0:
             raise AnelabError(f"sigma must be a number > 0, got {self.sigma!r}")
-        for name, allowed in (("sigma_convention", ("legacy", "standard")), ("softmax_tokens", ("legacy", "prompt")),
+        for name, allowed in (("sigma_convention", ("legacy", "standard")), ("softmax_tokens", ("legacy", "prompt", "padded")),
                               ("layout_update", ("joint", "two_stage"))):  # fmt: skip
             if getattr(self, name) not in allowed:
                 raise AnelabError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

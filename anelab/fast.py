@@ -33,32 +33,31 @@ def channels_last(*modules: torch.nn.Module) -> None:
 
 
 class GraphedForward:
-    """``unet(x, t, encoder_hidden_states=context, **extra).sample`` replayed from CUDA graphs, one per input
-    shape (captured on first use after two warm-up calls on a side stream, as torch's CUDA-graph recipe
-    asks). Inputs are copied into the graph's static tensors; the output is copied out."""
+    """``unet(x, t, **unet_kwargs).sample`` replayed from CUDA graphs, one per input shape (captured on first use
+    after two warm-up calls on a side stream, as torch's CUDA-graph recipe asks). ``unet_kwargs`` holds
+    ``encoder_hidden_states`` and, for SDXL, ``added_cond_kwargs``; every tensor is copied into the graph's
+    static inputs, and the output is copied out."""
 
     def __init__(self, unet: torch.nn.Module):
         self.unet = unet
         self.graphs: dict[tuple, tuple] = {}
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device)
-        signature = (tuple(x.shape), x.dtype, tuple(t.shape), tuple(context.shape), *((k, tuple(v.shape)) for k, v in sorted(extra.items())))
+    def __call__(self, x: torch.Tensor, t, **unet_kwargs) -> torch.Tensor:
+        tensors = {"x": x, "t": torch.as_tensor(t, device=x.device), **_flat(unet_kwargs)}
+        signature = tuple((k, tuple(v.shape), v.dtype) for k, v in tensors.items())
         if signature not in self.graphs:
-            self.graphs[signature] = self._capture(x, t, context, extra)
-        graph, inputs, output = self.graphs[signature]
-        for static, value in zip(inputs, (x, t, context, *(extra[k] for k in sorted(extra)))):
-            static.copy_(value)
+            self.graphs[signature] = self._capture(tensors)
+        graph, static, output = self.graphs[signature]
+        for key, value in tensors.items():
+            static[key].copy_(value)
         graph.replay()
         return output.clone()
 
-    def _capture(self, x, t, context, extra):
-        names = sorted(extra)
-        inputs = [x.clone(), t.clone(), context.clone(), *(extra[k].clone() for k in names)]
+    def _capture(self, tensors: dict[str, torch.Tensor]):
+        static = {k: v.clone() for k, v in tensors.items()}
 
         def forward():
-            kwargs = {"added_cond_kwargs": dict(zip(names, inputs[3:]))} if names else {}
-            return self.unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2], **kwargs).sample
+            return self.unet(static["x"], static["t"], **_nested(static)).sample
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -69,4 +68,29 @@ class GraphedForward:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             output = forward()
-        return graph, inputs, output
+        return graph, static, output
+
+
+def _flat(kwargs: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """``{"encoder_hidden_states": e, "added_cond_kwargs": {"text_embeds": p}}`` → ``{"encoder_hidden_states": e, "added_cond_kwargs.text_embeds": p}``."""
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _nested(static: dict[str, torch.Tensor]) -> dict:
+    """The UNet's keyword arguments back from the flat static tensors (``x`` and ``t`` left out)."""
+    out: dict = {}
+    for key, value in static.items():
+        if key in ("x", "t"):
+            continue
+        *path, name = key.split(".")
+        target = out
+        for part in path:
+            target = target.setdefault(part, {})
+        target[name] = value
+    return out

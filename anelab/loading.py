@@ -1,5 +1,6 @@
-"""`load_pipeline`: the tiny offline model, a Hub id, a local directory, or a built pipeline — placed on
-the device and dtype asked for, every component checked.
+"""`load_pipeline`: an offline stand-in (``tiny``, ``tiny-sd2``, ``tiny-xl``), a Hub id, a local directory, or a
+built pipeline — SD 1.x / 2.x (``StableDiffusionPipeline``) or SDXL (``StableDiffusionXLPipeline``, picked from
+the saved ``model_index.json``) — placed on the device and dtype asked for, every component checked.
 
 Devices and dtypes are validated here once (:func:`resolve_device`, :func:`resolve_dtype`): an unknown
 name, or a GPU that torch cannot see, is a one-line :class:`AnelabError`, never a silent CPU run.
@@ -109,38 +110,46 @@ def load_pipeline(
     revision: str | None = None, variant: str | None = None, cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None, local_files_only: bool | None = None, fast: bool | None = None,
 ):  # fmt: skip
-    """A diffusers ``StableDiffusionPipeline`` ready for :func:`anelab.generate`.
+    """A diffusers ``StableDiffusionPipeline`` (SD 1.x, 2.x) or ``StableDiffusionXLPipeline`` (SDXL) ready for
+    :func:`anelab.generate`.
 
-    ``spec``: ``"tiny"`` (offline random SD-1.x-shaped model, see :mod:`anelab.testing`), a Hub id
-    such as ``"CompVis/stable-diffusion-v1-4"``, a local directory saved with ``save_pretrained``,
-    or an already built ``StableDiffusionPipeline`` (used as is). ``device`` defaults to CUDA when
-    available; ``dtype`` (a torch dtype or a name such as ``"fp16"``) to the weights' own (fp32 for
-    the tiny model). ``revision``, ``variant`` (e.g. ``"fp16"``), ``cache_dir``, ``token`` and
-    ``local_files_only`` go to ``from_pretrained``. The safety checker is not loaded (reference runs
-    compare raw images). Parameters are frozen: guidance needs gradients with respect to the latent only.
-    ``fast`` (default: on CUDA) stores the UNet and VAE channels-last (:mod:`anelab.fast`).
+    ``spec``: ``"tiny"``, ``"tiny-sd2"`` or ``"tiny-xl"`` (offline random SD-1.x / 2.x / SDXL-shaped models, see
+    :mod:`anelab.testing`), a Hub id such as ``"CompVis/stable-diffusion-v1-4"``,
+    ``"stabilityai/stable-diffusion-2-1"`` or ``"stabilityai/stable-diffusion-xl-base-1.0"``, a local directory
+    saved with ``save_pretrained`` (the class comes from its ``model_index.json``), or an already built pipeline
+    (used as is). ``device`` defaults to CUDA when available; ``dtype`` (a torch dtype or a name such as
+    ``"fp16"``) to the weights' own (fp32 for the tiny models); SDXL's VAE stays in fp32 under fp16 when its
+    config says ``force_upcast`` (it overflows in fp16; diffusers upcasts it too). ``revision``, ``variant``
+    (e.g. ``"fp16"``), ``cache_dir``, ``token`` and ``local_files_only`` go to ``from_pretrained``. The safety
+    checker and watermarker are not loaded (reference runs compare raw images). Parameters are frozen:
+    guidance needs gradients with respect to the latent only. ``fast`` (default: on CUDA) stores the UNet and
+    VAE channels-last (:mod:`anelab.fast`).
     """
     dtype = resolve_dtype(dtype)
     target = None if device is None and _is_pipeline(spec) else resolve_device(device)
     with quiet_transformers():
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if isinstance(spec, StableDiffusionPipeline):
+    from . import fast as fast_path
+    from .testing import TINY_MODELS
+
+    if isinstance(spec, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         pipe = spec
-    elif isinstance(spec, (str, os.PathLike)) and str(spec) == "tiny":
-        from .testing import tiny_pipeline
+    elif isinstance(spec, (str, os.PathLike)) and str(spec) in TINY_MODELS:
+        from .testing import tiny_model
 
         with quiet_transformers():
-            pipe = tiny_pipeline()
+            pipe = tiny_model(str(spec))
     elif isinstance(spec, (str, os.PathLike)):
         options = dict(revision=revision, variant=variant, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         pipe = _from_pretrained(str(spec), dtype, {k: v for k, v in options.items() if v is not None})
     else:
-        raise AnelabError(f"model must be 'tiny', a Hub id, a local directory or a StableDiffusionPipeline, got {type(spec).__name__}")
-    from . import fast as fast_path
-
+        raise AnelabError(f"model must be 'tiny', a Hub id, a local directory or a StableDiffusionPipeline (or StableDiffusionXLPipeline; "
+                          f"offline stand-ins: {', '.join(TINY_MODELS)}), got {type(spec).__name__}")  # fmt: skip
     modules = pipeline_modules(pipe)
     place(modules, target or pipe.device, dtype)
+    if isinstance(pipe, StableDiffusionXLPipeline) and pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+        torch.nn.Module.to(pipe.vae, dtype=torch.float32)
     if fast is None and fast_path.available(pipe.unet.device) or fast:
         fast_path.channels_last(*(m for m in (pipe.unet, getattr(pipe, "vae", None)) if m is not None))
     for module in modules.values():
@@ -152,14 +161,12 @@ def load_pipeline(
 def load_parts(spec, **hub_options):
     """The tokenizer and scheduler of ``spec`` without its weights (seconds, not minutes): enough to check
     prompts, tokens and threshold steps before the model is built. ``hub_options`` as in :func:`load_pipeline`."""
+    from .testing import TINY_MODELS, tiny_parts
+
     if _is_pipeline(spec):
         return spec.tokenizer, spec.scheduler
-    if str(spec) == "tiny":
-        from diffusers import PNDMScheduler
-
-        from .testing import SD14_PNDM_CONFIG, tiny_tokenizer
-
-        return tiny_tokenizer(), PNDMScheduler.from_config(SD14_PNDM_CONFIG)
+    if str(spec) in TINY_MODELS:
+        return tiny_parts(str(spec))
     import diffusers
     from transformers import AutoTokenizer
 
@@ -177,15 +184,38 @@ def _is_pipeline(spec) -> bool:
     return not isinstance(spec, (str, os.PathLike))
 
 
+#: Pipeline classes anelab runs, by the ``_class_name`` of a saved ``model_index.json``.
+PIPELINE_CLASSES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+
+
+def pipeline_class(path: str, options: dict):
+    """``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, as the saved ``model_index.json`` says. When it cannot
+    be read (offline, missing), ``StableDiffusionPipeline``: its own ``from_pretrained`` then fails with the reason."""
+    import diffusers
+
+    try:
+        name = diffusers.DiffusionPipeline.load_config(path, **{k: v for k, v in options.items() if k != "variant"})["_class_name"]
+    except Exception:  # the load itself reports why (classified by explain_load_failure)
+        return diffusers.StableDiffusionPipeline
+    if name not in PIPELINE_CLASSES:
+        raise AnelabError(f"{path!r} is a {name}; anelab runs SD 1.x / 2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)")
+    return getattr(diffusers, name)
+
+
 def _from_pretrained(spec: str, dtype, options: dict):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionXLPipeline
 
     def load(path):
-        return StableDiffusionPipeline.from_pretrained(
-            path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **options
-        )
+        cls = pipeline_class(path, options)
+        quiet = dict(add_watermarker=False) if cls is StableDiffusionXLPipeline else dict(safety_checker=None, requires_safety_checker=False)
+        return cls.from_pretrained(path, torch_dtype=dtype, **quiet, **options)
 
-    return load_or_explain("diffusers pipeline", spec, "model_index.json", load)
+    try:
+        return load_or_explain("diffusers pipeline", spec, "model_index.json", load)
+    except AnelabError as error:
+        if isinstance(error.__cause__, AnelabError):  # an unsupported pipeline class: its own message
+            raise error.__cause__ from None
+        raise
 
 
 def explain_load_failure(what: str, spec: str, is_local: bool, error: Exception) -> str:

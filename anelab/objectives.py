@@ -42,8 +42,9 @@ def smooth(maps: torch.Tensor, kernel_size: int = 3, sigma: float = 0.5, convent
 
 
 def token_columns(mode: str, eot_index: int, n_positions: int = 77) -> slice:
-    """Text positions entering the token softmax (§1.3): legacy 1..n-2, prompt 1..eot-1."""
-    return slice(1, n_positions - 1) if mode == "legacy" else slice(1, eot_index)
+    """Text positions entering the token softmax (§1.3): padded (and legacy, as SD 1.x reads it) 1..n-2, prompt 1..eot-1.
+    On models whose tokenizer pads with ``!`` the pipeline resolves legacy to prompt first (:func:`anelab.models.softmax_tokens`)."""
+    return slice(1, eot_index) if mode == "prompt" else slice(1, n_positions - 1)
 
 
 def renormalise(maps: torch.Tensor, token_indices: list[int], columns: slice, temperature: float = 100.0) -> torch.Tensor:

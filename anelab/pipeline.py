@@ -5,12 +5,18 @@ Reading order: :func:`generate` validates everything into a :class:`RunPlan` (:f
 
 1. :meth:`_Sampler.guide` — only on iterations that can change the latent
    (``i < max_iter_to_alter`` or ``i`` a threshold step):
-   a. :meth:`_Sampler.measure`: conditional-only UNet forward at the current latent (no CFG, no
-      ``scale_model_input``), stopped after the last layer at ``attention_res``; smoothed max
-      attention per subject token and the loss ``max_s (1 − m_s)``;
+   a. :meth:`_Sampler.measure`: conditional-only UNet forward at the current latent (no CFG),
+      stopped after the last layer at ``attention_res``; smoothed max attention per subject token and
+      the loss ``max_s (1 − m_s)``;
    b. at a threshold step, :meth:`_Sampler.refine` for the samples below it (§1.8);
    c. one regular step ``z ← z − α_i ∇L`` while ``i < max_iter_to_alter`` (skipped where L = 0).
 2. :meth:`_Sampler.denoise` — the usual CFG prediction on the *updated* latent and the scheduler step.
+
+Guidance works on the latent as the UNet sees it, ``scheduler.scale_model_input(z)``: the identity for
+the PNDM and DDIM schedulers of SD 1.x and 2.x (so this is the official code's update, §1.6), ``z/√(σ²+1)``
+for SDXL's Euler, whose step ``α_i`` then acts on the UNet's input as it does on SD 1.x. What the UNet
+takes besides latent and timestep (text embeddings; SDXL's pooled embeddings and size/crop ids) comes
+from :class:`anelab.models.Conditioning`.
 
 Every seed in the batch carries its own refinement state; seed ``s`` starts from the noise of
 ``torch.Generator(generator_device).manual_seed(s)`` exactly as a single-seed run does. The trace of
@@ -32,6 +38,7 @@ from tqdm import tqdm  # text bars everywhere: a notebook widget bar leaves "mod
 
 from . import fast as fast_path
 from . import hooks as hk
+from . import models
 from .cache import AttentionCache
 from .checks import is_int, is_number, require_number, require_seeds
 from .config import GuidanceConfig
@@ -88,6 +95,7 @@ class RunPlan:
     timesteps: list[int]
     step_sizes: np.ndarray
     guidance_layers: list[hk.Layer]  # those at config.attention_res, execution order
+    normaliser: GuidanceConfig  # config (or the defaults) with the softmax columns this model uses (§1.3, models.softmax_tokens)
     record: RecordPlan | None  # what to record of the CFG forward
     generator_device: str = "cpu"
     fast: bool = False  # CUDA graphs for the CFG forward (anelab.fast)
@@ -207,8 +215,8 @@ class _Sampler:
         self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # stateful: own copy
         self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
         self.cfg = plan.guidance_scale > 1.0
-        cond, uncond = pipe.encode_prompt(plan.prompt, self.device, 1, self.cfg)
-        self.cond, self.uncond = cond.to(self.dtype), None if uncond is None else uncond.to(self.dtype)
+        self.conditioning = models.Conditioning.encode(pipe, plan.prompt, height=plan.height, width=plan.width, cfg=self.cfg,
+                                                       device=self.device, dtype=self.dtype)  # fmt: skip
         self.config = plan.config
         self.last_update = plan.config.last_update_iteration(len(plan.timesteps)) if plan.config else 0
         self.traces = TraceLog(seeds=plan.seeds, measured=plan.measured, roles=plan.roles, words=plan.token_words, layout=list(plan.layout))
@@ -217,13 +225,16 @@ class _Sampler:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, num_inference_steps: int, progress: bool) -> torch.Tensor:
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)  # first: Euler's init_noise_sigma depends on it
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
         z = self.initial_latents()
         self.broken_at = torch.full((len(z),), -1, dtype=torch.long, device=z.device)
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         label = "A&E" if self.config else "SD"
         for i, t in enumerate(tqdm(self.scheduler.timesteps, desc=label, disable=not progress, leave=False)):
             if self.config is not None and (i < self.last_update or i in self.config.thresholds):
-                z = self.guide(z, i, t)
+                scale = float(self.scheduler.scale_model_input(torch.ones(()), t))  # the UNet's input is z * scale
+                z = self.guide(z, i, t) if scale == 1.0 else self.guide(z * scale, i, t) / scale
             z = self.denoise(z, i, t)
         self.check_finite()
         return z
@@ -247,12 +258,11 @@ class _Sampler:
         with self.hooks.reading(sinks, observe=slice(n, 2 * n) if self.cfg else slice(0, n)):
             if self.cfg:
                 x = self.scheduler.scale_model_input(torch.cat([z, z]), t)
-                context = torch.cat([self.uncond.expand(n, -1, -1), self.cond.expand(n, -1, -1)])
                 forward = self.graphed if self.graphed is not None and not sinks else self.eager  # recorded steps run eagerly
-                uncond, cond = forward(x, t, context).chunk(2)
+                uncond, cond = forward(x, t, **self.conditioning.unet_kwargs(n, cfg=True)).chunk(2)
                 eps = uncond + self.plan.guidance_scale * (cond - uncond)
             else:
-                eps = self.unet(self.scheduler.scale_model_input(z, t), t, encoder_hidden_states=self.cond.expand(n, -1, -1)).sample
+                eps = self.unet(self.scheduler.scale_model_input(z, t), t, **self.conditioning.unet_kwargs(n, cfg=False)).sample
         if sinks:
             self.recorder.end_step(i, t)
         z = self.scheduler.step(eps, t, z).prev_sample
@@ -273,19 +283,19 @@ class _Sampler:
                 "overflow; run in float32 (dtype=torch.float32) or with a smaller scale_factor"
             )
 
-    def eager(self, x: torch.Tensor, t, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, encoder_hidden_states=context).sample
+    def eager(self, x: torch.Tensor, t, **unet_kwargs) -> torch.Tensor:
+        return self.unet(x, t, **unet_kwargs).sample
 
     # -- Attend-and-Excite ---------------------------------------------------------------------
     def measure(self, z: torch.Tensor, t) -> _Measure:
-        """Conditional-only forward at ``z`` (§1.6), stopped after the last ``attention_res`` layer."""
+        """Conditional-only forward at ``z`` (§1.6; ``z`` already scaled as the UNet's input), stopped after the last ``attention_res`` layer."""
         leaf = z.detach().requires_grad_(True)
         mean = hk.MeanAttention()
         plan, cfg, layers = self.plan, self.config, self.plan.guidance_layers
         with torch.enable_grad():
             with self.hooks.reading({layer.name: mean for layer in layers}, stop_after=layers[-1].name):
-                self.unet(leaf, t, encoder_hidden_states=self.cond.expand(len(leaf), -1, -1))
-            maps = token_maps(mean.maps(layers[0].shape), plan.measured, plan.eot, cfg)  # [B, T, h, w]
+                self.unet(leaf, t, **self.conditioning.unet_kwargs(len(leaf), cfg=False))
+            maps = token_maps(mean.maps(layers[0].shape), plan.measured, plan.eot, plan.normaliser)  # [B, T, h, w]
             m = maps.flatten(2).amax(dim=-1)
             n_excite, n_suppress = len(plan.token_indices), len(plan.suppress_indices)
             loss = excite_loss(m[:, :n_excite]) if n_excite else m.new_zeros(len(m))
@@ -424,6 +434,7 @@ def plan_run(
         if not is_int(value) or value < scale or value % scale:
             raise AnelabError(f"{name} must be a positive multiple of {scale}, got {value!r}")
     token_indices = resolve_tokens(pipe.tokenizer, prompt, tokens)
+    models.check_tokenizers(pipe, prompt)
     suppress_indices, targets = _suppress_and_layout(pipe.tokenizer, prompt, token_indices, suppress, layout, config)
     measured = token_indices + suppress_indices + [i for i in targets if i not in token_indices + suppress_indices]
     roles = ["excite"] * len(token_indices) + ["suppress"] * len(suppress_indices)
@@ -452,9 +463,13 @@ def plan_run(
         if targets:
             layout_targets = torch.stack([gaussian_target(p, (h, w), config.layout_sigma) for p in targets.values()])
     eot = eot_index(pipe.tokenizer, prompt)
+    normaliser = config or GuidanceConfig()  # its token columns as this model reads them (§1.3): the loss, the trace and the recording
+    columns = models.softmax_tokens(pipe, normaliser.softmax_tokens)
+    if columns != normaliser.softmax_tokens:
+        normaliser = normaliser.replace(softmax_tokens=columns)
     if record is not None:
         record = plan_record(record, pipe=pipe, prompt=prompt, subjects=measured, eot=eot, seeds=seeds, timesteps=timesteps,
-                             layers=layers, config=config, height=height, width=width)  # fmt: skip
+                             layers=layers, config=normaliser, height=height, width=width)  # fmt: skip
     return RunPlan(
         prompt=prompt,
         token_indices=token_indices,
@@ -473,6 +488,7 @@ def plan_run(
         timesteps=timesteps,
         step_sizes=step_sizes,
         guidance_layers=guidance_layers,
+        normaliser=normaliser,
         record=record,
         generator_device=generator_device,
         fast=fast_path.available(pipe.unet.device) if fast is None else bool(fast),
@@ -532,5 +548,12 @@ class _frozen:
 
 
 def _decode(pipe, latents: torch.Tensor, output_type: str):
-    image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    """The VAE decode of the model's own pipeline (with the latents mean/std when the VAE config has them)."""
+    vae = pipe.vae
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        latents = latents * torch.tensor(std).view(1, -1, 1, 1).to(latents) / vae.config.scaling_factor + torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type=output_type)

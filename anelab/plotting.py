@@ -570,3 +570,41 @@ def sweep_images(results: pd.DataFrame, variants: Sequence[str], examples: int |
             captions.append(" · ".join(f"{c} {row[c]:.3g}" for c in shown if pd.notna(row[c])))
     tile_marks = [(marks or {}).get(v) for v in variants for _ in pairs]
     return image_grid(images, list(variants), [f"{p} · seed {s}" for p, s in pairs], title=title, captions=captions, marks=tile_marks, ax=ax)
+
+
+def architecture_comparison(comparison: pd.DataFrame, profile: pd.DataFrame, measure: str = "min_object", ax=None) -> Figure:
+    """Across models (06, architectures), against the image pixels per attention cell (the same fraction of the
+    image on every model; each point labelled with its resolution): plain SD's lower-subject smoothed max
+    (:func:`anelab.analysis.attention_profile`), A&E's paired ``measure`` difference from the model's plain SD with
+    its 95% CI, and the guidance rate (:func:`anelab.analysis.architecture_comparison`); one colour per model."""
+    if comparison.empty and profile.empty:
+        raise AnelabError("nothing to compare: no guided variant and no plain-SD statistics")
+    fig, axes = _axes_grid(ax, 1, 3, panel=3.2)
+    models = list(dict.fromkeys([*profile.model, *comparison.model]))
+    colours = {m: f"C{k}" for k, m in enumerate(models)}
+    panels = [(axes[0, 0], profile, "lower", None, "plain SD: lower subject's smoothed max"),
+              (axes[0, 1], comparison, "difference", "ci", f"A&E − SD: {measure} (paired, 95% CI)"),
+              (axes[0, 2], comparison, "guidance_rate", None, "A&E: guidance rate")]  # fmt: skip
+    ticks = sorted({*profile.px_per_cell, *comparison.px_per_cell})
+    for panel, frame, column, interval, title in panels:
+        for model in models:
+            part = frame[frame.model == model].sort_values("px_per_cell")
+            if part.empty:
+                continue
+            if interval:
+                low, high = (part[column] - part.ci_low).fillna(0), (part.ci_high - part[column]).fillna(0)
+                panel.errorbar(part.px_per_cell, part[column], yerr=[low, high], marker="o", capsize=3, color=colours[model], label=model)
+            else:
+                panel.plot(part.px_per_cell, part[column], marker="o", color=colours[model], label=model)
+            for x, y, res in zip(part.px_per_cell, part[column], part.res):
+                if pd.notna(y):
+                    panel.annotate(str(int(res)), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=colours[model])
+        if column == "difference":
+            panel.axhline(0, color="black", lw=0.8, ls="--")
+        panel.set_xscale("log", base=2)
+        if ticks:
+            panel.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            panel.minorticks_off()
+        _label(panel, "image px per attention cell", column, title, legend="model" if panel is axes[0, 2] else None)
+    fig.suptitle("Which resolution carries the subjects, and where guidance works, per architecture (point labels: resolution)", fontsize=10)
+    return fig

@@ -36,7 +36,7 @@ class Record:
     before sampling, with its size and how to shrink it.
     """
 
-    resolutions: Sequence[int] | None = None  # attention grid sides to record; None = all the loss could read (8/16/32/64 at 512 px)
+    resolutions: Sequence[int] | None = None  # attention grid sides to record; None = every one the model has (anelab.attention_resolutions: SD 1.x 8/16/32/64, SDXL 32/64)
     steps: Sequence[int] | None = None  # loop indices to record; None = every iteration
     tokens: str | Sequence[str | int] = "subjects"  # "subjects" (the guided tokens), "prompt" (all, incl. <eot>) or a list
     maps: bool = True  # keep the maps; False keeps only the token statistics (cheap scalars)

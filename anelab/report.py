@@ -29,13 +29,14 @@ from .resources import as_path, notebook
 
 NOTEBOOKS = (
     "00_attention_explorer", "01_reproduction", "02_resolution", "03_timesteps", "04_step_size_and_kernel", "05_suppression_and_layout",
+    "06_architectures",
 )  # fmt: skip
 #: Longest first, so that parallel workers finish together (measured smoke times on the tiny model).
-LONGEST_FIRST = ("04_step_size_and_kernel", "02_resolution", "05_suppression_and_layout", "03_timesteps", "01_reproduction", "00_attention_explorer")
+LONGEST_FIRST = ("06_architectures", "04_step_size_and_kernel", "02_resolution", "05_suppression_and_layout", "03_timesteps", "01_reproduction", "00_attention_explorer")
 RECORD_MIME = "application/vnd.anelab.record+json"
 TRACEBACK_FRAMES = 3  # frames of a failed cell's traceback kept on its page (the rest are folded away)
 RANDOM_WEIGHTS_NOTE = (
-    "This report ran on the embedded tiny model with random weights: every number and image in it is "
+    "This report ran on an embedded tiny model with random weights: every number and image in it is "
     "meaningless and exists only to show the pipeline end to end. Run `make report MODEL=CompVis/stable-diffusion-v1-4` "
     "for real results."
 )
@@ -69,7 +70,9 @@ def random_weights_banner(model: str) -> None:
     """In a notebook: say loudly when the numbers come from random weights."""
     from IPython.display import Markdown, display
 
-    if str(model) == "tiny":
+    from .testing import TINY_MODELS
+
+    if str(model) in TINY_MODELS:
         display(Markdown(f"> **Random weights.** {RANDOM_WEIGHTS_NOTE}"))
 
 
@@ -215,15 +218,28 @@ def _commit() -> str:
     return f"anelab {__version__}"
 
 
-def _sizes(names, scale: str) -> str:
-    """Prompts and seeds of the report's studies at this scale, in words."""
+def _sizes(names, scale: str, model: str | None = None) -> str:
+    """Prompts and seeds of the report's studies at this scale, on this model (sizes and variants as
+    :func:`anelab.runs.study.fit_study` fits them), in words."""
     from .runs import load_study
     from .runs.protocol import studies_of
+    from .runs.study import fit_study
 
+    arch = None
+    if model is not None:
+        from .models import architecture
+
+        try:
+            arch = architecture(model)
+        except AnelabError:  # the model cannot be read here: the sizes as written
+            arch = None
     parts = []
     for name in studies_of(names):
         study = load_study(name, scale=scale)
-        parts.append(f"{name}: {len(study.prompts)} prompts × {len(study.seeds)} seeds × {len(study.variants)} variants, {study.steps} steps, {study.size} px")
+        study = study if arch is None else fit_study(study, arch)
+        dropped = f" ({len(study.dropped)} dropped: {', '.join(study.dropped)})" if study.dropped else ""
+        parts.append(f"{name}: {len(study.prompts)} prompts × {len(study.seeds)} seeds × {len(study.variants)} variants{dropped}, "
+                     f"{study.steps} steps, {study.size} px")  # fmt: skip
     return "; ".join(parts)
 
 
@@ -238,11 +254,13 @@ def _index(results: list[NotebookRun], out: Path, meta: dict) -> None:
             numbers = f"<span class='fail'>partial (failed in cell {r.failed_cell or '?'})</span><br>{numbers}"
         status = "ok" if r.ok else f"<span class='fail'>failed: {html.escape(r.error or '')}</span>"
         rows.append(f"<tr><td><a href='{r.name}.html'>{r.name}</a></td><td>{status}</td><td>{r.seconds:.0f} s</td><td>{numbers}</td></tr>")
-    note = f"<p class='warn'>{html.escape(RANDOM_WEIGHTS_NOTE)}</p>" if str(model) == "tiny" else ""
+    from .testing import TINY_MODELS
+
+    note = f"<p class='warn'>{html.escape(RANDOM_WEIGHTS_NOTE)}</p>" if str(model) in TINY_MODELS else ""
     facts = {
         "run": meta["started"].strftime("%Y-%m-%d %H:%M UTC"), "commit": _commit(), "model": model, "scale": meta["scale"],
         "device": meta["device"] or "default", "dtype": meta["dtype"] or "the weights'", "store": meta["store"] or "runs/store (default)",
-        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)", "sizes": _sizes([r.name for r in results], meta["scale"]),
+        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)", "sizes": _sizes([r.name for r in results], meta["scale"], model),
     }  # fmt: skip
     listing = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>anelab report</title>

@@ -1,10 +1,12 @@
 """Offline, randomly initialised stand-ins for the real models (seconds on a CPU, no download).
 
-``tiny_pipeline()`` is an SD-1.x-shaped ``StableDiffusionPipeline``: cross-attention in three down
+``tiny_pipeline()`` (``"tiny"``) is an SD-1.x-shaped ``StableDiffusionPipeline``: cross-attention in three down
 blocks, the mid block and three up blocks (at 512 px: 64, 32, 16 and 8), a small VAE with SD's ×8
 down-sampling, a small CLIP text encoder, SD-1.4's PNDM scheduler configuration and a CLIP-style
-BPE tokenizer over ``assets/tiny_vocab.txt``. Numbers it produces are meaningless; it exists to run
-every code path end to end.
+BPE tokenizer over ``assets/tiny_vocab.txt``. ``tiny_sd2_pipeline()`` (``"tiny-sd2"``) and
+``tiny_xl_pipeline()`` (``"tiny-xl"``) do the same for SD 2.x and SDXL (:mod:`anelab.models`); all three
+are 512 px models by default. Numbers they produce are meaningless; they exist to run every code path
+end to end.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ SD14_PNDM_CONFIG = dict(
 
 #: Bumped whenever the tiny models change, so run-store keys of their images change too.
 TINY_VERSION = "1"
+#: The offline stand-ins :func:`anelab.load_pipeline` builds by name, with the version in their run-store identity.
+TINY_MODELS = {"tiny": TINY_VERSION, "tiny-sd2": "1", "tiny-xl": "1"}
 
 #: Cross-attention query/key weights are multiplied by this after random initialisation, so that
 #: attention is peaked enough for the A&E loss to respond to the latent (plain random init gives
@@ -87,6 +91,23 @@ def tiny_tokenizer():
 
     vocab, merges = _vocab_and_merges()
     return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=77)
+
+
+def tiny_model(name: str):
+    """The stand-in called ``name`` (:data:`TINY_MODELS`), built."""
+    builders = {"tiny": tiny_pipeline, "tiny-sd2": tiny_sd2_pipeline, "tiny-xl": tiny_xl_pipeline}
+    return builders[name]()
+
+
+def tiny_parts(name: str):
+    """The tokenizer and scheduler of the stand-in ``name``, without building it."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    if name == "tiny-sd2":
+        return tiny_tokenizer_bang(), DDIMScheduler.from_config(SD21_DDIM_CONFIG)
+    if name == "tiny-xl":
+        return tiny_tokenizer(), EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG)
+    return tiny_tokenizer(), PNDMScheduler.from_config(SD14_PNDM_CONFIG)
 
 
 def tiny_pipeline(seed: int = 0, cross_attention_gain: float = CROSS_ATTENTION_GAIN):
@@ -150,6 +171,150 @@ def tiny_pipeline(seed: int = 0, cross_attention_gain: float = CROSS_ATTENTION_G
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+
+#: Scheduler configurations of the real checkpoints (scheduler/scheduler_config.json on the Hub).
+SD21_DDIM_CONFIG = dict(  # stabilityai/stable-diffusion-2-1 (768 px, v-prediction)
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    skip_prk_steps=True,
+    trained_betas=None,
+    prediction_type="v_prediction",
+)
+SDXL_EULER_CONFIG = dict(  # stabilityai/stable-diffusion-xl-base-1.0
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    interpolation_type="linear",
+    prediction_type="epsilon",
+    sample_max_value=1.0,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    timestep_spacing="leading",
+    trained_betas=None,
+    use_karras_sigmas=False,
+    clip_sample=False,
+)
+
+
+def tiny_tokenizer_bang():
+    """The tiny tokenizer padding with ``!`` (id 0 here as in OpenCLIP's vocabulary), like SD 2's tokenizer and SDXL's ``tokenizer_2``."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = "!"
+    return tokenizer
+
+
+def _tiny_vae(scaling_factor: float, force_upcast: bool = True):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=64,
+        scaling_factor=scaling_factor, force_upcast=force_upcast,
+    )  # fmt: skip
+
+
+def _text_config(tokenizer, hidden_act: str = "quick_gelu", **overrides):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=32, hidden_act=hidden_act, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides,
+    )  # fmt: skip
+
+
+def _responsive(unet, gain: float) -> None:
+    """Scale every cross-attention's query and key weights by ``gain`` (see :data:`CROSS_ATTENTION_GAIN`)."""
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn2"):
+                module.to_q.weight.mul_(gain)
+                module.to_k.weight.mul_(gain)
+
+
+def tiny_sd2_pipeline(seed: int = 0, sample_size: int = 64, prediction_type: str = "v_prediction",
+                      cross_attention_gain: float = CROSS_ATTENTION_GAIN):  # fmt: skip
+    """Random SD-2.x-shaped ``StableDiffusionPipeline`` on CPU, fp32, built offline (``"tiny-sd2"``).
+
+    SD 2's differences from SD 1.x, scaled down: an OpenCLIP-style text encoder (``gelu``, a projection),
+    ``attention_head_dim`` per block, linear projections in the transformers, a tokenizer padding with
+    ``!``; with ``prediction_type="v_prediction"`` (default) SD 2.1's DDIM scheduler predicting v and its
+    upcast attention, with ``"epsilon"`` 2.1-base's PNDM. ``sample_size`` 64 gives 512 px by default
+    (``96``: SD 2.1's 768 px).
+    """
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if prediction_type not in ("v_prediction", "epsilon"):
+        raise ValueError(f"prediction_type must be 'v_prediction' (SD 2.1) or 'epsilon' (SD 2.1-base), got {prediction_type!r}")
+    tokenizer = tiny_tokenizer_bang()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=32, attention_head_dim=(2, 2, 4, 4), use_linear_projection=True,
+            upcast_attention=prediction_type == "v_prediction", norm_num_groups=8,
+        )  # fmt: skip
+        vae = _tiny_vae(0.18215)
+        text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_act="gelu"))
+        _responsive(unet, cross_attention_gain)
+    if prediction_type == "v_prediction":
+        scheduler = DDIMScheduler.from_config(SD21_DDIM_CONFIG)
+    else:
+        scheduler = PNDMScheduler.from_config(SD14_PNDM_CONFIG)
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_xl_pipeline(seed: int = 0, sample_size: int = 64, cross_attention_gain: float = CROSS_ATTENTION_GAIN):
+    """Random SDXL-shaped ``StableDiffusionXLPipeline`` on CPU, fp32, built offline (``"tiny-xl"``).
+
+    SDXL's layout, scaled down: no cross-attention in the first (highest-resolution) level, several
+    transformer layers per attention (``transformer_layers_per_block`` (1, 2, 3) for SDXL's (1, 2, 10)),
+    two text encoders (``CLIPTextModel`` and ``CLIPTextModelWithProjection``, whose hidden states are
+    concatenated), the pooled projection and size/crop time ids as added conditioning (``text_time``),
+    the second tokenizer padding with ``!``, SDXL's Euler scheduler and VAE scaling. ``sample_size`` 64
+    gives 512 px by default (``128``: SDXL's 1024 px).
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_tokenizer_bang()
+    time_dim = 8
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_text_config(tokenizer))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_act="gelu"))
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 3), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+            cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+            addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + text_encoder_2.config.projection_dim, norm_num_groups=8,
+        )  # fmt: skip
+        vae = _tiny_vae(0.13025)
+        _responsive(unet, cross_attention_gain)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(), tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet.eval(), scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+    )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -33,7 +33,7 @@ def test_committed_notebooks_carry_no_outputs_and_have_a_parameters_cell():
 
 #: Figures each notebook draws (the plotting functions' titles, labels and legends are tested in test_study_views).
 FIGURES = {"00_attention_explorer": 3, "01_reproduction": 4, "02_resolution": 7, "03_timesteps": 3,
-           "04_step_size_and_kernel": 3, "05_suppression_and_layout": 5}  # fmt: skip
+           "04_step_size_and_kernel": 3, "05_suppression_and_layout": 5, "06_architectures": 4}  # fmt: skip
 
 
 def _rate(value):
@@ -178,3 +178,24 @@ class TestSuppressionAndLayout(NotebookCase):
         for d in ("left", "right", "up", "down", "right_two_stage"):
             assert len(five[f"centroid distance first_{d} (A&E -> steered)"]) == 2 and len(five[f"object distance first_{d} (A&E -> steered)"]) == 2
         assert len(five["a cat at right: centroid distance (A&E -> joint)"]) == 2
+
+
+class TestArchitectures(NotebookCase):
+    name = "06_architectures"
+    compared = {"tiny": [8, 16, 32, 64], "tiny-sd2": [8, 16, 32, 64], "tiny-xl": [16, 32]}  # the stand-ins at 512 px
+
+    def test_values(self, run):
+        v = run[1].values
+        for model, resolutions in self.compared.items():
+            assert v[f"resolutions {model}"] == resolutions
+            assert v[f"most attended resolution {model}"] in resolutions
+            for res in resolutions:  # A&E at each resolution the model has, paired against its own plain SD
+                assert _rate(v[f"guidance rate {model} res{res}"])
+                assert -1 <= float(v[f"min_object A&E - SD {model} res{res}"].split(" [")[0]) <= 1
+        assert v["dropped tiny"] == v["dropped tiny-sd2"] == [] and v["dropped tiny-xl"] == ["res64", "res8"]  # SDXL has no 8 or 64 analogue
+
+    def test_tables_show_the_architectures(self, run):
+        tables = " ".join(_html_tables(run[0], self.name))
+        assert "sdxl" in tables and "sd2" in tables and "px_per_cell" in tables and "this model has cross-attention at [16, 32] at 512 px" in tables
+        page = (run[0] / f"{self.name}.html").read_text()
+        assert "A&amp;E raises min_object most at resolution" in page or "A&E raises min_object most at resolution" in page

@@ -31,20 +31,22 @@ def run_study(
 ):  # fmt: skip
     """For notebooks: run a study (name, file or :class:`Study`) into the store, score it and return :func:`load_results`.
 
-    ``scale`` shrinks a study given by name or file (:data:`SCALES`); the scorers default to ``"tiny"`` for
-    the tiny model and to the protocol's CLIP, BLIP and OWLv2 otherwise. Images and scores already in the
+    ``scale`` shrinks a study given by name or file (:data:`SCALES`); the study is fitted to the model
+    (:func:`anelab.runs.study.fit_study`); the scorers default to ``"tiny"`` for the tiny models and to the
+    protocol's CLIP, BLIP and OWLv2 otherwise. Images and scores already in the
     store are reused, whichever study made them.
     """
     from ..detection import DEFAULT_DETECTOR
     from ..loading import load_pipeline
     from ..metrics import DEFAULT_BLIP, DEFAULT_CLIP, Scorers
+    from ..testing import TINY_MODELS
     from .runner import describe
 
     if not isinstance(study, Study):
         study = load_study(study, scale=scale, **overrides)
     pipe = pipe or load_pipeline(model, device=device, dtype=dtype)
     summary = run_sweep(study, pipe, out, model=str(model), store=store, progress=progress)
-    tiny = str(model) == "tiny"
+    tiny = str(model) in TINY_MODELS
     scorers = Scorers(clip or ("tiny" if tiny else DEFAULT_CLIP), blip or ("tiny" if tiny else DEFAULT_BLIP),
                       detector or ("tiny" if tiny else DEFAULT_DETECTOR), device=device)  # fmt: skip
     scored = score_run(out, scorers, progress=progress)

@@ -17,7 +17,7 @@ from ..analysis import calibrate_thresholds
 from ..errors import AnelabError
 from ..pipeline import generate
 from ..recording import Record
-from .study import Study, load_study
+from .study import Study, fit_study, load_study
 
 
 def calibration_stats(
@@ -64,6 +64,7 @@ def resolve_calibration(study: Study, pipe, *, store, model: str | None = None, 
     if not spec:
         return study, {}
     source = load_study(spec["from"], scale=study.scale)
+    source = fit_study(source, pipe if pipe is not None else context.arch)  # the source on this model, as its own sweep runs it
     if spec["variant"] not in source.variants:
         raise AnelabError(f"study {study.name!r} calibrates from variant {spec['variant']!r}, which {source.name!r} does not have")
     source = dataclasses.replace(source, variants={spec["variant"]: source.variants[spec["variant"]]},

@@ -27,9 +27,10 @@ NOTEBOOK_STUDIES: dict[str, tuple[str, ...]] = {
     "03_timesteps": ("timesteps",),
     "04_step_size_and_kernel": ("step_size", "kernel"),
     "05_suppression_and_layout": ("suppression", "layout_right"),
+    "06_architectures": ("architectures",),  # on the report's model; the notebook runs the other architectures itself
 }
 #: Generation order: calibration sources first, then the studies that record the most statistics.
-GENERATION_ORDER = ("resolution", "resolution_calibrated", "step_size", "timesteps", "suppression", "layout_right", "reproduction", "kernel")
+GENERATION_ORDER = ("resolution", "architectures", "resolution_calibrated", "step_size", "timesteps", "suppression", "layout_right", "reproduction", "kernel")
 #: Seconds per image assumed when no GPU bench result is at hand: anelab A&E without refinement in
 #: batches of 8, fp16, 512 px, 50 steps, SD-1.4-size weights on an H200 (measured, issue 15).
 ASSUMED_SECONDS_PER_IMAGE = 0.5
@@ -50,24 +51,28 @@ class Context:
     dtype: str
     device: str
     scheduler: object
+    arch: object = None  # anelab.models.Architecture: what fit_study needs (no weights)
 
     @classmethod
     def of(cls, model: str, device=None, dtype=None, revision=None, variant=None) -> "Context":
         import torch
 
         from ..loading import load_parts, resolve_device, resolve_dtype
+        from ..models import architecture
         from .store import model_identity
 
         _, scheduler = load_parts(model, revision=revision)
         return cls(str(model), model_identity(model, revision, variant), str(resolve_dtype(dtype) or torch.float32),
-                   resolve_device(device).type, scheduler)  # fmt: skip
+                   resolve_device(device).type, scheduler, architecture(model, revision=revision))  # fmt: skip
 
     def keys(self, study: Study) -> list[str]:
         """The store key of every image of ``study`` (its tokens unchecked: planning only)."""
         from .plan import work_plan
         from .runner import steering_arguments
         from .store import block_identity, image_key
+        from .study import fit_study
 
+        study = fit_study(study, self.arch) if self.arch is not None else study
         self.scheduler.set_timesteps(study.steps)
         common = dict(model=self.identity, dtype=self.dtype, device=self.device, scheduler=type(self.scheduler).__name__,
                       iterations=len(self.scheduler.timesteps), steps=study.steps, height=study.size, width=study.size,
@@ -102,6 +107,10 @@ def plan_report(notebooks, *, scale: str, context: Context, store) -> tuple[pd.D
     per_study, notes = {}, {}
     for name in studies_of(notebooks):
         study = load_study(name, scale=scale)
+        if context.arch is not None:
+            from .study import fit_study
+
+            study = fit_study(study, context.arch)
         if study.calibrate:
             try:
                 study, _ = resolve_calibration(study, None, context=context, store=store, run_missing=False)

@@ -26,7 +26,7 @@ from ..pipeline import generate, plan_run, schedule
 from ..recording import Record
 from .plan import Block, my_share, process_share, work_plan
 from .store import Store, block_identity, block_key, covers, image_key, model_identity
-from .study import Study
+from .study import Study, fit_study
 
 VIEW, KEYS = "study.json", "keys.parquet"
 
@@ -119,7 +119,9 @@ def run_sweep(
     chunk_blocks: int = 8, progress: bool = True, revision: str | None = None, variant: str | None = None,
 ) -> dict:  # fmt: skip
     """Generate every block of ``study`` (this shard's and process's share) that the store lacks; write the view
-    in ``out`` (None: none). A study with a ``calibrate`` section gets its thresholds from the store first.
+    in ``out`` (None: none). The study is first fitted to the model (:func:`fit_study`: sizes and resolutions
+    scaled to its native side; variants whose resolution it lacks are dropped, with a note, and the view's spec
+    lists them under ``dropped``). A study with a ``calibrate`` section gets its thresholds from the store first.
 
     Returns a summary: images made, already in the store, waited for, writes, generation and total seconds.
     """
@@ -128,6 +130,12 @@ def run_sweep(
         raise AnelabError(f"--out {str(out)!r} is a file; give a directory")
     store = store if isinstance(store, Store) else Store(store)
     store.prepare()
+    fitted = fit_study(study, pipe)
+    if fitted is not study:
+        new = {k: v for k, v in fitted.dropped.items() if k not in study.dropped}
+        print(f"note: {study.name} on this model: {fitted.size} px" + (f" (written for SD 1.x at {study.full_size or study.size} px)" if study.scaled else "")
+              + "".join(f"; variant {k} dropped: {v}" for k, v in new.items()) + "".join(f"; {n}" for n in fitted.notes[len(study.notes):]))  # fmt: skip
+        study = fitted
     if study.calibrate and "thresholds" not in study.calibrate:
         from .calibration import resolve_calibration
 

@@ -50,8 +50,9 @@ def default_root() -> Path:
 
 
 def model_identity(model, revision: str | None = None, variant: str | None = None) -> str:
-    """What names the weights: ``tiny/<version>``, ``<hub id>@<revision>[:<variant>]`` or ``dir:<absolute path>``."""
-    from ..testing import TINY_VERSION
+    """What names the weights: ``tiny/<version>`` (``tiny-sd2/<version>``, ``tiny-xl/<version>``),
+    ``<hub id>@<revision>[:<variant>]`` or ``dir:<absolute path>``."""
+    from ..testing import TINY_MODELS
 
     if not isinstance(model, (str, os.PathLike)):
         name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -59,8 +60,8 @@ def model_identity(model, revision: str | None = None, variant: str | None = Non
             raise AnelabError("the store needs a model name: pass the model as 'tiny', a Hub id or a local directory")
         model = name
     model = str(model)
-    if model == "tiny":
-        return f"tiny/{TINY_VERSION}"
+    if model in TINY_MODELS:
+        return f"{model}/{TINY_MODELS[model]}"
     if Path(model).expanduser().exists():
         return f"dir:{Path(model).expanduser().resolve()}"
     return f"{model}@{revision or 'main'}" + (f":{variant}" if variant else "")

@@ -6,6 +6,12 @@ A study runs at a *scale* (:data:`SCALES`): ``full`` is the file as written (the
 ``quick`` a real-weights sanity run of every variant, ``smoke`` the thinnest slice that still runs
 every code path (the tiny model in ``make report``). A study file may narrow its own ``smoke`` and
 ``quick`` slices (e.g. fewer kernel variants at 512 px).
+
+Sizes and attention resolutions are written for SD 1.x at 512 px. :func:`fit_study` makes a study what
+it is on one model (the runner calls it): on a model of native side N the image side and every attention
+resolution scale by N/512 — the same fraction of the image (SD 2.1: 768 px, 16 → 24; SDXL: 1024 px,
+16 → 32) — and a variant whose resolution the model lacks is dropped, with the reason, instead of
+failing the study. ``scaled: false`` in a file means its size and resolutions are the model's own.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ TOP_KEYS = {
     "smoke": "overrides of the smoke slice: {variants: [...], categories: [...], prompts: K per category, seeds: K}",
     "quick": "overrides of the quick slice: {variants: [...], categories: [...], prompts: K per category, seeds: K}",
     "description": "free text",
+    "scaled": "true (default): size and attention resolutions are written for SD 1.x at 512 px and scale with the model's native side; false: they are the model's own",
+    "dropped": "variants a model lacks the resolution of (written by fit_study; informational)",
 }
 #: The scales a study runs at: overrides of the file's prompts (per category), seeds, steps, batch and
 #: guidance fields. ``smoke`` also shrinks the image to the smallest side that has every resolution read.
@@ -77,6 +85,9 @@ class Study:
     generator_device: str = "cpu"
     scale: str = "full"
     calibrate: dict | None = None  # {from, variant, quantile, variants}: thresholds taken from another study's plain-SD statistics
+    scaled: bool = True  # size and resolutions written for SD 1.x at 512 px (fit_study scales them to the model); False: the model's own
+    dropped: dict[str, str] = dataclasses.field(default_factory=dict)  # variant -> why this model cannot run it (fit_study)
+    full_size: int | None = None  # the side before a smoke slice shrank it (None: size)
 
     def spec(self) -> dict:
         """Everything that defines the results, as plain JSON (what the spec hash covers)."""
@@ -93,6 +104,8 @@ class Study:
             **({"steering": self.steering} if self.steering else {}),
             **({"generator_device": self.generator_device} if self.generator_device != "cpu" else {}),
             **({"calibrate": self.calibrate} if self.calibrate else {}),
+            **({"scaled": False} if not self.scaled else {}),
+            **({"dropped": self.dropped} if self.dropped else {}),
         }
 
     def describe(self, variant: str) -> str:
@@ -243,6 +256,12 @@ def load_study(
     if generator not in ("cpu", "cuda"):
         fail(("generator_device",), f"must be cpu or cuda, got {generator!r}")
     slices = {name: _slice(data.get(name), name, variants, fail) for name in ("smoke", "quick")}
+    sd1_units = data.get("scaled", True)
+    if not isinstance(sd1_units, bool):
+        fail(("scaled",), f"must be true or false, got {sd1_units!r}")
+    dropped = data.get("dropped") or {}
+    if not isinstance(dropped, Mapping):
+        fail(("dropped",), f"must map variant names to reasons, got {dropped!r}")
     calibrate = _calibrate(data.get("calibrate"), variants, fail)
 
     # the scale, then explicit overrides (CLI / notebook parameters)
@@ -261,8 +280,9 @@ def load_study(
         seed_list = seed_list[:seeds]
     if batch is not None:
         batch_size = batch
+    full_side = side
     if size is not None:
-        side = size
+        side = full_side = size
     elif scale == "smoke":
         side = smallest_size(variants, record, side)
     if base:
@@ -276,7 +296,69 @@ def load_study(
         batch=batch_size, variants=variants, record=record, steering=steering, source=label, notes=notes,
         generator_device=generator, scale=scale,
         calibrate=None if calibrate is None else {**calibrate, "variants": [v for v in calibrate["variants"] if v in variants]},
+        scaled=sd1_units, dropped={str(k): str(v) for k, v in dropped.items()}, full_size=full_side,
     )  # fmt: skip
+
+
+def fit_study(study: Study, model) -> Study:
+    """``study`` as it runs on ``model`` (a pipeline or an :class:`anelab.models.Architecture`).
+
+    A study written for SD 1.x at 512 px (``scaled``) runs at side × N/512 on a model of native side N, with
+    every attention resolution (variants' ``attention_res``, recorded resolutions) × N/512 as well: the same
+    fraction of the image (SD 1.x and SD 2.1-base: as written; SD 2.1 at 768 px: 16 → 24; SDXL at 1024 px:
+    16 → 32, 32 → 64). A variant whose resolution the model does not have there (SDXL has no 8 or 64
+    analogue) is dropped and listed in ``dropped`` with the reason; recorded resolutions it lacks are dropped
+    with a note. A smoke slice (shrunk below its written side) takes, from its own side up, the first side at
+    which the model has every resolution the study reads. The result is in the model's own units
+    (``scaled=False``), so fitting twice changes nothing; on SD 1.x the study is returned unchanged."""
+    from ..models import SD1_SIZE, Architecture
+
+    arch = model if isinstance(model, Architecture) else Architecture.of(model)
+    factor = arch.native / SD1_SIZE if study.scaled else 1.0
+    written = study.full_size or study.size
+    side_full = _multiple_of_8(written * factor)
+    have = arch.resolutions(side_full)
+
+    def moved(res: int) -> int | None:
+        value = res * factor
+        return int(round(value)) if abs(value - round(value)) < 1e-9 else None
+
+    variants, dropped, notes = {}, dict(study.dropped), list(study.notes)
+    for name, config in study.variants.items():
+        res = None if config is None else moved(config.attention_res)
+        if config is None or res in have:
+            variants[name] = config if config is None or res == config.attention_res else config.replace(attention_res=res)
+            continue
+        scaled = f" (x{factor:g} = {config.attention_res * factor:g})" if factor != 1 else ""
+        dropped[name] = f"attention_res {config.attention_res}{scaled}: this model has cross-attention at {have} at {side_full} px"
+    record = study.record
+    if record is not None and record.resolutions is not None:
+        kept = sorted({moved(r) for r in record.resolutions} & set(have))
+        lost = [r for r in record.resolutions if moved(r) not in have]
+        if lost:
+            notes.append(f"recorded resolution(s) {sorted(lost)} dropped: this model has cross-attention at {have} at {side_full} px")
+        if tuple(sorted(kept, reverse=True)) != tuple(record.resolutions):
+            record = dataclasses.replace(record, resolutions=kept) if kept else None
+    side = side_full
+    if study.size != written and not (record is not None and record.resolutions is None):  # a smoke slice: from its own side up
+        needed = {c.attention_res for c in variants.values() if c is not None} | set(record.resolutions if record else ())
+        start = _multiple_of_8(study.size * factor)
+        candidates = [start, *range(-(-start // 64) * 64, side_full, 64), side_full]
+        side = next(s for s in candidates if needed <= set(arch.resolutions(s)))
+    if variants == study.variants and record is study.record and side == study.size and dropped == study.dropped:
+        return study
+    calibrate = study.calibrate
+    if calibrate is not None:
+        chosen = [v for v in calibrate["variants"] if v in variants]
+        calibrate = {**calibrate, "variants": chosen} if chosen else None
+    return dataclasses.replace(
+        study, size=side, variants=variants, record=record, steering={k: v for k, v in study.steering.items() if k in variants},
+        calibrate=calibrate, notes=notes, dropped=dropped, scaled=False, full_size=side_full,
+    )  # fmt: skip
+
+
+def _multiple_of_8(value: float) -> int:
+    return max(8, int(round(value / 8)) * 8)
 
 
 def _calibrate(spec, variants: Mapping, fail) -> dict | None:
