@@ -27,9 +27,17 @@ __all__ = [*_EXPORTS, "__version__"]
 def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'anelab' has no attribute {name!r}")
+    elif not name.startswith("_"):  # a submodule: anelab.models, anelab.analysis, ...
+        try:
+            value = import_module(f".{name}", __name__)
+        except ModuleNotFoundError as missing:
+            if missing.name != f"{__name__}.{name}":  # the submodule exists but needs something missing: say that
+                raise
+            raise AttributeError(f"module 'anelab' has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module 'anelab' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__():
