@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import AnelabError
+from .resources import data_file
 
 DEFAULT_QUANTILES = (0.05, 0.1, 0.3, 0.5)
 IMAGE_KEYS = ("prompt", "seed")
@@ -36,13 +37,18 @@ def subject_extremes(stats: pd.DataFrame, value: str = "max_attention", by: Sequ
     _require(stats, [*keys, "subject", value], "subject_extremes")
     subjects = stats[stats.subject]
     if subjects.empty:
-        raise AnelabError("no subject tokens in these statistics (record a run with tokens=[...] and Record(tokens='subjects' or 'prompt'))")
+        raise AnelabError(
+            "no subject tokens in these statistics (record a run with tokens=[...] and Record(tokens='subjects' or 'prompt'))"
+        )
     grouped = subjects.groupby(keys, sort=True)[value]
     return pd.DataFrame({"higher": grouped.max(), "lower": grouped.min()}).reset_index()
 
 
 def quantile_trends(
-    stats: pd.DataFrame, quantiles: Sequence[float] = DEFAULT_QUANTILES, value: str = "max_attention", by: Sequence[str] = ()
+    stats: pd.DataFrame,
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    value: str = "max_attention",
+    by: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Quantiles over images of the higher/lower subject's ``value``, per step and resolution.
 
@@ -51,7 +57,9 @@ def quantile_trends(
     if not quantiles or any(not 0 <= q <= 1 for q in quantiles):
         raise AnelabError(f"quantiles must be numbers in [0, 1], got {list(quantiles)!r}")
     extremes = subject_extremes(stats, value, by)
-    long = extremes.melt(id_vars=[*by, *IMAGE_KEYS, "step", "timestep", "res"], value_vars=["higher", "lower"], var_name="token_rank")
+    long = extremes.melt(
+        id_vars=[*by, *IMAGE_KEYS, "step", "timestep", "res"], value_vars=["higher", "lower"], var_name="token_rank"
+    )
     keys = [*by, "step", "timestep", "res", "token_rank"]
     grouped = long.groupby(keys, sort=True)["value"]
     trends = grouped.quantile(list(quantiles)).rename_axis([*keys, "quantile"]).rename("value").reset_index()
@@ -59,7 +67,11 @@ def quantile_trends(
 
 
 def summarize(
-    frame: pd.DataFrame, measures: Sequence[str], by: str = "category", groups: Sequence[str] = (), overall: str = "overall"
+    frame: pd.DataFrame,
+    measures: Sequence[str],
+    by: str = "category",
+    groups: Sequence[str] = (),
+    overall: str = "overall",
 ) -> pd.DataFrame:
     """Mean, std and 95% confidence interval (Student t) over rows (images) of each measure,
     per ``by`` value and over all (``by == "overall"``), within each ``groups`` combination.
@@ -107,7 +119,11 @@ def step_table(rates: pd.DataFrame) -> pd.DataFrame:
 
 
 def calibrate_thresholds(
-    stats: pd.DataFrame, resolution: int, steps: Sequence[int] = (0, 10, 20), quantile: float = 0.5, token_rank: str = "lower"
+    stats: pd.DataFrame,
+    resolution: int,
+    steps: Sequence[int] = (0, 10, 20),
+    quantile: float = 0.5,
+    token_rank: str = "lower",
 ) -> dict[int, float]:
     """Refinement thresholds ``{step: value}`` for guidance at ``resolution``, taken from plain-SD statistics:
     the ``quantile`` over images of the ``token_rank`` ("lower"/"higher") subject's smoothed max attention
@@ -124,11 +140,15 @@ def calibrate_thresholds(
     extremes = subject_extremes(at_res)
     missing = [s for s in steps if s not in set(extremes.step)]
     if missing:
-        raise AnelabError(f"no statistics at step(s) {missing}; recorded steps are {sorted(set(extremes.step))[:10]}...")
+        raise AnelabError(
+            f"no statistics at step(s) {missing}; recorded steps are {sorted(set(extremes.step))[:10]}..."
+        )
     return {int(s): float(np.quantile(extremes.loc[extremes.step == s, token_rank], quantile)) for s in steps}
 
 
-def cross_resolution_effect(stats: pd.DataFrame, baseline: str = "sd", steps: Sequence[int] | None = None) -> pd.DataFrame:
+def cross_resolution_effect(
+    stats: pd.DataFrame, baseline: str = "sd", steps: Sequence[int] | None = None
+) -> pd.DataFrame:
     """Mean smoothed max attention of the lower-attended subject per variant (rows) and resolution (columns),
     minus the ``baseline`` variant's: how guiding at one resolution moves attention at the others (STUDIES.md 02)."""
     _require(stats, ["variant"], "cross_resolution_effect")
@@ -154,17 +174,25 @@ def cross_resolution_by_step(stats: pd.DataFrame, baseline: str = "sd") -> pd.Da
     rows = [(v, r, s, value - base.get((r, s), np.nan)) for (v, r, s), value in means.items() if v != baseline]
     order = {v: k for k, v in enumerate(dict.fromkeys(stats.variant))}
     table = pd.DataFrame(rows, columns=["variant", "res", "step", "difference"])
-    return table.sort_values(["variant", "res", "step"], key=lambda c: c.map(order) if c.name == "variant" else c, ignore_index=True)
+    return table.sort_values(
+        ["variant", "res", "step"], key=lambda c: c.map(order) if c.name == "variant" else c, ignore_index=True
+    )
 
 
-def steered_subject(stats: pd.DataFrame, results: pd.DataFrame, subject: int, steps: Sequence[int] | None = None) -> pd.DataFrame:
+def steered_subject(
+    stats: pd.DataFrame, results: pd.DataFrame, subject: int, steps: Sequence[int] | None = None
+) -> pd.DataFrame:
     """Per image (variant, prompt, seed): statistics of the prompt's ``subject``-th subject token at the
     recorded resolution, averaged over ``steps`` (default all recorded): max_attention, centroid_x/y."""
     _require(results, ["variant", "prompt", "seed", "tokens"], "steered_subject")
     words = {p: t.split(",")[subject] for p, t in zip(results.prompt, results.tokens)}
     frame = stats if steps is None else stats[stats.step.isin(list(steps))]
     frame = frame[frame.token == frame.prompt.map(words)]
-    return frame.groupby(["variant", "prompt", "seed"], sort=False)[["max_attention", "centroid_x", "centroid_y"]].mean().reset_index()
+    return (
+        frame.groupby(["variant", "prompt", "seed"], sort=False)[["max_attention", "centroid_x", "centroid_y"]]
+        .mean()
+        .reset_index()
+    )
 
 
 #: The image–text measures the notebooks report (STUDIES.md, measures).
@@ -225,27 +253,43 @@ def guidance_stats(trace: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
             }
         )
 
-    per_step = pairs.groupby([*by, "step"], sort=False).apply(summary, include_groups=False).reset_index() if len(pairs) else None
+    per_step = (
+        pairs.groupby([*by, "step"], sort=False).apply(summary, include_groups=False).reset_index()
+        if len(pairs)
+        else None
+    )
     if per_step is not None:  # groups in order of first appearance (a study's variant order), steps ascending
         per_step = per_step.sort_values("step", kind="stable")
         if by:
             rank = {k: i for i, k in enumerate(dict.fromkeys(pairs[list(by)].itertuples(index=False, name=None)))}
-            per_step = per_step.iloc[np.argsort([rank[k] for k in per_step[list(by)].itertuples(index=False, name=None)], kind="stable")]
+            per_step = per_step.iloc[
+                np.argsort([rank[k] for k in per_step[list(by)].itertuples(index=False, name=None)], kind="stable")
+            ]
     if by:
-        overall = pairs.groupby(list(by), sort=False).apply(summary, include_groups=False).reset_index() if len(pairs) else None
+        overall = (
+            pairs.groupby(list(by), sort=False).apply(summary, include_groups=False).reset_index()
+            if len(pairs)
+            else None
+        )
     else:
         overall = summary(pairs).to_frame().T
     frames = [f for f in (per_step, overall) if f is not None]
     result = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*by, "step", *GUIDANCE_COLUMNS])
-    result["step"] = result["step"].astype("Int64") if "step" in result else pd.array([pd.NA] * len(result), dtype="Int64")
-    result = result.astype({"pairs": int, "triggered": int, "guidance_rate": float, "success_rate": float, "mean_refinement_rounds": float})
+    result["step"] = (
+        result["step"].astype("Int64") if "step" in result else pd.array([pd.NA] * len(result), dtype="Int64")
+    )
+    result = result.astype(
+        {"pairs": int, "triggered": int, "guidance_rate": float, "success_rate": float, "mean_refinement_rounds": float}
+    )
     result["succeeded"] = (result.success_rate.fillna(0) * result.triggered).round().astype(int)
     result["guidance_rate_low"], result["guidance_rate_high"] = rate_interval(result.triggered, result.pairs)
     result["success_rate_low"], result["success_rate_high"] = rate_interval(result.succeeded, result.triggered)
     return result[[*by, "step", *GUIDANCE_COLUMNS, *INTERVAL_COLUMNS]]
 
 
-def variant_table(results: pd.DataFrame, trace: pd.DataFrame, measures: Sequence[str] = SIMILARITY_MEASURES) -> pd.DataFrame:
+def variant_table(
+    results: pd.DataFrame, trace: pd.DataFrame, measures: Sequence[str] = SIMILARITY_MEASURES
+) -> pd.DataFrame:
     """One row per variant (in the sweep's order): guidance rate, success rate and mean refinement rounds
     over all threshold steps, seconds per image, and the mean of each measure over all images
     (STUDIES.md 03 and 04: efficiency against similarity). Plain SD has no guidance statistics (NaN)."""
@@ -280,8 +324,13 @@ def suppression_table(steered: pd.DataFrame, results: pd.DataFrame, subject: int
     return table
 
 
-def layout_table(steered: pd.DataFrame, targets: dict[str, Sequence[float]], reference: str = "ae", results: pd.DataFrame | None = None,
-                 subject: int = 0) -> pd.DataFrame:  # fmt: skip
+def layout_table(
+    steered: pd.DataFrame,
+    targets: dict[str, Sequence[float]],
+    reference: str = "ae",
+    results: pd.DataFrame | None = None,
+    subject: int = 0,
+) -> pd.DataFrame:
     """For each steered variant and its target point (x right, y down): mean attention centroid and its mean
     distance to the target, of the ``reference`` run and of the steered run (rows of :func:`steered_subject`),
     and, when ``results`` carry detections, the detected object's mean centre and its distance to the target
@@ -290,20 +339,35 @@ def layout_table(steered: pd.DataFrame, targets: dict[str, Sequence[float]], ref
     missing = [v for v in [reference, *targets] if v not in variants]
     if missing:
         raise AnelabError(f"variant(s) {missing} are not in these statistics ({sorted(variants)})")
-    detected = results is not None and {f"center_x_{subject}", f"center_y_{subject}", f"present_{subject}"} <= set(results.columns)
+    detected = results is not None and {f"center_x_{subject}", f"center_y_{subject}", f"present_{subject}"} <= set(
+        results.columns
+    )
     rows = []
     for name, (tx, ty) in targets.items():
         for run, variant in (("reference", reference), ("steered", name)):
             part = steered[steered.variant == variant]
             distance = np.hypot(part.centroid_x - tx, part.centroid_y - ty)
-            row = {"target": name, "target_x": tx, "target_y": ty, "run": run, "variant": variant,
-                   "centroid_x": part.centroid_x.mean(), "centroid_y": part.centroid_y.mean(), "distance": distance.mean()}  # fmt: skip
+            row = {
+                "target": name,
+                "target_x": tx,
+                "target_y": ty,
+                "run": run,
+                "variant": variant,
+                "centroid_x": part.centroid_x.mean(),
+                "centroid_y": part.centroid_y.mean(),
+                "distance": distance.mean(),
+            }
             if detected:
                 images = results[results.variant == variant]
                 found = images[images[f"present_{subject}"] == 1]
-                row |= {"object_x": found[f"center_x_{subject}"].mean(), "object_y": found[f"center_y_{subject}"].mean(),
-                        "object_distance": np.hypot(found[f"center_x_{subject}"] - tx, found[f"center_y_{subject}"] - ty).mean(),
-                        "object_found": len(found) / len(images) if len(images) else np.nan}  # fmt: skip
+                row |= {
+                    "object_x": found[f"center_x_{subject}"].mean(),
+                    "object_y": found[f"center_y_{subject}"].mean(),
+                    "object_distance": np.hypot(
+                        found[f"center_x_{subject}"] - tx, found[f"center_y_{subject}"] - ty
+                    ).mean(),
+                    "object_found": len(found) / len(images) if len(images) else np.nan,
+                }
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -321,15 +385,21 @@ def reading_of_differences(differences: pd.DataFrame, baseline: str = "plain SD"
             said = f"**{'higher' if row.difference > 0 else 'lower'}** than {baseline}"
         else:
             said = f"not resolved from {baseline} at n = {row.n} (the interval includes 0)"
-        parts = differences[(differences.variant == row.variant) & (differences.measure == row.measure) & (differences[by] != "overall")]
+        parts = differences[
+            (differences.variant == row.variant) & (differences.measure == row.measure) & (differences[by] != "overall")
+        ]
         resolved = [str(p) for p, lo, hi in zip(parts[by], parts.ci_low, parts.ci_high) if lo > 0 or hi < 0]
         where = f"; resolved in {', '.join(resolved)}" if resolved else ""
-        lines.append(f"- {row.variant}, {row.measure}: {row.difference:+.4f} [{row.ci_low:+.4f}, {row.ci_high:+.4f}] "
-                     f"({row.relative:+.1%}) — {said}{where}.")  # fmt: skip
+        lines.append(
+            f"- {row.variant}, {row.measure}: {row.difference:+.4f} [{row.ci_low:+.4f}, {row.ci_high:+.4f}] "
+            f"({row.relative:+.1%}) — {said}{where}."
+        )
     return "\n".join(lines) or "- no paired images to compare."
 
 
-def paired_differences(results: pd.DataFrame, measures: Sequence[str], baseline: str = "sd", by: str = "category") -> pd.DataFrame:
+def paired_differences(
+    results: pd.DataFrame, measures: Sequence[str], baseline: str = "sd", by: str = "category"
+) -> pd.DataFrame:
     """Each variant minus ``baseline`` on the same (prompt, seed) — the seeds are shared, so the difference is
     paired: per ``by`` value and overall, the mean difference with its 95% CI (Student t over pairs), the
     baseline's mean and the relative change. Long form: ``[variant, by, measure, n, difference, ci_low,
@@ -354,15 +424,28 @@ def paired_differences(results: pd.DataFrame, measures: Sequence[str], baseline:
                 n = len(part)
                 half = st.t.ppf(0.975, n - 1) * part.d.std() / np.sqrt(n) if n > 1 else np.nan
                 mean, base_mean = part.d.mean() if n else np.nan, part.base.mean() if n else np.nan
-                rows.append({"variant": variant, by: group, "measure": measure, "n": n, "difference": mean, "ci_low": mean - half,
-                             "ci_high": mean + half, "baseline_mean": base_mean,
-                             "relative": mean / abs(base_mean) if base_mean else np.nan})  # fmt: skip
-    return pd.DataFrame(rows, columns=["variant", by, "measure", "n", "difference", "ci_low", "ci_high", "baseline_mean", "relative"])
+                rows.append(
+                    {
+                        "variant": variant,
+                        by: group,
+                        "measure": measure,
+                        "n": n,
+                        "difference": mean,
+                        "ci_low": mean - half,
+                        "ci_high": mean + half,
+                        "baseline_mean": base_mean,
+                        "relative": mean / abs(base_mean) if base_mean else np.nan,
+                    }
+                )
+    return pd.DataFrame(
+        rows, columns=["variant", by, "measure", "n", "difference", "ci_low", "ci_high", "baseline_mean", "relative"]
+    )
 
 
 def difference_table(differences: pd.DataFrame, digits: int = 3, by: str = "category") -> pd.DataFrame:
     """:func:`paired_differences` for reading: rows (variant, ``by``), one column per measure,
     cells ``+0.012 [−0.003, +0.027] (+1.5%)``."""
+
     def cell(row) -> str:
         if pd.isna(row.difference):
             return "—"
@@ -373,7 +456,9 @@ def difference_table(differences: pd.DataFrame, digits: int = 3, by: str = "cate
     table = differences.assign(cell=differences.apply(cell, axis=1))
     wide = table.pivot(index=["variant", by], columns="measure", values="cell")
     order = list(dict.fromkeys(zip(differences.variant, differences[by])))
-    return wide.reindex(pd.MultiIndex.from_tuples(order, names=["variant", by]))[list(dict.fromkeys(differences.measure))]
+    return wide.reindex(pd.MultiIndex.from_tuples(order, names=["variant", by]))[
+        list(dict.fromkeys(differences.measure))
+    ]
 
 
 def seconds_table(results: pd.DataFrame) -> pd.DataFrame:
@@ -382,14 +467,16 @@ def seconds_table(results: pd.DataFrame) -> pd.DataFrame:
     A generate call makes a batch of seeds; its seconds are shared by its images."""
     _require(results, ["variant", "seconds", "refinement_rounds"], "seconds_table")
     refined = results.refinement_rounds > 0
-    table = pd.DataFrame({
-        "images": results.groupby("variant", sort=False).size(),
-        "seconds_per_image": results.groupby("variant", sort=False).seconds.mean(),
-        "without_refinement": results[~refined].groupby("variant", sort=False).seconds.mean(),
-        "images_without": results[~refined].groupby("variant", sort=False).size(),
-        "with_refinement": results[refined].groupby("variant", sort=False).seconds.mean(),
-        "images_with": results[refined].groupby("variant", sort=False).size(),
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "images": results.groupby("variant", sort=False).size(),
+            "seconds_per_image": results.groupby("variant", sort=False).seconds.mean(),
+            "without_refinement": results[~refined].groupby("variant", sort=False).seconds.mean(),
+            "images_without": results[~refined].groupby("variant", sort=False).size(),
+            "with_refinement": results[refined].groupby("variant", sort=False).seconds.mean(),
+            "images_with": results[refined].groupby("variant", sort=False).size(),
+        }
+    )
     return table.fillna({"images_without": 0, "images_with": 0}).astype({"images_without": int, "images_with": int})
 
 
@@ -401,8 +488,6 @@ def ordering(values: pd.Series) -> str:
 def published(notebook: str | None = None) -> pd.DataFrame:
     """The published figures (``data/published.json``) with their sources, optionally of one notebook."""
     import json
-
-    from .resources import data_file
 
     data = json.loads(data_file("published.json").read_text())
     table = pd.DataFrame(data["values"]).assign(source_text=lambda t: t.source.map(data["sources"]))
@@ -428,9 +513,17 @@ def beside_published(measured: pd.DataFrame, notebook: str, tolerance: float = 0
             return "not measured"
         if not pd.isna(row.ci_low):
             inside = row.ci_low <= row.published <= row.ci_high
-            return "agrees (inside the 95% CI)" if inside else ("higher than published" if row.ci_low > row.published else "lower than published")
+            return (
+                "agrees (inside the 95% CI)"
+                if inside
+                else ("higher than published" if row.ci_low > row.published else "lower than published")
+            )
         close = abs(row.measured - row.published) <= tolerance * abs(row.published)
-        return f"agrees (within {tolerance:.0%})" if close else ("higher than published" if row.measured > row.published else "lower than published")
+        return (
+            f"agrees (within {tolerance:.0%})"
+            if close
+            else ("higher than published" if row.measured > row.published else "lower than published")
+        )
 
     table["verdict"] = table.apply(verdict, axis=1)
     columns = ["variant", "category", "measure", "measured", "ci_low", "ci_high", "published", "verdict", "source"]
@@ -440,11 +533,17 @@ def beside_published(measured: pd.DataFrame, notebook: str, tolerance: float = 0
 def variant_resolutions(view: dict) -> dict[str, int]:
     """Guided variant → the attention resolution it read on the study's model (the view's spec, after
     :func:`anelab.runs.study.fit_study`: SDXL's ``res16`` reads 32)."""
-    return {name: int(config["attention_res"]) for name, config in view["study"]["variants"].items() if config is not None}
+    return {
+        name: int(config["attention_res"]) for name, config in view["study"]["variants"].items() if config is not None
+    }
 
 
-def attention_profile(stats: Mapping[str, pd.DataFrame], sizes: Mapping[str, int], baseline: str = "sd",
-                      steps: Sequence[int] | None = None) -> pd.DataFrame:  # fmt: skip
+def attention_profile(
+    stats: Mapping[str, pd.DataFrame],
+    sizes: Mapping[str, int],
+    baseline: str = "sd",
+    steps: Sequence[int] | None = None,
+) -> pd.DataFrame:
     """Which resolution carries the subjects under plain SD, per model (06, architectures): per model and recorded
     resolution, the mean over images and steps of the lower- and higher-attended subject's smoothed max attention
     (``steps``: only those loop indices), with the image pixels per attention cell (``sizes``: model → image side).
@@ -459,23 +558,48 @@ def attention_profile(stats: Mapping[str, pd.DataFrame], sizes: Mapping[str, int
             continue
         extremes = subject_extremes(part).groupby("res")[["lower", "higher"]].mean()
         for res, row in extremes.iterrows():
-            rows.append({"model": model, "res": int(res), "px_per_cell": sizes[model] / int(res), "lower": row.lower, "higher": row.higher,
-                         "gap": row.higher - row.lower})  # fmt: skip
+            rows.append(
+                {
+                    "model": model,
+                    "res": int(res),
+                    "px_per_cell": sizes[model] / int(res),
+                    "lower": row.lower,
+                    "higher": row.higher,
+                    "gap": row.higher - row.lower,
+                }
+            )
     return pd.DataFrame(rows, columns=["model", "res", "px_per_cell", "lower", "higher", "gap"])
 
 
-def architecture_comparison(runs: Mapping[str, Mapping], measure: str = "min_object", baseline: str = "sd") -> pd.DataFrame:
+def architecture_comparison(
+    runs: Mapping[str, Mapping], measure: str = "min_object", baseline: str = "sd"
+) -> pd.DataFrame:
     """A&E at each resolution against the model's own plain SD, per model (06, architectures): the paired difference
     of ``measure`` over all images with its 95% CI, the guidance rate and success rate over all threshold steps, and
     the image pixels per attention cell. ``runs``: model → ``{"results", "trace", "view"}`` of its study. Long form
     ``[model, variant, res, px_per_cell, n, difference, ci_low, ci_high, guidance_rate, success_rate]``."""
-    columns = ["model", "variant", "res", "px_per_cell", "n", "difference", "ci_low", "ci_high", "guidance_rate", "success_rate"]
+    columns = [
+        "model",
+        "variant",
+        "res",
+        "px_per_cell",
+        "n",
+        "difference",
+        "ci_low",
+        "ci_high",
+        "guidance_rate",
+        "success_rate",
+    ]
     rows = []
     for model, run in runs.items():
         results, trace, view = run["results"], run["trace"], run["view"]
         resolutions, size = variant_resolutions(view), view["study"]["size"]
         have = measure in results.columns and baseline in set(results.variant)
-        differences = paired_differences(results, [measure], baseline) if have else pd.DataFrame(columns=["variant", "category", "difference"])
+        differences = (
+            paired_differences(results, [measure], baseline)
+            if have
+            else pd.DataFrame(columns=["variant", "category", "difference"])
+        )
         overall = differences[differences.category == "overall"].set_index("variant")
         rates = guidance_stats(trace, by=["variant"]) if len(trace) else pd.DataFrame(columns=["variant", "step"])
         rates = rates[rates.step.isna()].set_index("variant")
@@ -483,10 +607,20 @@ def architecture_comparison(runs: Mapping[str, Mapping], measure: str = "min_obj
             if variant not in set(results.variant):
                 continue
             got = overall.loc[variant] if variant in overall.index else None
-            rows.append({"model": model, "variant": variant, "res": res, "px_per_cell": size / res,
-                         "n": np.nan if got is None else got.n, "difference": np.nan if got is None else got.difference,
-                         "ci_low": np.nan if got is None else got.ci_low, "ci_high": np.nan if got is None else got.ci_high,
-                         "guidance_rate": rates.guidance_rate.get(variant, np.nan), "success_rate": rates.success_rate.get(variant, np.nan)})  # fmt: skip
+            rows.append(
+                {
+                    "model": model,
+                    "variant": variant,
+                    "res": res,
+                    "px_per_cell": size / res,
+                    "n": np.nan if got is None else got.n,
+                    "difference": np.nan if got is None else got.difference,
+                    "ci_low": np.nan if got is None else got.ci_low,
+                    "ci_high": np.nan if got is None else got.ci_high,
+                    "guidance_rate": rates.guidance_rate.get(variant, np.nan),
+                    "success_rate": rates.success_rate.get(variant, np.nan),
+                }
+            )
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -499,14 +633,22 @@ def architecture_reading(comparison: pd.DataFrame, profile: pd.DataFrame, measur
         mine = profile[profile.model == model].dropna(subset=["lower"])
         if len(mine):
             top = mine.loc[mine.lower.idxmax()]
-            said.append(f"plain SD attends its lower subject most at resolution {int(top.res)} ({top.px_per_cell:g} px per cell, "
-                        f"mean smoothed max {top.lower:.3f})")  # fmt: skip
+            said.append(
+                f"plain SD attends its lower subject most at resolution {int(top.res)} ({top.px_per_cell:g} px per cell, "
+                f"mean smoothed max {top.lower:.3f})"
+            )
         guided = comparison[comparison.model == model].dropna(subset=["difference"])
         if len(guided):
             best = guided.loc[guided.difference.idxmax()]
             interval = "" if pd.isna(best.ci_low) else f" [{best.ci_low:+.4f}, {best.ci_high:+.4f}]"
-            resolved = "" if pd.isna(best.ci_low) else (" (resolved)" if best.ci_low > 0 or best.ci_high < 0 else " (within noise)")
-            said.append(f"A&E raises {measure} most at resolution {int(best.res)} ({best.px_per_cell:g} px per cell): "
-                        f"{best.difference:+.4f}{interval}{resolved}")  # fmt: skip
+            resolved = (
+                ""
+                if pd.isna(best.ci_low)
+                else (" (resolved)" if best.ci_low > 0 or best.ci_high < 0 else " (within noise)")
+            )
+            said.append(
+                f"A&E raises {measure} most at resolution {int(best.res)} ({best.px_per_cell:g} px per cell): "
+                f"{best.difference:+.4f}{interval}{resolved}"
+            )
         lines.append(f"- {model}: " + ("; ".join(said) if said else "nothing to compare") + ".")
     return "\n".join(lines)

@@ -23,10 +23,14 @@ from pathlib import Path
 
 import torch
 
+from . import fast as fast_path
 from .config import GuidanceConfig
 from .errors import AnelabError
+from .io import atomic_path
+from .loading import load_pipeline
 from .pipeline import generate
 from .recording import Record
+from .testing import sd14_sized_pipeline
 
 RESULTS_DIR = Path("benchmarks") / "results"  # under the working directory (never inside the installed package)
 PROMPT, TOKENS, INDICES = "a cat and a dog", ["cat", "dog"], [2, 5]
@@ -45,7 +49,9 @@ class Workload:
     warmup: bool = True  # one untimed run of each program first (allocator, caches, CUDA kernels)
 
     def config(self, **changes) -> GuidanceConfig:
-        return GuidanceConfig(max_refinement_steps=self.max_refinement_steps).rescaled(50, self.steps).replace(**changes)
+        return (
+            GuidanceConfig(max_refinement_steps=self.max_refinement_steps).rescaled(50, self.steps).replace(**changes)
+        )
 
 
 WORKLOADS = {
@@ -112,8 +118,15 @@ def _alternate(programs: dict, repeats: int, device: str, warmup: bool) -> dict:
             seconds, peak, last[name] = _timed(device, run)
             times[name].append(seconds)
             peaks[name].append(peak)
-    return {k: {"seconds": statistics.median(times[k]), "peak_bytes": int(statistics.median(peaks[k])), "runs": times[k], "result": last[k]}
-            for k in programs} | {"repeats": repeats, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    return {
+        k: {
+            "seconds": statistics.median(times[k]),
+            "peak_bytes": int(statistics.median(peaks[k])),
+            "runs": times[k],
+            "result": last[k],
+        }
+        for k in programs
+    } | {"repeats": repeats, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def port_class():
@@ -124,8 +137,10 @@ def port_class():
     except ImportError:
         import diffusers
 
-        raise AnelabError(f"diffusers {diffusers.__version__} no longer ships StableDiffusionAttendAndExcitePipeline (deprecated); "
-                          "comparison (a) needs it: run --comparisons bcd, or install a diffusers that has it") from None  # fmt: skip
+        raise AnelabError(
+            f"diffusers {diffusers.__version__} no longer ships StableDiffusionAttendAndExcitePipeline (deprecated); "
+            "comparison (a) needs it: run --comparisons bcd, or install a diffusers that has it"
+        ) from None
     return StableDiffusionAttendAndExcitePipeline
 
 
@@ -136,37 +151,48 @@ def _port(pipe, max_refinement_steps: int):
     components = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
     port = StableDiffusionAttendAndExcitePipeline(**components, requires_safety_checker=False)
     port.set_progress_bar_config(disable=True)
-    port._perform_iterative_refinement_step = functools.partial(port._perform_iterative_refinement_step, max_refinement_steps=max_refinement_steps)
+    port._perform_iterative_refinement_step = functools.partial(
+        port._perform_iterative_refinement_step, max_refinement_steps=max_refinement_steps
+    )
     return port
 
 
 def run_bench(
-    workload: str | Workload = "tiny", repeats: int | None = None, progress: bool = True, results_dir: Path = RESULTS_DIR, comparisons: str = "abcd",
-    device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-) -> dict:  # fmt: skip
+    workload: str | Workload = "tiny",
+    repeats: int | None = None,
+    progress: bool = True,
+    results_dir: Path = RESULTS_DIR,
+    comparisons: str = "abcd",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict:
     """Measure ``comparisons`` (a)–(d) on one workload (a name of :data:`WORKLOADS` or a :class:`Workload`
     on the tiny pipeline), ``repeats`` timed runs of each program (None: the workload's own);
     returns the results, also written to ``results_dir/<workload>.json``.
 
     Comparisons not run now are kept from that file when it holds the same workload on the same
     device, so a slow workload can be measured one comparison at a time."""
-    from .loading import load_pipeline
-    from .testing import sd14_sized_pipeline
-
-    from . import fast as fast_path
 
     w = WORKLOADS[workload] if isinstance(workload, str) else workload
-    w = dataclasses.replace(w, device=str(device or w.device), dtype=dtype or w.dtype)  # --device / --dtype override the workload's
+    w = dataclasses.replace(
+        w, device=str(device or w.device), dtype=dtype or w.dtype
+    )  # --device / --dtype override the workload's
     unknown = set(comparisons) - set("abcd")
     if unknown or not comparisons:
         raise AnelabError(f"comparisons must be letters of 'abcd', got {comparisons!r}")
     if torch.device(w.device).type == "cuda" and not torch.cuda.is_available():
         raise AnelabError(f"the {w.name} workload needs a CUDA GPU and torch sees none here; run tiny or sd14-cpu")
-    pipe = sd14_sized_pipeline(device=w.device, dtype=w.dtype) if w.name.startswith("sd14") else load_pipeline("tiny", device=w.device, dtype=w.dtype)
+    pipe = (
+        sd14_sized_pipeline(device=w.device, dtype=w.dtype)
+        if w.name.startswith("sd14")
+        else load_pipeline("tiny", device=w.device, dtype=w.dtype)
+    )
     common = dict(num_inference_steps=w.steps, height=w.size, width=w.size, output_type="latent", progress=False)
     defaults, no_refinement = w.config(), w.config(thresholds={})
     repeats = repeats or w.repeats
-    fast_differs = fast_path.available(torch.device(w.device))  # on CUDA the fast path is the default: time it against eager
+    fast_differs = fast_path.available(
+        torch.device(w.device)
+    )  # on CUDA the fast path is the default: time it against eager
     identity = {k: v for k, v in dataclasses.asdict(w).items() if k != "repeats"} | {"dtype": str(w.dtype)}
     results = {"workload": identity, "device": _device_name(w.device)}
     say = print if progress else (lambda *a, **k: None)
@@ -176,32 +202,64 @@ def run_bench(
         port = _port(pipe, w.max_refinement_steps)
 
         def run_port():
-            return port(PROMPT, token_indices=INDICES, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=w.steps,
-                        height=w.size, width=w.size, attn_res=(defaults.attention_res,) * 2, thresholds=defaults.thresholds,
-                        max_iter_to_alter=defaults.max_iter_to_alter, output_type="latent").images  # fmt: skip
+            return port(
+                PROMPT,
+                token_indices=INDICES,
+                generator=torch.Generator("cpu").manual_seed(0),
+                num_inference_steps=w.steps,
+                height=w.size,
+                width=w.size,
+                attn_res=(defaults.attention_res,) * 2,
+                thresholds=defaults.thresholds,
+                max_iter_to_alter=defaults.max_iter_to_alter,
+                output_type="latent",
+            ).images
 
         say(f"[{w.name}] (a) anelab vs diffusers port ...")
-        a = _alternate({"anelab": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common).latents,
-                        "diffusers_port": run_port}, repeats, w.device, w.warmup)  # fmt: skip
+        a = _alternate(
+            {
+                "anelab": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common).latents,
+                "diffusers_port": run_port,
+            },
+            repeats,
+            w.device,
+            w.warmup,
+        )
         mine, theirs = (a[k].pop("result").double() for k in ("anelab", "diffusers_port"))
         difference = (mine - theirs).abs().max().item()
-        results["a_vs_diffusers_port"] = a | {"time_ratio": a["anelab"]["seconds"] / a["diffusers_port"]["seconds"],
-                                              "max_abs_latent_difference": difference,
-                                              "relative_latent_difference": difference / theirs.abs().max().item()}  # fmt: skip
+        results["a_vs_diffusers_port"] = a | {
+            "time_ratio": a["anelab"]["seconds"] / a["diffusers_port"]["seconds"],
+            "max_abs_latent_difference": difference,
+            "relative_latent_difference": difference / theirs.abs().max().item(),
+        }
 
     if "b" in comparisons:
         say(f"[{w.name}] (b) A&E vs plain SD, and diffusers' own plain pipeline ...")
         plain = _plain_diffusers(pipe)
         programs = {
-            "diffusers_sd": lambda: plain(PROMPT, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=w.steps,
-                                          height=w.size, width=w.size, output_type="latent").images,
+            "diffusers_sd": lambda: (
+                plain(
+                    PROMPT,
+                    generator=torch.Generator("cpu").manual_seed(0),
+                    num_inference_steps=w.steps,
+                    height=w.size,
+                    width=w.size,
+                    output_type="latent",
+                ).images
+            ),
             "sd": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=None, **common).latents,
-            "ae_no_refinement": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common).latents,
+            "ae_no_refinement": lambda: (
+                generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common).latents
+            ),
             "ae_defaults": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common).latents,
-        }  # fmt: skip
+        }
         if fast_differs:  # the fast path against the eager one, on the same work
-            programs["sd_eager"] = lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=None, fast=False, **common).latents
-            programs["ae_no_refinement_eager"] = lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, fast=False, **common).latents
+            programs["sd_eager"] = lambda: (
+                generate(pipe, PROMPT, TOKENS, seeds=[0], config=None, fast=False, **common).latents
+            )
+            programs["ae_no_refinement_eager"] = lambda: (
+                generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, fast=False, **common).latents
+            )
         b = _alternate(programs, repeats, w.device, w.warmup)
         latents = {k: b[k].pop("result").double() for k in programs}
         sd_seconds = b["sd"]["seconds"]
@@ -222,19 +280,33 @@ def run_bench(
     if "c" in comparisons:
         say(f"[{w.name}] (c) 8 seeds in one batch vs 8 single-seed runs ...")
         seeds = list(range(8))
-        c = _alternate({
-            "batch_of_8": lambda: generate(pipe, PROMPT, TOKENS, seeds=seeds, config=no_refinement, **common),
-            "8_single_runs": lambda: [generate(pipe, PROMPT, TOKENS, seeds=[s], config=no_refinement, **common) for s in seeds],
-        }, max(1, repeats // 2) if w.name.startswith("sd14") else repeats, w.device, w.warmup)  # fmt: skip
+        c = _alternate(
+            {
+                "batch_of_8": lambda: generate(pipe, PROMPT, TOKENS, seeds=seeds, config=no_refinement, **common),
+                "8_single_runs": lambda: [
+                    generate(pipe, PROMPT, TOKENS, seeds=[s], config=no_refinement, **common) for s in seeds
+                ],
+            },
+            max(1, repeats // 2) if w.name.startswith("sd14") else repeats,
+            w.device,
+            w.warmup,
+        )
         _drop_results(c)
         results["c_batching"] = c | {"throughput_gain": c["8_single_runs"]["seconds"] / c["batch_of_8"]["seconds"]}
 
     if "d" in comparisons:
         say(f"[{w.name}] (d) recording all resolutions vs none ...")
-        d = _alternate({
-            "no_recording": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common),
-            "record_all": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, record=Record(), **common),
-        }, repeats, w.device, w.warmup)  # fmt: skip
+        d = _alternate(
+            {
+                "no_recording": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common),
+                "record_all": lambda: generate(
+                    pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, record=Record(), **common
+                ),
+            },
+            repeats,
+            w.device,
+            w.warmup,
+        )
         _drop_results(d)
         results["d_recording"] = d | {"ratio": d["record_all"]["seconds"] / d["no_recording"]["seconds"]}
     return _write(results, results_dir)
@@ -244,8 +316,12 @@ def _plain_diffusers(pipe):
     """diffusers' own ``StableDiffusionPipeline`` on the same components (the program users run today without guidance)."""
     from diffusers import StableDiffusionPipeline
 
-    components = {k: v for k, v in pipe.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
-    plain = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    components = {
+        k: v for k, v in pipe.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    }
+    plain = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     plain.set_progress_bar_config(disable=True)
     return plain
 
@@ -269,7 +345,6 @@ def _device_name(device: str) -> str:
 
 def _write(results: dict, results_dir: Path) -> dict:
     """Write ``results`` with the comparisons of an earlier file of the same workload and device kept; returns what was written."""
-    from .io import atomic_path
 
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{results['workload']['name']}.json"
@@ -290,38 +365,91 @@ def table(results: dict) -> str:
     if "a_vs_diffusers_port" in results:
         a = results["a_vs_diffusers_port"]
         rows += [
-            ("(a) anelab A&E, defaults", a["anelab"]["seconds"], a["anelab"]["peak_bytes"] / mib, f"{a['time_ratio']:.2f}x the port (target <= 0.5 CPU / 0.4 GPU)"),
-            ("(a) diffusers A&E port", a["diffusers_port"]["seconds"], a["diffusers_port"]["peak_bytes"] / mib, f"max |latent diff| {a['max_abs_latent_difference']:.2e} ({a['relative_latent_difference']:.1e} of max |latent|)"),
-        ]  # fmt: skip
+            (
+                "(a) anelab A&E, defaults",
+                a["anelab"]["seconds"],
+                a["anelab"]["peak_bytes"] / mib,
+                f"{a['time_ratio']:.2f}x the port (target <= 0.5 CPU / 0.4 GPU)",
+            ),
+            (
+                "(a) diffusers A&E port",
+                a["diffusers_port"]["seconds"],
+                a["diffusers_port"]["peak_bytes"] / mib,
+                f"max |latent diff| {a['max_abs_latent_difference']:.2e} ({a['relative_latent_difference']:.1e} of max |latent|)",
+            ),
+        ]
     gpu = results["workload"]["device"].startswith("cuda")
     if "b_vs_plain_sd" in results:
         b = results["b_vs_plain_sd"]
-        rows += [("(b) diffusers StableDiffusionPipeline", b["diffusers_sd"]["seconds"], b["diffusers_sd"]["peak_bytes"] / mib, "")] if "diffusers_sd" in b else []
+        rows += (
+            [
+                (
+                    "(b) diffusers StableDiffusionPipeline",
+                    b["diffusers_sd"]["seconds"],
+                    b["diffusers_sd"]["peak_bytes"] / mib,
+                    "",
+                )
+            ]
+            if "diffusers_sd" in b
+            else []
+        )
         rows += [
-            ("(b) anelab plain SD", b["sd"]["seconds"], b["sd"]["peak_bytes"] / mib,
-             f"{b['sd_vs_diffusers']:.2f}x diffusers (target <= 0.4 GPU); latents {b['sd_latent_difference_vs_diffusers']:.1e} rel." if "sd_vs_diffusers" in b else ""),
-            ("(b) A&E, refinement never triggered", b["ae_no_refinement"]["seconds"], b["ae_no_refinement"]["peak_bytes"] / mib,
-             f"{b['ratio_no_refinement']:.2f}x anelab SD (target <= 1.5 GPU / 1.4 CPU)"
-             + (f", {b['ae_no_refinement_vs_diffusers']:.2f}x diffusers SD (target <= 0.7 GPU)" if "ae_no_refinement_vs_diffusers" in b else "")
-             + (f"; memory {b['memory_ratio_no_refinement']:.2f}x (target <= 1.5)" if gpu else "")),
-            ("(b) A&E, default thresholds", b["ae_defaults"]["seconds"], b["ae_defaults"]["peak_bytes"] / mib, f"{b['ratio_defaults']:.2f}x SD"),
-        ]  # fmt: skip
-        for key, label in (("sd_eager", "(b) anelab plain SD, eager (fast path off)"), ("ae_no_refinement_eager", "(b) A&E no refinement, eager")):
+            (
+                "(b) anelab plain SD",
+                b["sd"]["seconds"],
+                b["sd"]["peak_bytes"] / mib,
+                f"{b['sd_vs_diffusers']:.2f}x diffusers (target <= 0.4 GPU); latents {b['sd_latent_difference_vs_diffusers']:.1e} rel."
+                if "sd_vs_diffusers" in b
+                else "",
+            ),
+            (
+                "(b) A&E, refinement never triggered",
+                b["ae_no_refinement"]["seconds"],
+                b["ae_no_refinement"]["peak_bytes"] / mib,
+                f"{b['ratio_no_refinement']:.2f}x anelab SD (target <= 1.5 GPU / 1.4 CPU)"
+                + (
+                    f", {b['ae_no_refinement_vs_diffusers']:.2f}x diffusers SD (target <= 0.7 GPU)"
+                    if "ae_no_refinement_vs_diffusers" in b
+                    else ""
+                )
+                + (f"; memory {b['memory_ratio_no_refinement']:.2f}x (target <= 1.5)" if gpu else ""),
+            ),
+            (
+                "(b) A&E, default thresholds",
+                b["ae_defaults"]["seconds"],
+                b["ae_defaults"]["peak_bytes"] / mib,
+                f"{b['ratio_defaults']:.2f}x SD",
+            ),
+        ]
+        for key, label in (
+            ("sd_eager", "(b) anelab plain SD, eager (fast path off)"),
+            ("ae_no_refinement_eager", "(b) A&E no refinement, eager"),
+        ):
             if key in b:
                 note = f"fast path latents differ by {b['fast_sd_latent_difference' if key == 'sd_eager' else 'fast_ae_latent_difference']:.1e} rel."
                 rows.append((label, b[key]["seconds"], b[key]["peak_bytes"] / mib, note))
     if "c_batching" in results:
         c = results["c_batching"]
         rows += [
-            ("(c) 8 seeds, one batch", c["batch_of_8"]["seconds"], c["batch_of_8"]["peak_bytes"] / mib, f"{c['throughput_gain']:.2f}x throughput (target >= 2 GPU)"),
+            (
+                "(c) 8 seeds, one batch",
+                c["batch_of_8"]["seconds"],
+                c["batch_of_8"]["peak_bytes"] / mib,
+                f"{c['throughput_gain']:.2f}x throughput (target >= 2 GPU)",
+            ),
             ("(c) 8 single-seed runs", c["8_single_runs"]["seconds"], c["8_single_runs"]["peak_bytes"] / mib, ""),
-        ]  # fmt: skip
+        ]
     if "d_recording" in results:
         d = results["d_recording"]
         rows += [
             ("(d) no recording", d["no_recording"]["seconds"], d["no_recording"]["peak_bytes"] / mib, ""),
-            ("(d) recording 4 resolutions", d["record_all"]["seconds"], d["record_all"]["peak_bytes"] / mib, f"{d['ratio']:.2f}x (target <= 1.15 CPU / 1.1 GPU)"),
-        ]  # fmt: skip
+            (
+                "(d) recording 4 resolutions",
+                d["record_all"]["seconds"],
+                d["record_all"]["peak_bytes"] / mib,
+                f"{d['ratio']:.2f}x (target <= 1.15 CPU / 1.1 GPU)",
+            ),
+        ]
     w = results["workload"]
     runs = ", ".join(f"{key[0]} {results[key]['repeats']}" for key in COMPARISONS if key in results)
     head = f"workload {w['name']}: {results['device']}, {w['size']} px, {w['steps']} steps, {w['dtype']}, medians of runs ({runs})"

@@ -24,12 +24,18 @@ from .io import atomic_dir
 
 STAT_COLUMNS = ["max_attention", "raw_max", "mass", "centroid_x", "centroid_y"]
 FRAME_COLUMNS = [
-    "prompt", "seed", "step", "timestep",
+    "prompt",
+    "seed",
+    "step",
+    "timestep",
     "layer",  # diffusers module path, or "mean" for the mean over the resolution's layers (what the loss reads)
-    "place", "res", "token_index", "token",
+    "place",
+    "res",
+    "token_index",
+    "token",
     "subject",  # a token the run was asked to guide (tokens=)
     *STAT_COLUMNS,
-]  # fmt: skip
+]
 MEAN = "mean"
 _PATH = re.compile(r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$")
 
@@ -41,8 +47,14 @@ def short_layer_name(name: str) -> str:
     if not match:
         return name
     kind, block, attention, transformer = match.groups()
-    short = f"mid{f' {attention}' if attention != '0' else ''}" if kind == "mid_block" else f"{kind.split('_')[0]} {block}.{attention}"
+    short = (
+        f"mid{f' {attention}' if attention != '0' else ''}"
+        if kind == "mid_block"
+        else f"{kind.split('_')[0]} {block}.{attention}"
+    )
     return short + (f" t{transformer}" if transformer != "0" else "")
+
+
 _MANIFEST, _MAPS, _STATS = "manifest.json", "maps.safetensors", "stats.parquet"
 
 
@@ -135,9 +147,15 @@ class AttentionCache:
 
     # -- reading ------------------------------------------------------------------------------
     def maps(
-        self, *, token: str | int, step: int, res: int | None = None, layer: str | None = None, seed: int | None = None,
+        self,
+        *,
+        token: str | int,
+        step: int,
+        res: int | None = None,
+        layer: str | None = None,
+        seed: int | None = None,
         head: int | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """One map ``[h, w]`` (fp32): a layer's head mean (or its head ``head``, when ``per_head``), or
         (``layer=None``) the mean over every (layer, head) at ``res`` — the map the A&E loss reads,
         before its token re-normalisation."""
@@ -145,9 +163,15 @@ class AttentionCache:
         return self._block(step=step, res=res, layer=layer, seed=seed, head=head)[..., column]
 
     def vmax(
-        self, *, res: int | None = None, layer: str | None = None, seed: int | None = None, head: int | None = None,
-        tokens: Sequence[str | int] | None = None, steps: Sequence[int] | None = None,
-    ) -> float:  # fmt: skip
+        self,
+        *,
+        res: int | None = None,
+        layer: str | None = None,
+        seed: int | None = None,
+        head: int | None = None,
+        tokens: Sequence[str | int] | None = None,
+        steps: Sequence[int] | None = None,
+    ) -> float:
         """The largest value of the maps of ``tokens`` (default: every recorded token) over ``steps``
         (default: every recorded step): a colour scale that stays put while the step (and, over
         every token, the token) changes."""
@@ -156,13 +180,19 @@ class AttentionCache:
         key = (res, layer, seed, head, columns, steps)
         if key not in self._tops:
             pick = list(columns) if columns is not None else slice(None)
-            self._tops[key] = max(float(self._block(step=s, res=res, layer=layer, seed=seed, head=head)[..., pick].max()) for s in steps)
+            self._tops[key] = max(
+                float(self._block(step=s, res=res, layer=layer, seed=seed, head=head)[..., pick].max()) for s in steps
+            )
         return self._tops[key]
 
-    def _block(self, *, step: int, res: int | None, layer: str | None, seed: int | None, head: int | None) -> torch.Tensor:
+    def _block(
+        self, *, step: int, res: int | None, layer: str | None, seed: int | None, head: int | None
+    ) -> torch.Tensor:
         """The maps of every recorded token at one step, ``[h, w, K]`` fp32 (see :meth:`maps`)."""
         if not self._maps:
-            raise AnelabError("this recording holds statistics only (Record(maps=False)); record with maps=True to get maps")
+            raise AnelabError(
+                "this recording holds statistics only (Record(maps=False)); record with maps=True to get maps"
+            )
         row = self.seed_row(seed)
         if step not in self.timesteps:
             raise AnelabError(f"step {step} was not recorded; recorded steps are {self.steps}")
@@ -173,7 +203,9 @@ class AttentionCache:
                 raise AnelabError(f"layer {layer!r} is at resolution {found.res}, not {res}")
             return self._head(self._maps[step, name][row], name, head)
         if head is not None:
-            raise AnelabError(f"head={head} needs one layer (layer=...): heads are not aligned across layers, so the resolution mean has none")
+            raise AnelabError(
+                f"head={head} needs one layer (layer=...): heads are not aligned across layers, so the resolution mean has none"
+            )
         if res not in self.resolutions:
             raise AnelabError(f"resolution {res!r} was not recorded; recorded resolutions are {self.resolutions}")
         layers = self.layers_at(res)
@@ -186,7 +218,9 @@ class AttentionCache:
         if head is None:
             return kept.float().mean(0) if kept.ndim == 4 else kept.float()
         if kept.ndim != 4:
-            raise AnelabError(f"head={head}: this recording kept head means only; record with anelab.Record(heads=True) for every head's map")
+            raise AnelabError(
+                f"head={head}: this recording kept head means only; record with anelab.Record(heads=True) for every head's map"
+            )
         if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < kept.shape[0]:
             raise AnelabError(f"layer {short_layer_name(name)!r} has heads 0..{kept.shape[0] - 1}, got head={head!r}")
         return kept[head].float()
@@ -196,7 +230,9 @@ class AttentionCache:
         paths = [item.name for item in self.layers]
         name = layer if layer in paths else self.layer_names.get(layer)
         if name is None:
-            raise AnelabError(f"layer {layer!r} was not recorded; recorded layers are {', '.join(self.layer_names)} (short names or module paths)")
+            raise AnelabError(
+                f"layer {layer!r} was not recorded; recorded layers are {', '.join(self.layer_names)} (short names or module paths)"
+            )
         return name
 
     def token_label(self, token: str | int) -> str:
@@ -258,7 +294,10 @@ class AttentionCache:
             "tokens": [[i, word] for i, word in self.tokens.items()],
             "subjects": self.subjects,
             "timesteps": [[step, t] for step, t in self.timesteps.items()],
-            "layers": [{"name": x.name, "place": x.place, "shape": list(x.shape), "heads": self.heads[x.name]} for x in self.layers],
+            "layers": [
+                {"name": x.name, "place": x.place, "shape": list(x.shape), "heads": self.heads[x.name]}
+                for x in self.layers
+            ],
             "maps": [[step, name] for step, name in self._maps],
             "meta": self.meta,
         }
@@ -276,8 +315,10 @@ class AttentionCache:
             tensors = load_file(directory / _MAPS)
             stats = pd.read_parquet(directory / _STATS)
         except Exception as error:  # json, safetensors and pyarrow each raise their own type for a damaged file
-            raise AnelabError(f"{directory} is a damaged attention cache ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                              "record and save it again") from None  # fmt: skip
+            raise AnelabError(
+                f"{directory} is a damaged attention cache ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                "record and save it again"
+            ) from None
         return cls(
             prompt=manifest["prompt"],
             seeds=manifest["seeds"],

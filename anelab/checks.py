@@ -33,7 +33,9 @@ def require_int(name: str, value, minimum: int | None = None) -> int:
     return int(value)
 
 
-def require_number(name: str, value, minimum: float | None = None, maximum: float | None = None, strict: bool = False) -> float:
+def require_number(
+    name: str, value, minimum: float | None = None, maximum: float | None = None, strict: bool = False
+) -> float:
     """``value`` as a finite float within bounds (``strict``: minimum excluded), or a one-line error."""
     ok = is_number(value)
     if ok and minimum is not None:
@@ -41,8 +43,12 @@ def require_number(name: str, value, minimum: float | None = None, maximum: floa
     if ok and maximum is not None:
         ok = value <= maximum
     if not ok:
-        bounds = ([f"{'>' if strict else '>='} {minimum:g}"] if minimum is not None else []) + ([f"<= {maximum:g}"] if maximum is not None else [])
-        raise AnelabError(f"{name} must be a finite number{' ' + ' and '.join(bounds) if bounds else ''}, got {value!r}")
+        bounds = ([f"{'>' if strict else '>='} {minimum:g}"] if minimum is not None else []) + (
+            [f"<= {maximum:g}"] if maximum is not None else []
+        )
+        raise AnelabError(
+            f"{name} must be a finite number{' ' + ' and '.join(bounds) if bounds else ''}, got {value!r}"
+        )
     return float(value)
 
 

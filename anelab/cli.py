@@ -26,13 +26,22 @@ app = typer.Typer(
 #: Options that take several values after one flag (``--tokens cat dog``), as in the README.
 MULTI_VALUE_OPTIONS = ("--tokens", "--seeds", "--suppress", "--only", "--workload", "--layout")
 
-MODEL = typer.Option("tiny", help="'tiny', 'tiny-sd2' or 'tiny-xl' (offline random SD 1.x / 2.x / SDXL-shaped models), a Hub id, or a local directory.")
-DEVICE = typer.Option(None, help="cpu, cuda, cuda:N, mps (default: cuda when available). A GPU torch cannot see is an error.")
+MODEL = typer.Option(
+    "tiny",
+    help="'tiny', 'tiny-sd2' or 'tiny-xl' (offline random SD 1.x / 2.x / SDXL-shaped models), a Hub id, or a local directory.",
+)
+DEVICE = typer.Option(
+    None, help="cpu, cuda, cuda:N, mps (default: cuda when available). A GPU torch cannot see is an error."
+)
 DTYPE = typer.Option(None, help="fp32 / fp16 / bf16 (default: the weights', fp32 for the tiny model).")
 REVISION = typer.Option(None, help="Hub revision (branch, tag or commit) of --model.")
 VARIANT = typer.Option(None, help="Weights variant of --model, e.g. fp16 (smaller download).")
-GENERATOR = typer.Option("cpu", help="Where each seed's noise is drawn: cpu (same on every machine) or cuda (the official code's images).")
-STORE = typer.Option(None, help="The run store (default $ANELAB_STORE, else runs/store): every image is generated once, whoever asks.")
+GENERATOR = typer.Option(
+    "cpu", help="Where each seed's noise is drawn: cpu (same on every machine) or cuda (the official code's images)."
+)
+STORE = typer.Option(
+    None, help="The run store (default $ANELAB_STORE, else runs/store): every image is generated once, whoever asks."
+)
 
 
 def _version(value: bool):
@@ -44,7 +53,11 @@ def _version(value: bool):
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit.")):
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+):
     """Attend-and-Excite studies on Stable Diffusion."""
 
 
@@ -54,14 +67,27 @@ def generate(
     tokens: list[str] = typer.Option([], help="Subject words or CLIP positions to excite: --tokens cat dog"),
     seeds: list[int] = typer.Option([0], help="Seeds, run as one batch: --seeds 0 1 2"),
     model: str = MODEL,
-    out: Path = typer.Option(..., help="Output directory: OUT/<prompt>/<seed>.png, OUT/prompts.json, OUT/trace.parquet (every run kept)."),
+    out: Path = typer.Option(
+        ..., help="Output directory: OUT/<prompt>/<seed>.png, OUT/prompts.json, OUT/trace.parquet (every run kept)."
+    ),
     steps: int = typer.Option(50, min=1, help="Inference steps (PNDM 50 steps = 51 loop iterations)."),
-    attention_res: Optional[int] = typer.Option(None, min=1, help="Attention resolution the loss reads (default: 16 on SD 1.x; on other models the same fraction of their native side, e.g. 32 on SDXL)."),
-    thresholds: Optional[str] = typer.Option(None, help="Refinement thresholds 'loop index:min attention,...' ('' = none). Default: 0:0.05,10:0.5,20:0.8 at 50 steps, rescaled to --steps."),
+    attention_res: Optional[int] = typer.Option(
+        None,
+        min=1,
+        help="Attention resolution the loss reads (default: 16 on SD 1.x; on other models the same fraction of their native side, e.g. 32 on SDXL).",
+    ),
+    thresholds: Optional[str] = typer.Option(
+        None,
+        help="Refinement thresholds 'loop index:min attention,...' ('' = none). Default: 0:0.05,10:0.5,20:0.8 at 50 steps, rescaled to --steps.",
+    ),
     scale_factor: float = typer.Option(20.0, help="Base step size."),
-    max_iter_to_alter: Optional[int] = typer.Option(None, min=0, help="Regular updates while loop index < this. Default: 25 at 50 steps, rescaled to --steps."),
+    max_iter_to_alter: Optional[int] = typer.Option(
+        None, min=0, help="Regular updates while loop index < this. Default: 25 at 50 steps, rescaled to --steps."
+    ),
     suppress: list[str] = typer.Option([], help="Words whose attention to push down: --suppress dog"),
-    layout: list[str] = typer.Option([], help="Pull a word's attention to a point (x right, y down, 0..1): --layout cat=0.8,0.5"),
+    layout: list[str] = typer.Option(
+        [], help="Pull a word's attention to a point (x right, y down, 0..1): --layout cat=0.8,0.5"
+    ),
     plain: bool = typer.Option(False, "--plain", help="Plain Stable Diffusion (no guidance), same seeds."),
     guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance scale."),
     height: Optional[int] = typer.Option(None, min=8, help="Image height (default: the model's)."),
@@ -102,8 +128,11 @@ def generate(
         )
         if thresholds is None and max_iter_to_alter is None and steps != DEFAULT_STEPS:
             config = config.rescaled(DEFAULT_STEPS, steps)
-            typer.echo(f"note: default thresholds and max_iter_to_alter rescaled from {DEFAULT_STEPS} to {steps} steps: "
-                       f"thresholds {config.thresholds}, max_iter_to_alter {config.max_iter_to_alter}", err=True)  # fmt: skip
+            typer.echo(
+                f"note: default thresholds and max_iter_to_alter rescaled from {DEFAULT_STEPS} to {steps} steps: "
+                f"thresholds {config.thresholds}, max_iter_to_alter {config.max_iter_to_alter}",
+                err=True,
+            )
     ensure_writable(out)
     if store is not None:
         ensure_writable(store, "--store")
@@ -122,13 +151,30 @@ def generate(
     if config is not None and attention_res is None:
         from .models import scaled_resolution
 
-        config = config.replace(attention_res=scaled_resolution(pipe, 16))  # 16 on SD 1.x and 2.1-base, 24 on SD 2.1, 32 on SDXL
+        config = config.replace(
+            attention_res=scaled_resolution(pipe, 16)
+        )  # 16 on SD 1.x and 2.1-base, 24 on SD 2.1, 32 on SDXL
     images, trace, seconds, reused = stored_generate(
-        pipe, prompt, model=model, store=store, revision=revision, variant=variant, tokens=token_args, seeds=seeds, config=config,
-        suppress=suppress, layout=targets, num_inference_steps=steps, guidance_scale=guidance_scale, height=height, width=width,
+        pipe,
+        prompt,
+        model=model,
+        store=store,
+        revision=revision,
+        variant=variant,
+        tokens=token_args,
+        seeds=seeds,
+        config=config,
+        suppress=suppress,
+        layout=targets,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
         generator_device=generator_device,
-    )  # fmt: skip
-    paths, run = save_generation(out, prompt=prompt, seeds=require_seeds(seeds), images=images, trace=trace, config=config, model=model)
+    )
+    paths, run = save_generation(
+        out, prompt=prompt, seeds=require_seeds(seeds), images=images, trace=trace, config=config, model=model
+    )
     how = "from the run store" if reused else f"{seconds:.2f} s/image"
     typer.echo(f"wrote {len(paths)} image(s) to {paths[0].parent} and run {run} to {out / 'trace.parquet'} ({how})")
 
@@ -138,18 +184,28 @@ def sweep(
     study: str = typer.Argument(..., help="A study file (YAML) or the name of a built-in one, e.g. 'resolution'."),
     model: str = MODEL,
     out: Path = typer.Option(..., help="Sweep directory (created; resumed if it holds this study)."),
-    shard: str = typer.Option("0/1", help="This machine's share I/N of the work list (e.g. SLURM: $SLURM_ARRAY_TASK_ID/N)."),
+    shard: str = typer.Option(
+        "0/1", help="This machine's share I/N of the work list (e.g. SLURM: $SLURM_ARRAY_TASK_ID/N)."
+    ),
     prompts: Optional[int] = typer.Option(None, min=1, help="Keep the first K prompts per category."),
     seeds: Optional[int] = typer.Option(None, min=1, help="Keep the first K seeds."),
     steps: Optional[int] = typer.Option(None, min=1, help="Inference steps (threshold steps rescale proportionally)."),
-    batch: Optional[int] = typer.Option(None, min=1, help="Seeds per generate call (part of the spec: it changes results by float noise)."),
+    batch: Optional[int] = typer.Option(
+        None, min=1, help="Seeds per generate call (part of the spec: it changes results by float noise)."
+    ),
     size: Optional[int] = typer.Option(None, min=8, help="Image side in pixels."),
     chunk: int = typer.Option(8, min=1, help="Blocks per flushed result chunk."),
-    device: Optional[str] = typer.Option(None, help="cuda / cpu (default: this process's accelerate device, else cuda when available)."),
+    device: Optional[str] = typer.Option(
+        None, help="cuda / cpu (default: this process's accelerate device, else cuda when available)."
+    ),
     dtype: Optional[str] = DTYPE,
     revision: Optional[str] = REVISION,
     variant: Optional[str] = VARIANT,
-    scale: str = typer.Option("full", "--scale", help="smoke / quick / full: the study's protocol or a slice of it (--size is the image side)."),
+    scale: str = typer.Option(
+        "full",
+        "--scale",
+        help="smoke / quick / full: the study's protocol or a slice of it (--size is the image side).",
+    ),
     store: Optional[Path] = STORE,
 ):
     """Run a study into the run store: every (variant, prompt, seed) the store lacks; OUT holds the study's view.
@@ -169,20 +225,33 @@ def sweep(
     for note in spec.notes:
         typer.echo(f"note: {note}", err=True)
     pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
-    summary = run_sweep(spec, pipe, out, model=model, store=store, shard=share, chunk_blocks=chunk, revision=revision, variant=variant)
+    summary = run_sweep(
+        spec, pipe, out, model=model, store=store, shard=share, chunk_blocks=chunk, revision=revision, variant=variant
+    )
     typer.echo(describe(summary, spec, out))
 
 
 @app.command()
 def score(
-    directory: Path = typer.Argument(..., help="A folder in the A&E layout (<prompt>/<seed>.png) or a study's view (anelab sweep --out)."),
+    directory: Path = typer.Argument(
+        ..., help="A folder in the A&E layout (<prompt>/<seed>.png) or a study's view (anelab sweep --out)."
+    ),
     clip: str = typer.Option("openai/clip-vit-base-patch16", help="CLIP model: Hub id, local directory or 'tiny'."),
-    blip: str = typer.Option("Salesforce/blip-image-captioning-base", help="BLIP captioner: Hub id, local directory, 'tiny' or 'none'."),
-    detector: str = typer.Option("none", help="Object detector for subject presence and position: 'google/owlv2-base-patch16-ensemble', a local directory, 'tiny' or 'none'."),
-    threshold: Optional[float] = typer.Option(None, help="Detection score at which a subject counts as present (default 0.25, see anelab.detection)."),
+    blip: str = typer.Option(
+        "Salesforce/blip-image-captioning-base", help="BLIP captioner: Hub id, local directory, 'tiny' or 'none'."
+    ),
+    detector: str = typer.Option(
+        "none",
+        help="Object detector for subject presence and position: 'google/owlv2-base-patch16-ensemble', a local directory, 'tiny' or 'none'.",
+    ),
+    threshold: Optional[float] = typer.Option(
+        None, help="Detection score at which a subject counts as present (default 0.25, see anelab.detection)."
+    ),
     batch: int = typer.Option(16, min=1, help="Images per model call."),
     device: Optional[str] = DEVICE,
-    dtype: Optional[str] = typer.Option(None, help="fp32 / fp16 / bf16 for the scorers (default: fp16 on a GPU, fp32 on the CPU)."),
+    dtype: Optional[str] = typer.Option(
+        None, help="fp32 / fp16 / bf16 for the scorers (default: fp16 on a GPU, fp32 on the CPU)."
+    ),
     rescore: bool = typer.Option(False, "--rescore", help="Ignore DIR/metrics.parquet and score everything again."),
 ):
     """Score images: CLIP full-prompt and minimum-object, BLIP text-text, detected subjects -> DIR/metrics.parquet
@@ -209,28 +278,59 @@ def score(
             typer.echo(f"note: {notice}", err=True)
         typer.echo(f"{scored_summary(done)} -> the run store of {directory} ({len(load_results(directory))} images)")
         return
-    table, notices, counts = score_folder(directory, clip, blip_spec, detector=detector_spec, threshold=threshold, device=device,
-                                          dtype=dtype, batch_size=batch, rescore=rescore)  # fmt: skip
+    table, notices, counts = score_folder(
+        directory,
+        clip,
+        blip_spec,
+        detector=detector_spec,
+        threshold=threshold,
+        device=device,
+        dtype=dtype,
+        batch_size=batch,
+        rescore=rescore,
+    )
     for notice in notices:
         typer.echo(f"note: {notice}", err=True)
-    means = ", ".join(f"{c} {table[c].mean():.4f}" for c in ("full_prompt", "min_object", "text_text") if c in table and table[c].notna().any())
-    typer.echo(f"{counts['scored']} image(s) scored, {counts['already']} already scored -> {directory / 'metrics.parquet'} (means: {means})")
+    means = ", ".join(
+        f"{c} {table[c].mean():.4f}"
+        for c in ("full_prompt", "min_object", "text_text")
+        if c in table and table[c].notna().any()
+    )
+    typer.echo(
+        f"{counts['scored']} image(s) scored, {counts['already']} already scored -> {directory / 'metrics.parquet'} (means: {means})"
+    )
 
 
 @app.command()
 def report(
     model: str = MODEL,
-    scale: Optional[str] = typer.Option(None, "--size", "--scale", help="smoke / quick / full (default: smoke for the tiny models, full otherwise)."),
+    scale: Optional[str] = typer.Option(
+        None, "--size", "--scale", help="smoke / quick / full (default: smoke for the tiny models, full otherwise)."
+    ),
     only: list[str] = typer.Option([], help="Run only these notebooks (name or number prefix, e.g. --only 02)."),
     out: Path = typer.Option(Path("reports"), help="Where the executed notebooks, HTML and index.html go."),
-    runs: Optional[Path] = typer.Option(None, help="Where the notebooks' study views go (default runs/report-<model>-<scale>)."),
+    runs: Optional[Path] = typer.Option(
+        None, help="Where the notebooks' study views go (default runs/report-<model>-<scale>)."
+    ),
     device: Optional[str] = DEVICE,
     dtype: Optional[str] = DTYPE,
     store: Optional[Path] = STORE,
-    plan: bool = typer.Option(False, "--plan", help="Print images in the protocol, in the store, still to generate and GPU-hours; run nothing."),
-    shard: str = typer.Option("0/1", help="With --generate-only: this machine's share I/N of every study (SLURM: $SLURM_ARRAY_TASK_ID/N)."),
-    generate_only: bool = typer.Option(False, "--generate-only", help="Generate (and score) this shard's share of every study into the store; no notebooks."),
-    jobs: Optional[int] = typer.Option(None, min=1, help="Notebooks executed at once (default: 2 for the tiny model on a CPU, else 1)."),
+    plan: bool = typer.Option(
+        False,
+        "--plan",
+        help="Print images in the protocol, in the store, still to generate and GPU-hours; run nothing.",
+    ),
+    shard: str = typer.Option(
+        "0/1", help="With --generate-only: this machine's share I/N of every study (SLURM: $SLURM_ARRAY_TASK_ID/N)."
+    ),
+    generate_only: bool = typer.Option(
+        False,
+        "--generate-only",
+        help="Generate (and score) this shard's share of every study into the store; no notebooks.",
+    ),
+    jobs: Optional[int] = typer.Option(
+        None, min=1, help="Notebooks executed at once (default: 2 for the tiny model on a CPU, else 1)."
+    ),
     revision: Optional[str] = REVISION,
     variant: Optional[str] = VARIANT,
 ):
@@ -241,7 +341,6 @@ def report(
     from .report import default_runs, match_notebooks, run_report
     from .runs.plan import parse_shard
     from .runs.study import SCALES
-
     from .testing import TINY_MODELS
 
     names = match_notebooks(only)
@@ -251,7 +350,9 @@ def report(
         raise AnelabError(f"--size must be one of {', '.join(SCALES)}, got {scale!r}")
     share = parse_shard(shard)
     if share != (0, 1) and not generate_only:
-        raise AnelabError("--shard splits the generation: use it with --generate-only, then run a plain `anelab report` once all shards are done")
+        raise AnelabError(
+            "--shard splits the generation: use it with --generate-only, then run a plain `anelab report` once all shards are done"
+        )
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     dtype_name = None if dtype is None else str(dtype).removeprefix("torch.")
     runs = runs or default_runs(model, scale)
@@ -259,8 +360,12 @@ def report(
         from .runs import Store
         from .runs.protocol import Context, plan_report
 
-        table, source = plan_report(names, scale=scale, context=Context.of(model, device, dtype, revision, variant), store=Store(store))
-        typer.echo(f"plan of the {scale} report on {model} ({device.type}{', ' + dtype_name if dtype_name else ''}); time per image {source}:")
+        table, source = plan_report(
+            names, scale=scale, context=Context.of(model, device, dtype, revision, variant), store=Store(store)
+        )
+        typer.echo(
+            f"plan of the {scale} report on {model} ({device.type}{', ' + dtype_name if dtype_name else ''}); time per image {source}:"
+        )
         typer.echo(table.to_string(index=False, formatters={"gpu_hours": "{:.2f}".format}))
         return
     ensure_writable(runs, "--runs")
@@ -272,15 +377,41 @@ def report(
         from .runs.protocol import generate_report
 
         pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
-        scorers = Scorers("tiny" if tiny else "openai/clip-vit-base-patch16", "tiny" if tiny else "Salesforce/blip-image-captioning-base",
-                          "tiny" if tiny else "google/owlv2-base-patch16-ensemble", device=device)  # fmt: skip
-        generate_report(names, scale=scale, pipe=pipe, model=model, runs=runs, store=store, shard=share, scorers=scorers,
-                        revision=revision, variant=variant)  # fmt: skip
-        typer.echo(f"shard {share[0]}/{share[1]} done: its images and scores are in the store; run `anelab report` (same --size) when every shard is")
+        scorers = Scorers(
+            "tiny" if tiny else "openai/clip-vit-base-patch16",
+            "tiny" if tiny else "Salesforce/blip-image-captioning-base",
+            "tiny" if tiny else "google/owlv2-base-patch16-ensemble",
+            device=device,
+        )
+        generate_report(
+            names,
+            scale=scale,
+            pipe=pipe,
+            model=model,
+            runs=runs,
+            store=store,
+            shard=share,
+            scorers=scorers,
+            revision=revision,
+            variant=variant,
+        )
+        typer.echo(
+            f"shard {share[0]}/{share[1]} done: its images and scores are in the store; run `anelab report` (same --size) when every shard is"
+        )
         return
     ensure_writable(out)
     jobs = jobs or (2 if tiny and device.type == "cpu" else 1)
-    results = run_report(model=model, scale=scale, only=names, out=out, runs=runs, device=str(device), dtype=dtype_name, store=store, jobs=jobs)
+    results = run_report(
+        model=model,
+        scale=scale,
+        only=names,
+        out=out,
+        runs=runs,
+        device=str(device),
+        dtype=dtype_name,
+        store=store,
+        jobs=jobs,
+    )
     for r in results:
         typer.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.name:28s} {r.seconds:6.0f} s" + ("" if r.ok else f"  {r.error}"))
     typer.echo(f"report: {sum(r.ok for r in results)}/{len(results)} notebooks ok -> {out / 'index.html'}")
@@ -290,12 +421,22 @@ def report(
 
 @app.command()
 def bench(
-    workload: list[str] = typer.Option(["tiny"], help="tiny (CPU), sd14-cpu (SD-1.4 size, CPU, 4 steps), sd14-gpu (fp16, 50 steps)."),
-    repeats: Optional[int] = typer.Option(None, min=1, help="Timed runs per program; figures are medians. Default: the workload's (tiny 5, sd14-cpu 1, sd14-gpu 5)."),
-    comparisons: str = typer.Option("abcd", help="Which of (a) port, (b) plain SD, (c) batching, (d) recording to run, e.g. abd."),
+    workload: list[str] = typer.Option(
+        ["tiny"], help="tiny (CPU), sd14-cpu (SD-1.4 size, CPU, 4 steps), sd14-gpu (fp16, 50 steps)."
+    ),
+    repeats: Optional[int] = typer.Option(
+        None,
+        min=1,
+        help="Timed runs per program; figures are medians. Default: the workload's (tiny 5, sd14-cpu 1, sd14-gpu 5).",
+    ),
+    comparisons: str = typer.Option(
+        "abcd", help="Which of (a) port, (b) plain SD, (c) batching, (d) recording to run, e.g. abd."
+    ),
     device: Optional[str] = typer.Option(None, help="Override the workload's device (e.g. cuda:1)."),
     dtype: Optional[str] = typer.Option(None, help="Override the workload's dtype (fp32 / fp16 / bf16)."),
-    out: Path = typer.Option(Path("benchmarks/results"), help="Where <workload>.json goes (under the working directory by default)."),
+    out: Path = typer.Option(
+        Path("benchmarks/results"), help="Where <workload>.json goes (under the working directory by default)."
+    ),
 ):
     """Speed and memory: anelab vs diffusers' A&E port, vs plain SD, batching, recording -> OUT/<workload>.json."""
     from .bench import WORKLOADS, run_bench, table
@@ -309,7 +450,9 @@ def bench(
     dtype = resolve_dtype(dtype)
     ensure_writable(out)
     for name in workload:
-        typer.echo(table(run_bench(name, repeats, comparisons=comparisons, results_dir=out, device=chosen, dtype=dtype)))
+        typer.echo(
+            table(run_bench(name, repeats, comparisons=comparisons, results_dir=out, device=chosen, dtype=dtype))
+        )
 
 
 def _layout_point(text: str) -> tuple[str, tuple[float, float]]:

@@ -47,17 +47,23 @@ class GuidanceConfig:
     kernel_size: int = 3  # odd; reflect padding kernel_size // 2
     sigma: float = 0.5
     sigma_convention: Literal["legacy", "standard"] = "legacy"  # legacy: exp(-((x-μ)/(2σ))²) (§1.4)
-    softmax_tokens: Literal["legacy", "prompt", "padded"] = "legacy"  # legacy: the official code's columns for the model (SD 1.x 1..75; SD 2.x, SDXL: prompt); prompt: 1..eot-1; padded: 1..75 (§1.3, anelab.models.softmax_tokens)
+    softmax_tokens: Literal["legacy", "prompt", "padded"] = (
+        "legacy"  # legacy: the official code's columns for the model (SD 1.x 1..75; SD 2.x, SDXL: prompt); prompt: 1..eot-1; padded: 1..75 (§1.3, anelab.models.softmax_tokens)
+    )
     temperature: float = 100.0  # the ×100 before the token softmax (§1.3)
     suppress_scale: float = 1.0  # step size of the suppression term, relative to α_i (STUDIES.md 05)
     suppress_bound: float = 0.2  # suppressed tokens are pushed down only while their smoothed max exceeds this
     layout_scale: float = 1.0  # step size of the layout KL term, relative to α_i
     layout_sigma: float = 0.15  # width of the layout target Gaussian, in image widths
-    layout_update: Literal["joint", "two_stage"] = "joint"  # joint: one gradient of the summed objective; two_stage: the original study's δ then A&E at L + δ
+    layout_update: Literal["joint", "two_stage"] = (
+        "joint"  # joint: one gradient of the summed objective; two_stage: the original study's δ then A&E at L + δ
+    )
 
     def __post_init__(self):
         if isinstance(self.attention_res, bool) or not isinstance(self.attention_res, int) or self.attention_res < 1:
-            raise AnelabError(f"attention_res must be a positive int (8, 16, 32 or 64 at 512 px), got {self.attention_res!r}")
+            raise AnelabError(
+                f"attention_res must be a positive int (8, 16, 32 or 64 at 512 px), got {self.attention_res!r}"
+            )
         thresholds = _check_thresholds(self.thresholds)
         object.__setattr__(self, "thresholds", thresholds)
         if not is_number(self.scale_factor) or self.scale_factor < 0:
@@ -78,8 +84,11 @@ class GuidanceConfig:
             raise AnelabError(f"kernel_size must be a positive odd int (3, 5, 7, ...), got {self.kernel_size!r}")
         if not is_number(self.sigma) or self.sigma <= 0:
             raise AnelabError(f"sigma must be a number > 0, got {self.sigma!r}")
-        for name, allowed in (("sigma_convention", ("legacy", "standard")), ("softmax_tokens", ("legacy", "prompt", "padded")),
-                              ("layout_update", ("joint", "two_stage"))):  # fmt: skip
+        for name, allowed in (
+            ("sigma_convention", ("legacy", "standard")),
+            ("softmax_tokens", ("legacy", "prompt", "padded")),
+            ("layout_update", ("joint", "two_stage")),
+        ):
             if getattr(self, name) not in allowed:
                 raise AnelabError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not is_number(self.temperature) or self.temperature <= 0:
@@ -90,7 +99,9 @@ class GuidanceConfig:
         if not is_number(self.suppress_bound) or not 0 <= self.suppress_bound <= 1:
             raise AnelabError(f"suppress_bound must lie in [0, 1], got {self.suppress_bound!r}")
         if not is_number(self.layout_sigma) or self.layout_sigma <= 0:
-            raise AnelabError(f"layout_sigma must be a positive number (image widths, e.g. 0.15), got {self.layout_sigma!r}")
+            raise AnelabError(
+                f"layout_sigma must be a positive number (image widths, e.g. 0.15), got {self.layout_sigma!r}"
+            )
 
     def step_sizes(self, n_iterations: int) -> np.ndarray:
         """α_i for every loop index (§1.5): ``scale_factor · schedule(linspace(*scale_range, n))``."""
@@ -158,7 +169,9 @@ class GuidanceConfig:
         """The inverse of :meth:`to_dict`, also after a JSON round trip (threshold keys come back as text)."""
         fields = dict(data)
         if isinstance(fields.get("thresholds"), Mapping):
-            fields["thresholds"] = {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in fields["thresholds"].items()}
+            fields["thresholds"] = {
+                int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in fields["thresholds"].items()
+            }
         if isinstance(fields.get("scale_range"), list):
             fields["scale_range"] = tuple(fields["scale_range"])
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
@@ -171,14 +184,21 @@ def _check_schedule(schedule) -> StepSchedule:
     """A known name, a callable, or a table of segments (sorted distinct loop indices, finite multipliers >= 0)."""
     if isinstance(schedule, str):
         if schedule not in STEP_SCHEDULES:
-            raise AnelabError(f"step_schedule {schedule!r} is unknown; use one of {sorted(STEP_SCHEDULES)}, a callable or a table [[loop index, multiplier], ...]")
+            raise AnelabError(
+                f"step_schedule {schedule!r} is unknown; use one of {sorted(STEP_SCHEDULES)}, a callable or a table [[loop index, multiplier], ...]"
+            )
         return schedule
     if callable(schedule):
         return schedule
     table = list(schedule) if isinstance(schedule, (list, tuple)) else None
-    ok = bool(table) and all(isinstance(p, (list, tuple)) and len(p) == 2 and is_int(p[0]) and p[0] >= 0 and is_number(p[1]) and p[1] >= 0 for p in table)
+    ok = bool(table) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and is_int(p[0]) and p[0] >= 0 and is_number(p[1]) and p[1] >= 0
+        for p in table
+    )
     if not ok or [p[0] for p in table] != sorted({p[0] for p in table}):
-        raise AnelabError(f"step_schedule must be a name, a callable or a table [[loop index, multiplier], ...] with increasing indices, got {schedule!r}")
+        raise AnelabError(
+            f"step_schedule must be a name, a callable or a table [[loop index, multiplier], ...] with increasing indices, got {schedule!r}"
+        )
     return tuple((int(i), float(v)) for i, v in table)
 
 

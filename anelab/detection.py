@@ -25,8 +25,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from .analysis import summarize
 from .errors import AnelabError
 from .loading import default_device, load_or_explain, quiet_transformers, resolve_dtype
+from .testing import tiny_owl
 
 DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"  # the checkpoint TEBOpt's evaluation uses
 
@@ -54,9 +56,22 @@ NON_OBJECT_WORDS = COLOURS | POSITIONS | FUNCTION_WORDS | ATTRIBUTES
 
 #: Columns of :func:`detect_subjects`, in order.
 DETECTION_COLUMNS = [
-    "image", "subject_index", "subject", "query", "skipped", "score", "present",
-    "box_x0", "box_y0", "box_x1", "box_y1", "center_x", "center_y", "threshold", "detector",
-]  # fmt: skip
+    "image",
+    "subject_index",
+    "subject",
+    "query",
+    "skipped",
+    "score",
+    "present",
+    "box_x0",
+    "box_y0",
+    "box_x1",
+    "box_y1",
+    "center_x",
+    "center_y",
+    "threshold",
+    "detector",
+]
 #: Columns that identify an image when present in a detection table (besides ``image``).
 IMAGE_KEY_COLUMNS = ("variant", "category", "prompt", "seed", "path")
 
@@ -83,9 +98,14 @@ def _detector_classes(model_type: str):
     """Model and processor classes for a saved config's ``model_type``."""
     from transformers import Owlv2ForObjectDetection, Owlv2Processor, OwlViTForObjectDetection, OwlViTProcessor
 
-    classes = {"owlv2": (Owlv2ForObjectDetection, Owlv2Processor), "owlvit": (OwlViTForObjectDetection, OwlViTProcessor)}
+    classes = {
+        "owlv2": (Owlv2ForObjectDetection, Owlv2Processor),
+        "owlvit": (OwlViTForObjectDetection, OwlViTProcessor),
+    }
     if model_type not in classes:
-        raise AnelabError(f"the detector must be an OWLv2 or OWL-ViT model (model_type 'owlv2' or 'owlvit'), got {model_type!r}")
+        raise AnelabError(
+            f"the detector must be an OWLv2 or OWL-ViT model (model_type 'owlv2' or 'owlvit'), got {model_type!r}"
+        )
     return classes[model_type]
 
 
@@ -96,15 +116,15 @@ def load_detector(spec: str | Detector = DEFAULT_DETECTOR, device=None, dtype=No
     if isinstance(spec, Detector):
         return spec
     if not isinstance(spec, (str, os.PathLike)):
-        raise AnelabError(f"detector must be 'tiny', a Hub id, a local directory or a Detector, got {type(spec).__name__}")
+        raise AnelabError(
+            f"detector must be 'tiny', a Hub id, a local directory or a Detector, got {type(spec).__name__}"
+        )
     try:
         device = torch.device(device or default_device())
     except RuntimeError as error:
         raise AnelabError(f"unknown device {device!r}: {error}".splitlines()[0]) from error
     dtype = resolve_dtype(dtype) or (torch.float16 if device.type == "cuda" else torch.float32)
     if str(spec) == "tiny":
-        from .testing import tiny_owl
-
         with quiet_transformers():
             model, processor = tiny_owl()
     else:
@@ -166,7 +186,9 @@ def _rgb(image):
             return opened.convert("RGB")
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise AnelabError(f"an image array must be uint8 [H, W] or [H, W, C], got {image.dtype} {list(image.shape)}")
+            raise AnelabError(
+                f"an image array must be uint8 [H, W] or [H, W, C], got {image.dtype} {list(image.shape)}"
+            )
         return Image.fromarray(image).convert("RGB")
     if isinstance(image, Image.Image):
         return image.convert("RGB")
@@ -214,9 +236,15 @@ def _best_boxes(detector: Detector, images: list, queries: list[list[str]]) -> l
 
 
 def detect_subjects(
-    images: Sequence, subjects, detector: Detector, threshold: float = DEFAULT_THRESHOLD, batch_size: int = 8,
-    *, template: str = DEFAULT_TEMPLATE, progress: bool = False,
-) -> pd.DataFrame:  # fmt: skip
+    images: Sequence,
+    subjects,
+    detector: Detector,
+    threshold: float = DEFAULT_THRESHOLD,
+    batch_size: int = 8,
+    *,
+    template: str = DEFAULT_TEMPLATE,
+    progress: bool = False,
+) -> pd.DataFrame:
     """One row per (image, subject): the best box's ``score`` for the query ``template.format(subject)``,
     ``present`` (score >= threshold), the box ``box_x0 … box_y1`` and its centre ``center_x, center_y`` in
     [0, 1] image coordinates (x right, y down). Columns: :data:`DETECTION_COLUMNS`.
@@ -244,7 +272,9 @@ def detect_subjects(
         todo = [i for i in indices if words[i]]
         queries = [[template.format(w) for w in words[i]] for i in todo]
         results = _best_boxes(detector, [pictures[i] for i in todo], queries) if todo else []
-        best = {(i, w): (s, b) for i, (scores, corners) in zip(todo, results) for w, s, b in zip(words[i], scores, corners)}
+        best = {
+            (i, w): (s, b) for i, (scores, corners) in zip(todo, results) for w, s, b in zip(words[i], scores, corners)
+        }
         for i in indices:
             width, height = pictures[i].size
             for k, word in enumerate(lists[i]):
@@ -255,15 +285,40 @@ def detect_subjects(
                     continue
                 score, corners = best[i, word]
                 x0, y0, x1, y1 = unit_boxes(pixel_boxes(corners, width, height, detector.padded), width, height)[0]
-                rows.append({**row, "skipped": False, "score": float(score), "present": bool(score >= threshold),
-                             "box_x0": x0, "box_y0": y0, "box_x1": x1, "box_y1": y1,
-                             "center_x": (x0 + x1) / 2, "center_y": (y0 + y1) / 2})  # fmt: skip
-    frame = pd.DataFrame(rows).reindex(columns=DETECTION_COLUMNS).assign(threshold=float(threshold), detector=detector.name)
+                rows.append(
+                    {
+                        **row,
+                        "skipped": False,
+                        "score": float(score),
+                        "present": bool(score >= threshold),
+                        "box_x0": x0,
+                        "box_y0": y0,
+                        "box_x1": x1,
+                        "box_y1": y1,
+                        "center_x": (x0 + x1) / 2,
+                        "center_y": (y0 + y1) / 2,
+                    }
+                )
+    frame = (
+        pd.DataFrame(rows).reindex(columns=DETECTION_COLUMNS).assign(threshold=float(threshold), detector=detector.name)
+    )
     floats = ("score", "box_x0", "box_y0", "box_x1", "box_y1", "center_x", "center_y")
-    frame = frame.astype({"image": "int64", "subject_index": "int64", "skipped": bool, "present": "boolean", **dict.fromkeys(floats, "float64")})
-    frame.attrs["notices"] = [
-        f"{len(skipped)} subject(s) not detectable as objects (colours, positions, ...), not scored: {sorted(set(skipped))}"
-    ] if skipped else []  # fmt: skip
+    frame = frame.astype(
+        {
+            "image": "int64",
+            "subject_index": "int64",
+            "skipped": bool,
+            "present": "boolean",
+            **dict.fromkeys(floats, "float64"),
+        }
+    )
+    frame.attrs["notices"] = (
+        [
+            f"{len(skipped)} subject(s) not detectable as objects (colours, positions, ...), not scored: {sorted(set(skipped))}"
+        ]
+        if skipped
+        else []
+    )
     return frame
 
 
@@ -281,7 +336,9 @@ def all_present(frame: pd.DataFrame) -> pd.Series:
     keys = _image_keys(frame)
     grouped = _presence(frame).groupby([frame[k] for k in keys], sort=False, dropna=False)
     counted, lowest = grouped.count(), grouped.min()  # all present <=> the minimum over scored subjects is 1
-    return pd.Series(pd.array(np.where(counted > 0, lowest == 1, pd.NA), dtype="boolean"), index=lowest.index, name="all_present")
+    return pd.Series(
+        pd.array(np.where(counted > 0, lowest == 1, pd.NA), dtype="boolean"), index=lowest.index, name="all_present"
+    )
 
 
 def _presence(frame: pd.DataFrame) -> pd.Series:
@@ -295,11 +352,15 @@ def per_image(frame: pd.DataFrame) -> pd.DataFrame:
     (presence 1.0/0.0, NaN = skipped) ready for :func:`anelab.analysis.summarize`."""
     keys = _image_keys(frame)
     if frame.duplicated([*keys, "subject_index"]).any():
-        raise AnelabError(f"a detection table has one row per image and subject; rows repeat over {keys + ['subject_index']} "
-                          f"(add a column such as {list(IMAGE_KEY_COLUMNS)} that tells the images apart)")  # fmt: skip
+        raise AnelabError(
+            f"a detection table has one row per image and subject; rows repeat over {keys + ['subject_index']} "
+            f"(add a column such as {list(IMAGE_KEY_COLUMNS)} that tells the images apart)"
+        )
     counted = ~frame.skipped.astype(bool)
     scored = frame.assign(present=_presence(frame))
-    wide = scored.set_index([*keys, "subject_index"])[["present", "score", "center_x", "center_y"]].unstack("subject_index")
+    wide = scored.set_index([*keys, "subject_index"])[["present", "score", "center_x", "center_y"]].unstack(
+        "subject_index"
+    )
     wide.columns = [f"{measure}_{k}" for measure, k in wide.columns]
     order = sorted(wide.columns, key=lambda c: (int(c.rsplit("_", 1)[1]), c))
     n_subjects = counted.groupby([frame[k] for k in keys], sort=False, dropna=False).sum().rename("n_subjects")
@@ -316,14 +377,15 @@ def detection_summary(
 
     ``frame`` must carry the ``by`` columns (merge variant/category onto :func:`detect_subjects`' rows).
     """
-    from .analysis import summarize
 
     by = list(by)
     if not by:
         raise AnelabError("by must name at least one column, e.g. ('variant', 'category')")
     missing = [c for c in by if c not in frame.columns]
     if missing:
-        raise AnelabError(f"detection_summary groups by {missing}, which the detection table lacks; add them per image first")
+        raise AnelabError(
+            f"detection_summary groups by {missing}, which the detection table lacks; add them per image first"
+        )
     table = per_image(frame)
     if measures is None:
         measures = ["all_present", *[c for c in table.columns if c.startswith("present_")]]
@@ -341,7 +403,9 @@ def center_distance(frame: pd.DataFrame, subject: str | int, target_xy: Sequence
     column = "subject_index" if isinstance(subject, (int, np.integer)) else "subject"
     rows = frame[frame[column] == subject]
     if rows.empty:
-        raise AnelabError(f"subject {subject!r} is not in this detection table; its subjects are {sorted(set(frame.subject))}")
+        raise AnelabError(
+            f"subject {subject!r} is not in this detection table; its subjects are {sorted(set(frame.subject))}"
+        )
     present = rows.present.fillna(False).astype(bool) & ~rows.skipped.astype(bool)
     distance = np.hypot(rows.center_x - target[0], rows.center_y - target[1]).where(present)
     return pd.Series(distance.to_numpy(dtype=float), index=rows.set_index(keys).index, name="center_distance")

@@ -48,22 +48,41 @@ class AttentionExplorer(widgets.VBox):
         self.figure, self.error, self.renders, self._quiet = None, None, 0, False
         wide = widgets.Layout(width="460px")
         step = widgets.SelectionSlider(
-            options=[(f"{i} (t={first.timesteps[i]})", i) for i in steps], description="step", continuous_update=False, layout=wide,
-        )  # fmt: skip
+            options=[(f"{i} (t={first.timesteps[i]})", i) for i in steps],
+            description="step",
+            continuous_update=False,
+            layout=wide,
+        )
         seed = widgets.Dropdown(options=seeds, description="seed")
         opening = first.default_res if first.default_res in resolutions else resolutions[0]
         res = widgets.ToggleButtons(options=resolutions, value=opening, description="resolution")
         layer = widgets.Dropdown(options=self._layer_options(opening), description="layer", layout=wide)
-        head = widgets.Dropdown(options=[("mean", HEAD_MEAN)], description="head", disabled=True,
-                                layout=widgets.Layout(display=None if self.per_head else "none"))  # fmt: skip
+        head = widgets.Dropdown(
+            options=[("mean", HEAD_MEAN)],
+            description="head",
+            disabled=True,
+            layout=widgets.Layout(display=None if self.per_head else "none"),
+        )
         subject = next((t for t in first.subjects if t in self.tokens), self.tokens[0])
-        token = widgets.Dropdown(options=[("every token, side by side", ALL)] + [(first.token_label(t), t) for t in self.tokens],
-                                 value=subject, description="token")  # fmt: skip
-        scale = widgets.Dropdown(options=[(label, key) for key, label in SCALES.items()], value="token", description="colour scale",
-                                 style={"description_width": "initial"}, layout=widgets.Layout(width="360px"))  # fmt: skip
+        token = widgets.Dropdown(
+            options=[("every token, side by side", ALL)] + [(first.token_label(t), t) for t in self.tokens],
+            value=subject,
+            description="token",
+        )
+        scale = widgets.Dropdown(
+            options=[(label, key) for key, label in SCALES.items()],
+            value="token",
+            description="colour scale",
+            style={"description_width": "initial"},
+            layout=widgets.Layout(width="360px"),
+        )
         has_images = bool(self.images)
-        view = widgets.Dropdown(options=[(label, key) for key, label in VIEWS.items()], value="over" if has_images else "map",
-                                description="view", disabled=not has_images)  # fmt: skip
+        view = widgets.Dropdown(
+            options=[(label, key) for key, label in VIEWS.items()],
+            value="over" if has_images else "map",
+            description="view",
+            disabled=not has_images,
+        )
         self.controls = dict(step=step, seed=seed, res=res, layer=layer, head=head, token=token, scale=scale, view=view)
         res.observe(self._res_changed, names="value")  # before interactive_output's observers: options change first
         layer.observe(self._layer_changed, names="value")
@@ -85,7 +104,9 @@ class AttentionExplorer(widgets.VBox):
 
     def _layer_changed(self, change) -> None:
         name, head, layer = change["new"], self.controls["head"], self.controls["layer"]
-        layer.tooltip = "mean over every (layer, head) at this resolution: what the A&E loss reads" if name == MEAN else name
+        layer.tooltip = (
+            "mean over every (layer, head) at this resolution: what the A&E loss reads" if name == MEAN else name
+        )
         heads = self.runs[next(iter(self.runs))].heads.get(name, 0) if self.per_head and name != MEAN else 0
         quiet, self._quiet = self._quiet, True
         try:
@@ -100,9 +121,17 @@ class AttentionExplorer(widgets.VBox):
         self.renders += 1
         try:
             fig = attention_compare(
-                self.runs, step=step, seed=seed, res=res, layer=layer, head=None if head == HEAD_MEAN else head,
-                tokens=self.tokens if token == ALL else [token], images=self.images or None, scale=scale, view=view,
-            )  # fmt: skip
+                self.runs,
+                step=step,
+                seed=seed,
+                res=res,
+                layer=layer,
+                head=None if head == HEAD_MEAN else head,
+                tokens=self.tokens if token == ALL else [token],
+                images=self.images or None,
+                scale=scale,
+                view=view,
+            )
         except (ValueError, KeyError, IndexError) as error:  # shown in the output widget, not lost in a log
             self.error = f"cannot draw this choice: {error}"
             print(self.error)

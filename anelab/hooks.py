@@ -101,7 +101,9 @@ def _probs(attn, query: torch.Tensor, key: torch.Tensor, attention_mask, batch: 
     wide = torch.promote_types(query.dtype, torch.float32)  # at least fp32 (fp64 stays fp64)
     q, k = query.flatten(0, 1).to(wide), key.flatten(0, 1).to(wide)  # [B·heads, n, d]
     if attention_mask is None:
-        scores = torch.baddbmm(q.new_empty(q.shape[0], q.shape[1], k.shape[1]), q, k.transpose(-1, -2), beta=0, alpha=attn.scale)
+        scores = torch.baddbmm(
+            q.new_empty(q.shape[0], q.shape[1], k.shape[1]), q, k.transpose(-1, -2), beta=0, alpha=attn.scale
+        )
     else:
         mask = attn.prepare_attention_mask(attention_mask, k.shape[1], batch).to(wide)
         scores = torch.baddbmm(mask, q, k.transpose(-1, -2), beta=1, alpha=attn.scale)
@@ -112,7 +114,9 @@ def attention_probs(attn, hidden_states, encoder_hidden_states=None, attention_m
     """The layer's attention probabilities ``[B, heads, query, key]`` (fp32), without its output."""
     x, context = _scores_inputs(attn, hidden_states, encoder_hidden_states, temb)
     batch = x.shape[0]
-    return _probs(attn, _heads(attn, attn.to_q(x), batch), _heads(attn, attn.to_k(context), batch), attention_mask, batch)
+    return _probs(
+        attn, _heads(attn, attn.to_q(x), batch), _heads(attn, attn.to_k(context), batch), attention_mask, batch
+    )
 
 
 def explicit_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
@@ -175,7 +179,10 @@ class CaptureProcessor:
             out = self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
             mask = None if attention_mask is None else attention_mask[rows]
             context = None if encoder_hidden_states is None else encoder_hidden_states[rows]
-            sink(self.name, attention_probs(attn, hidden_states[rows], context, mask, None if temb is None else temb[rows]))
+            sink(
+                self.name,
+                attention_probs(attn, hidden_states[rows], context, mask, None if temb is None else temb[rows]),
+            )
             return out
         out, probs = explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         sink(self.name, probs)

@@ -117,7 +117,9 @@ def ensure_writable(directory: str | os.PathLike, what: str = "--out") -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
-        raise AnelabError(f"{what} {str(directory)!r} cannot be written: {error.strerror or error} in {str(probe_in)!r}") from None
+        raise AnelabError(
+            f"{what} {str(directory)!r} cannot be written: {error.strerror or error} in {str(probe_in)!r}"
+        ) from None
     return directory
 
 

@@ -16,10 +16,19 @@ from pathlib import Path
 
 import torch
 
+from . import fast as fast_path
 from .errors import AnelabError
+from .testing import TINY_MODELS, tiny_model, tiny_parts
 
 #: dtype names accepted where a torch.dtype is (CLI options, notebook parameters).
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+DTYPES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
 DEVICE_HELP = "cpu, cuda, cuda:N, mps or meta"
 
 
@@ -40,11 +49,19 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise AnelabError(f"unknown device {device!r}; use {DEVICE_HELP}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            build = f"this torch ({torch.__version__}) is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise AnelabError(f"device {str(device)!r} asked for, but torch sees no GPU ({build}); use --device cpu or install a CUDA torch")
+            build = (
+                f"this torch ({torch.__version__}) is a CPU build"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible"
+            )
+            raise AnelabError(
+                f"device {str(device)!r} asked for, but torch sees no GPU ({build}); use --device cpu or install a CUDA torch"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise AnelabError(f"device {str(device)!r} does not exist: torch sees {count} GPU(s), cuda:0..cuda:{count - 1}")
+            raise AnelabError(
+                f"device {str(device)!r} does not exist: torch sees {count} GPU(s), cuda:0..cuda:{count - 1}"
+            )
     elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise AnelabError(f"device {str(device)!r} asked for, but MPS is not available here; use cpu")
     elif device.type not in ("cpu", "cuda", "mps", "meta"):
@@ -65,7 +82,9 @@ def place(modules: dict[str, torch.nn.Module], device: torch.device, dtype: torc
     """Move every module to ``device`` (and ``dtype``), then check that every parameter and buffer got there.
 
     Module by module (not ``pipe.to(...)``, whose keyword handling has silently dropped arguments before)."""
-    for module in modules.values():  # torch's own Module.to: diffusers' override warns about fp32 modules on every dtype cast
+    for (
+        module
+    ) in modules.values():  # torch's own Module.to: diffusers' override warns about fp32 modules on every dtype cast
         torch.nn.Module.to(module, device=device, dtype=dtype)
     for name, module in modules.items():
         wrong = {str(t.device) for t in (*module.parameters(), *module.buffers()) if t.device.type != device.type}
@@ -106,10 +125,17 @@ def load_or_explain(what: str, spec: str, marker: str, load: Callable[[str], obj
 
 
 def load_pipeline(
-    spec="tiny", device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
-    revision: str | None = None, variant: str | None = None, cache_dir: str | os.PathLike | None = None,
-    token: str | bool | None = None, local_files_only: bool | None = None, fast: bool | None = None,
-):  # fmt: skip
+    spec="tiny",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+    fast: bool | None = None,
+):
     """A diffusers ``StableDiffusionPipeline`` (SD 1.x, 2.x) or ``StableDiffusionXLPipeline`` (SDXL) ready for
     :func:`anelab.generate`.
 
@@ -130,25 +156,28 @@ def load_pipeline(
     with quiet_transformers():
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from . import fast as fast_path
-    from .testing import TINY_MODELS
-
     if isinstance(spec, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         pipe = spec
     elif isinstance(spec, (str, os.PathLike)) and str(spec) in TINY_MODELS:
-        from .testing import tiny_model
-
         with quiet_transformers():
             pipe = tiny_model(str(spec))
     elif isinstance(spec, (str, os.PathLike)):
-        options = dict(revision=revision, variant=variant, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        options = dict(
+            revision=revision, variant=variant, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+        )
         pipe = _from_pretrained(str(spec), dtype, {k: v for k, v in options.items() if v is not None})
     else:
-        raise AnelabError(f"model must be 'tiny', a Hub id, a local directory or a StableDiffusionPipeline (or StableDiffusionXLPipeline; "
-                          f"offline stand-ins: {', '.join(TINY_MODELS)}), got {type(spec).__name__}")  # fmt: skip
+        raise AnelabError(
+            f"model must be 'tiny', a Hub id, a local directory or a StableDiffusionPipeline (or StableDiffusionXLPipeline; "
+            f"offline stand-ins: {', '.join(TINY_MODELS)}), got {type(spec).__name__}"
+        )
     modules = pipeline_modules(pipe)
     place(modules, target or pipe.device, dtype)
-    if isinstance(pipe, StableDiffusionXLPipeline) and pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+    if (
+        isinstance(pipe, StableDiffusionXLPipeline)
+        and pipe.vae.dtype == torch.float16
+        and getattr(pipe.vae.config, "force_upcast", False)
+    ):
         torch.nn.Module.to(pipe.vae, dtype=torch.float32)
     if fast is None and fast_path.available(pipe.unet.device) or fast:
         fast_path.channels_last(*(m for m in (pipe.unet, getattr(pipe, "vae", None)) if m is not None))
@@ -161,7 +190,6 @@ def load_pipeline(
 def load_parts(spec, **hub_options):
     """The tokenizer and scheduler of ``spec`` without its weights (seconds, not minutes): enough to check
     prompts, tokens and threshold steps before the model is built. ``hub_options`` as in :func:`load_pipeline`."""
-    from .testing import TINY_MODELS, tiny_parts
 
     if _is_pipeline(spec):
         return spec.tokenizer, spec.scheduler
@@ -194,11 +222,15 @@ def pipeline_class(path: str, options: dict):
     import diffusers
 
     try:
-        name = diffusers.DiffusionPipeline.load_config(path, **{k: v for k, v in options.items() if k != "variant"})["_class_name"]
+        name = diffusers.DiffusionPipeline.load_config(path, **{k: v for k, v in options.items() if k != "variant"})[
+            "_class_name"
+        ]
     except Exception:  # the load itself reports why (classified by explain_load_failure)
         return diffusers.StableDiffusionPipeline
     if name not in PIPELINE_CLASSES:
-        raise AnelabError(f"{path!r} is a {name}; anelab runs SD 1.x / 2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)")
+        raise AnelabError(
+            f"{path!r} is a {name}; anelab runs SD 1.x / 2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)"
+        )
     return getattr(diffusers, name)
 
 
@@ -207,7 +239,11 @@ def _from_pretrained(spec: str, dtype, options: dict):
 
     def load(path):
         cls = pipeline_class(path, options)
-        quiet = dict(add_watermarker=False) if cls is StableDiffusionXLPipeline else dict(safety_checker=None, requires_safety_checker=False)
+        quiet = (
+            dict(add_watermarker=False)
+            if cls is StableDiffusionXLPipeline
+            else dict(safety_checker=None, requires_safety_checker=False)
+        )
         return cls.from_pretrained(path, torch_dtype=dtype, **quiet, **options)
 
     try:
@@ -220,7 +256,8 @@ def _from_pretrained(spec: str, dtype, options: dict):
 
 def explain_load_failure(what: str, spec: str, is_local: bool, error: Exception) -> str:
     """One line saying why ``spec`` could not be loaded, from the ``huggingface_hub.errors`` type in the chain."""
-    from huggingface_hub import errors as hub, is_offline_mode
+    from huggingface_hub import errors as hub
+    from huggingface_hub import is_offline_mode
 
     first = f"{type(error).__name__}: {error}".splitlines()[0][:300]
     if is_local:
@@ -231,16 +268,22 @@ def explain_load_failure(what: str, spec: str, is_local: bool, error: Exception)
         return any(isinstance(e, kind) for e in chain)
 
     if found(hub.GatedRepoError):
-        return (f"{what} {spec!r} is gated on the Hugging Face Hub: accept its licence on https://huggingface.co/{spec} "
-                "with your account, then log in (`hf auth login`) or set HF_TOKEN")  # fmt: skip
+        return (
+            f"{what} {spec!r} is gated on the Hugging Face Hub: accept its licence on https://huggingface.co/{spec} "
+            "with your account, then log in (`hf auth login`) or set HF_TOKEN"
+        )
     if found(hub.RevisionNotFoundError):
         return f"{what} {spec!r} has no such revision (branch, tag or commit): {first}"
     if found(hub.RepositoryNotFoundError):
-        return (f"{what} {spec!r} was not found on the Hugging Face Hub and is not a local directory "
-                "(check the id; a private repository needs a token)")  # fmt: skip
+        return (
+            f"{what} {spec!r} was not found on the Hugging Face Hub and is not a local directory "
+            "(check the id; a private repository needs a token)"
+        )
     if is_offline_mode() or found(hub.LocalEntryNotFoundError) or found(_connection_errors()):
-        return (f"{what} {spec!r} is not a local directory and is not in the Hugging Face cache, and the Hub cannot "
-                "be reached (offline or no network): download it on a connected machine or pass a local directory")  # fmt: skip
+        return (
+            f"{what} {spec!r} is not a local directory and is not in the Hugging Face cache, and the Hub cannot "
+            "be reached (offline or no network): download it on a connected machine or pass a local directory"
+        )
     if found(hub.EntryNotFoundError):
         return f"{what} {spec!r} lacks a file it needs (a --variant it does not have?): {first}"
     return f"cannot load {what} {spec!r}: {first}"
@@ -248,7 +291,10 @@ def explain_load_failure(what: str, spec: str, is_local: bool, error: Exception)
 
 def _connection_errors() -> tuple[type, ...]:
     kinds: list[type] = [ConnectionError, TimeoutError]
-    for module, names in (("httpx", ("ConnectError", "TimeoutException")), ("requests", ("ConnectionError", "Timeout"))):
+    for module, names in (
+        ("httpx", ("ConnectError", "TimeoutException")),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
         with contextlib.suppress(ImportError):
             imported = __import__(module)
             kinds += [getattr(imported, n) for n in names if hasattr(imported, n)]

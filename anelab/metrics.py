@@ -19,10 +19,14 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from .detection import DEFAULT_THRESHOLD, detect_subjects, load_detector, per_image
 from .errors import AnelabError
+from .io import write_parquet
 from .loading import default_device, load_or_explain, quiet_transformers
-from .prompts import sub_prompts
+from .names import PROMPTS_FILE
+from .prompts import load_prompts, sub_prompts
 from .resources import data_file
+from .testing import tiny_blip, tiny_clip
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"  # the paper's ViT-B/16 weights
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"  # BLIP base captioner (COCO-finetuned)
@@ -87,7 +91,9 @@ class Clip:
         """``[N, D]`` text embeddings without templates (how §2.2 embeds a caption)."""
         chunks = []
         for batch in _batches(list(texts), batch_size):
-            tokens = self.tokenizer(batch, padding=True, truncation=True, max_length=77, return_tensors="pt").to(self.device)
+            tokens = self.tokenizer(batch, padding=True, truncation=True, max_length=77, return_tensors="pt").to(
+                self.device
+            )
             chunks.append(_features(self.model.get_text_features(**tokens)).float())
         return torch.nn.functional.normalize(torch.cat(chunks), dim=-1).cpu()
 
@@ -117,11 +123,15 @@ class Blip:
     name: str
 
     @torch.no_grad()
-    def caption(self, images: Sequence, batch_size: int = 16, num_beams: int = 3, min_length: int = 10, max_length: int = 30) -> list[str]:
+    def caption(
+        self, images: Sequence, batch_size: int = 16, num_beams: int = 3, min_length: int = 10, max_length: int = 30
+    ) -> list[str]:
         """Beam-search captions with LAVIS's settings (§2.2): the prompt "a picture of " is prepended, then stripped."""
         captions = []
         for batch in _batches(list(images), batch_size):
-            inputs = self.processor(images=[_as_rgb(x) for x in batch], text=[BLIP_PROMPT.strip()] * len(batch), return_tensors="pt")
+            inputs = self.processor(
+                images=[_as_rgb(x) for x in batch], text=[BLIP_PROMPT.strip()] * len(batch), return_tensors="pt"
+            )
             inputs = inputs.to(self.model.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
             out = self.model.generate(**inputs, num_beams=num_beams, min_length=min_length, max_length=max_length)
@@ -138,15 +148,19 @@ def load_clip(spec: str | Clip = DEFAULT_CLIP, device=None, dtype=None) -> Clip:
         return spec
     device, dtype = _device_dtype(device, dtype)
     if str(spec) == "tiny":
-        from .testing import tiny_clip
-
         with quiet_transformers():
             model, tokenizer, processor = tiny_clip()
     else:
         model, tokenizer, processor = load_or_explain(
-            "CLIP model", str(spec), "config.json",
-            lambda path: (CLIPModel.from_pretrained(path), CLIPTokenizer.from_pretrained(path), CLIPImageProcessorPil.from_pretrained(path)),
-        )  # fmt: skip
+            "CLIP model",
+            str(spec),
+            "config.json",
+            lambda path: (
+                CLIPModel.from_pretrained(path),
+                CLIPTokenizer.from_pretrained(path),
+                CLIPImageProcessorPil.from_pretrained(path),
+            ),
+        )
     return Clip(model.to(device, dtype).eval().requires_grad_(False), tokenizer, processor, str(spec))
 
 
@@ -158,15 +172,15 @@ def load_blip(spec: str | Blip = DEFAULT_BLIP, device=None, dtype=None) -> Blip:
         return spec
     device, dtype = _device_dtype(device, dtype)
     if str(spec) == "tiny":
-        from .testing import tiny_blip
-
         with quiet_transformers():
             model, processor = tiny_blip()
     else:
         model, processor = load_or_explain(
-            "BLIP model", str(spec), "config.json",
+            "BLIP model",
+            str(spec),
+            "config.json",
             lambda path: (BlipForConditionalGeneration.from_pretrained(path), BlipProcessor.from_pretrained(path)),
-        )  # fmt: skip
+        )
     return Blip(model.to(device, dtype).eval().requires_grad_(False), processor, str(spec))
 
 
@@ -174,7 +188,9 @@ def _pair(images: Sequence, prompts: Sequence[str] | str) -> tuple[list, list[st
     images = list(images)
     prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
     if len(images) != len(prompts):
-        raise AnelabError(f"got {len(images)} images and {len(prompts)} prompts; give one prompt per image (or one for all)")
+        raise AnelabError(
+            f"got {len(images)} images and {len(prompts)} prompts; give one prompt per image (or one for all)"
+        )
     if not images:
         raise AnelabError("no images to score")
     return images, prompts
@@ -201,7 +217,9 @@ def clip_scores(images: Sequence, prompts: Sequence[str] | str, clip: Clip, batc
     return frame
 
 
-def text_text_scores(images: Sequence, prompts: Sequence[str] | str, clip: Clip, blip: Blip, batch_size: int = 16) -> pd.DataFrame:
+def text_text_scores(
+    images: Sequence, prompts: Sequence[str] | str, clip: Clip, blip: Blip, batch_size: int = 16
+) -> pd.DataFrame:
     """Per image: its BLIP caption and the CLIP similarity of the caption (no templates) to the prompt (templates) (§2.2)."""
     images, prompts = _pair(images, prompts)
     captions = blip.caption(images, batch_size)
@@ -214,7 +232,11 @@ def text_text_scores(images: Sequence, prompts: Sequence[str] | str, clip: Clip,
 SCORER_COLUMNS = {
     "clip": CLIP_COLUMNS,
     "blip": ["caption", "text_text"],
-    "detector": ["subjects", "all_present", "detect_threshold"],  # + present_k, score_k, center_x_k, center_y_k per subject k
+    "detector": [
+        "subjects",
+        "all_present",
+        "detect_threshold",
+    ],  # + present_k, score_k, center_x_k, center_y_k per subject k
 }
 
 
@@ -233,7 +255,11 @@ class Scorers:
 
     def names(self) -> dict[str, str]:
         """``{kind: model name}`` of the scorers in use (CLIP is needed by BLIP's text–text score too)."""
-        return {kind: getattr(spec, "name", str(spec)) for kind in SCORER_COLUMNS if (spec := getattr(self, kind)) is not None}
+        return {
+            kind: getattr(spec, "name", str(spec))
+            for kind in SCORER_COLUMNS
+            if (spec := getattr(self, kind)) is not None
+        }
 
     def get(self, kind: str):
         if kind not in self._loaded:
@@ -243,20 +269,23 @@ class Scorers:
             elif kind == "blip":
                 self._loaded[kind] = load_blip(spec, self.device, self.dtype)
             else:
-                from .detection import load_detector
-
                 self._loaded[kind] = load_detector(spec, self.device, self.dtype)
         return self._loaded[kind]
 
     @property
     def detection_threshold(self) -> float:
-        from .detection import DEFAULT_THRESHOLD
 
         return DEFAULT_THRESHOLD if self.threshold is None else float(self.threshold)
 
 
-def score_images(images: Sequence, prompts: Sequence[str], subjects: Sequence[Sequence[str]], scorers: Scorers, kinds: Sequence[str],
-                 batch_size: int = 16) -> tuple[pd.DataFrame, list[str]]:  # fmt: skip
+def score_images(
+    images: Sequence,
+    prompts: Sequence[str],
+    subjects: Sequence[Sequence[str]],
+    scorers: Scorers,
+    kinds: Sequence[str],
+    batch_size: int = 16,
+) -> tuple[pd.DataFrame, list[str]]:
     """One row per image with the columns of each scorer in ``kinds`` (:data:`SCORER_COLUMNS`) and
     ``<kind>_model``; the notices say what could not be scored (a subject that is not an object, ...)."""
     images, prompts = _pair(images, prompts)
@@ -268,10 +297,10 @@ def score_images(images: Sequence, prompts: Sequence[str], subjects: Sequence[Se
         frame = frame.assign(**{c: scores[c] for c in CLIP_COLUMNS}, clip_model=clip.name)
     if "blip" in kinds:
         captions = text_text_scores(images, prompts, clip, scorers.get("blip"), batch_size)
-        frame = frame.assign(caption=captions.caption, text_text=captions.text_text, blip_model=scorers.get("blip").name)
+        frame = frame.assign(
+            caption=captions.caption, text_text=captions.text_text, blip_model=scorers.get("blip").name
+        )
     if "detector" in kinds:
-        from .detection import detect_subjects
-
         detector = scorers.get("detector")
         found = detect_subjects(images, [list(s) for s in subjects], detector, scorers.detection_threshold, batch_size)
         notices += found.attrs.get("notices", [])
@@ -281,7 +310,6 @@ def score_images(images: Sequence, prompts: Sequence[str], subjects: Sequence[Se
 
 def _detection_columns(found: pd.DataFrame, n_images: int) -> pd.DataFrame:
     """The wide per-image detection columns from :func:`anelab.detection.detect_subjects`' long table."""
-    from .detection import per_image
 
     table = per_image(found).set_index("image").drop(columns="n_subjects")
     table.insert(0, "subjects", found.groupby("image").subject.agg(",".join))
@@ -299,15 +327,17 @@ def find_images(directory: str | os.PathLike) -> pd.DataFrame:
     prompt, or ``prompts.json`` beside the folders says which prompt it holds): ``path`` (relative), variant, prompt, seed."""
     import json
 
-    from .names import PROMPTS_FILE
-
     root = Path(directory)
     if not root.is_dir():
         raise AnelabError(f"{str(root)!r} is not a directory")
     rows, known = [], {}
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
-        if path.suffix.lower() not in IMAGE_SUFFIXES or any(part.startswith(".") for part in relative.parts) or not path.is_file():
+        if (
+            path.suffix.lower() not in IMAGE_SUFFIXES
+            or any(part.startswith(".") for part in relative.parts)
+            or not path.is_file()
+        ):
             continue
         parts = relative.parts
         variant = parts[1] if len(parts) == 4 and parts[0] == "images" else None
@@ -336,16 +366,28 @@ def unscored(done: pd.DataFrame, paths: Sequence[str], kind: str, name: str, whe
     column = f"{kind}_model"
     used = set(done[column].dropna()) if column in done else set()
     if used - {name}:
-        raise AnelabError(f"{where} was scored with {kind} {sorted(used)}, not {name!r}; pass --rescore to start over with {name!r}")
+        raise AnelabError(
+            f"{where} was scored with {kind} {sorted(used)}, not {name!r}; pass --rescore to start over with {name!r}"
+        )
     have = set(done.path[done[column].notna()]) if column in done else set()
     return [p for p in paths if p not in have]
 
 
 def score_folder(
-    directory: str | os.PathLike, clip: str | Clip | None = DEFAULT_CLIP, blip: str | Blip | None = DEFAULT_BLIP, *,
-    detector=None, threshold: float | None = None, device=None, dtype=None, batch_size: int = 16, chunk: int = 64,
-    rescore: bool = False, progress: bool = True, subjects: dict[str, list[str]] | None = None,
-) -> tuple[pd.DataFrame, list[str], dict]:  # fmt: skip
+    directory: str | os.PathLike,
+    clip: str | Clip | None = DEFAULT_CLIP,
+    blip: str | Blip | None = DEFAULT_BLIP,
+    *,
+    detector=None,
+    threshold: float | None = None,
+    device=None,
+    dtype=None,
+    batch_size: int = 16,
+    chunk: int = 64,
+    rescore: bool = False,
+    progress: bool = True,
+    subjects: dict[str, list[str]] | None = None,
+) -> tuple[pd.DataFrame, list[str], dict]:
     """Score every image under ``directory`` into ``directory/metrics.parquet`` (one row per image).
 
     Resumable per scorer: an image is scored with each requested scorer it has no score from (so
@@ -355,8 +397,6 @@ def score_folder(
     queries (default: the prompt set's nouns, else :func:`prompt_subjects`). Returns the table, notices
     (unreadable images, prompts without sub-prompts, undetectable subjects) and counts.
     """
-    from .io import write_parquet
-    from .prompts import load_prompts
 
     root = Path(directory)
     found = find_images(root)
@@ -371,11 +411,16 @@ def score_folder(
     notices = []
     unsplit = sorted({p for p in todo.prompt if sub_prompts(p) is None})
     if unsplit:
-        notices.append(f"{len(unsplit)} prompt(s) have neither ' and ' nor ' with ': full-prompt score only, min_object missing: {unsplit[:5]}")
+        notices.append(
+            f"{len(unsplit)} prompt(s) have neither ' and ' nor ' with ': full-prompt score only, min_object missing: {unsplit[:5]}"
+        )
     if todo.empty:
         return done, notices, counts
     table = load_prompts()
-    category, nouns = dict(zip(table.prompt, table.category)), {**dict(zip(table.prompt, table.tokens)), **(subjects or {})}
+    category, nouns = (
+        dict(zip(table.prompt, table.category)),
+        {**dict(zip(table.prompt, table.tokens)), **(subjects or {})},
+    )
     done = done.set_index("path") if len(done) else pd.DataFrame(columns=KEY_COLUMNS).set_index("path")
     for kind in names:  # load every scorer before the first image: a bad model id fails here, in one line
         if needs[kind]:
@@ -396,8 +441,14 @@ def score_folder(
             mine = [k for k, p in enumerate(rows.path) if p in needs[kind]]
             if not mine:
                 continue
-            scores, said = score_images([images[k] for k in mine], list(rows.prompt.iloc[mine]),
-                                        [prompt_subjects(p, nouns) for p in rows.prompt.iloc[mine]], scorers, [kind], batch_size)  # fmt: skip
+            scores, said = score_images(
+                [images[k] for k in mine],
+                list(rows.prompt.iloc[mine]),
+                [prompt_subjects(p, nouns) for p in rows.prompt.iloc[mine]],
+                scorers,
+                [kind],
+                batch_size,
+            )
             notices += [n for n in said if n not in notices]
             scored = pd.concat([rows.iloc[mine][KEY_COLUMNS].reset_index(drop=True), scores], axis=1).set_index("path")
             done = scored.combine_first(done) if len(done) else scored
@@ -412,12 +463,25 @@ def score_folder(
 
 def _tidy(done: pd.DataFrame) -> pd.DataFrame:
     """Columns in a fixed order (CLIP and BLIP columns always, per-subject detection columns last), None for missing text."""
-    fixed = [c for c in KEY_COLUMNS if c != "path"] + [c for kind in SCORER_COLUMNS for c in (*SCORER_COLUMNS[kind], f"{kind}_model")]
-    done = done.reindex(columns=list(dict.fromkeys([*done.columns, *CLIP_COLUMNS, "caption", "text_text", "clip_model", "blip_model"])))
+    fixed = [c for c in KEY_COLUMNS if c != "path"] + [
+        c for kind in SCORER_COLUMNS for c in (*SCORER_COLUMNS[kind], f"{kind}_model")
+    ]
+    done = done.reindex(
+        columns=list(dict.fromkeys([*done.columns, *CLIP_COLUMNS, "caption", "text_text", "clip_model", "blip_model"]))
+    )
     order = [c for c in fixed if c in done.columns]
     order += sorted((c for c in done.columns if c not in fixed), key=lambda c: (c.rsplit("_", 1)[-1], c))
     done = done[order].copy()
-    for column in ("variant", "prompt", "category", "caption", "subjects", "clip_model", "blip_model", "detector_model"):
+    for column in (
+        "variant",
+        "prompt",
+        "category",
+        "caption",
+        "subjects",
+        "clip_model",
+        "blip_model",
+        "detector_model",
+    ):
         if column in done:
             done[column] = done[column].astype(object).where(done[column].notna(), None)
     return done
@@ -427,4 +491,6 @@ def _read_metrics(path: Path) -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
     except Exception as error:  # pyarrow raises ArrowInvalid / OSError for a damaged file
-        raise AnelabError(f"{path} is damaged ({type(error).__name__}); delete it or pass --rescore to score again") from None
+        raise AnelabError(
+            f"{path} is damaged ({type(error).__name__}); delete it or pass --rescore to score again"
+        ) from None

@@ -22,6 +22,10 @@ import dataclasses
 import torch
 
 from .errors import AnelabError
+from .hooks import cross_attention_layers
+from .loading import load_or_explain, load_parts
+from .testing import TINY_MODELS, tiny_model
+from .tokens import prompt_ids
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 #: The image side the built-in studies are written for (SD 1.x's native side).
@@ -59,7 +63,6 @@ def attention_resolutions(pipe, height: int | None = None, width: int | None = N
     """The cross-attention resolutions (attention-map sides, the width for non-square images) the model has at
     ``height`` × ``width`` (default: its native size), sorted: what ``GuidanceConfig.attention_res`` and
     ``Record.resolutions`` accept. SD 1.x at 512 px: ``[8, 16, 32, 64]``; SDXL at 1024 px: ``[32, 64]``."""
-    from .hooks import cross_attention_layers
 
     scale = getattr(pipe, "vae_scale_factor", 8)
     side = native_size(pipe)
@@ -81,14 +84,15 @@ def softmax_tokens(pipe, mode: str) -> str:
 
 def check_tokenizers(pipe, prompt: str) -> None:
     """SDXL: the two tokenizers must split ``prompt`` alike, since guidance reads the positions of the first."""
-    from .tokens import prompt_ids
 
     first, *others = tokenizers(pipe)
     ids = prompt_ids(first, prompt)
     for other in others:
         if prompt_ids(other, prompt) != ids:
-            raise AnelabError(f"the pipeline's tokenizers split {prompt!r} differently; guidance reads the first tokenizer's positions "
-                              "and needs both encoders' tokens at the same positions")  # fmt: skip
+            raise AnelabError(
+                f"the pipeline's tokenizers split {prompt!r} differently; guidance reads the first tokenizer's positions "
+                "and needs both encoders' tokens at the same positions"
+            )
 
 
 def scaled_resolution(pipe, res: int = 16, width: int | None = None) -> int:
@@ -118,13 +122,16 @@ class Conditioning:
         if family(pipe) != "sdxl":
             cond, uncond = pipe.encode_prompt(prompt, device, 1, cfg)
             return cls(cond.to(dtype), None if uncond is None else uncond.to(dtype))
-        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
-                                                                 do_classifier_free_guidance=cfg)  # fmt: skip
+        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
+            prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg
+        )
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)
         expected = pipe.unet.add_embedding.linear_1.in_features
         given = pipe.unet.config.addition_time_embed_dim * time_ids.shape[1] + pooled.shape[-1]
         if given != expected:
-            raise AnelabError(f"the UNet expects added conditioning of width {expected}, the text encoder and time ids give {given}")
+            raise AnelabError(
+                f"the UNet expects added conditioning of width {expected}, the text encoder and time ids give {given}"
+            )
         added = {"text_embeds": pooled.to(device, dtype), "time_ids": time_ids}
         added_uncond = {} if uncond is None else {"text_embeds": pooled_uncond.to(device, dtype), "time_ids": time_ids}
         return cls(cond.to(dtype), None if uncond is None else uncond.to(dtype), added, added_uncond)
@@ -154,9 +161,10 @@ class Architecture:
 
     def resolutions(self, side: int) -> list[int]:
         """Cross-attention resolutions at ``side`` × ``side`` pixels, sorted."""
-        from .hooks import cross_attention_layers
 
-        return sorted({layer.res for layer in cross_attention_layers(self.unet, side // self.vae_scale, side // self.vae_scale)})
+        return sorted(
+            {layer.res for layer in cross_attention_layers(self.unet, side // self.vae_scale, side // self.vae_scale)}
+        )
 
     @classmethod
     def of(cls, pipe) -> "Architecture":
@@ -171,13 +179,10 @@ def architecture(model, revision: str | None = None, **hub_options) -> Architect
 
     if not isinstance(model, (str, os.PathLike)):
         return Architecture.of(model)
-    from .testing import TINY_MODELS, tiny_model
 
     if str(model) in TINY_MODELS:
         return Architecture.of(tiny_model(str(model)))
     from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from .loading import load_or_explain, load_parts
 
     tokenizer, _ = load_parts(model, revision=revision, **hub_options)
     options = {k: v for k, v in dict(revision=revision, **hub_options).items() if v is not None and k != "variant"}

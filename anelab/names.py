@@ -19,7 +19,9 @@ from .io import file_lock, write_json
 
 MAX_LENGTH = 100
 PROMPTS_FILE = "prompts.json"
-_SAFE = re.compile(r"[a-z0-9][a-z0-9 ,'_-]*[a-z0-9]|[a-z0-9]")  # lower case (case-insensitive disks), no dots, no separators
+_SAFE = re.compile(
+    r"[a-z0-9][a-z0-9 ,'_-]*[a-z0-9]|[a-z0-9]"
+)  # lower case (case-insensitive disks), no dots, no separators
 
 
 def prompt_folder(prompt: str) -> str:
@@ -37,7 +39,9 @@ def remember_prompts(out: Path, prompts) -> None:
     with file_lock(out / f".{PROMPTS_FILE}.lock"):
         known = json.loads(path.read_text()) if path.is_file() else {}
         added = {prompt_folder(p): p for p in prompts}
-        if any(known.get(k, v) != v for k, v in added.items()):  # cannot happen (see the module docstring); never overwrite silently
+        if any(
+            known.get(k, v) != v for k, v in added.items()
+        ):  # cannot happen (see the module docstring); never overwrite silently
             raise RuntimeError(f"prompt folder collision in {path}")
         if not added.keys() <= known.keys():
             write_json(dict(sorted({**known, **added}.items())), path)

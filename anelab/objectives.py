@@ -35,7 +35,9 @@ def smooth(maps: torch.Tensor, kernel_size: int = 3, sigma: float = 0.5, convent
     *lead, h, w = maps.shape
     pad = kernel_size // 2
     if pad >= min(h, w):
-        raise ValueError(f"kernel_size {kernel_size} is too large for {h}x{w} attention maps (reflect padding needs < {min(h, w)})")
+        raise ValueError(
+            f"kernel_size {kernel_size} is too large for {h}x{w} attention maps (reflect padding needs < {min(h, w)})"
+        )
     weight = gaussian_kernel(kernel_size, sigma, convention).to(maps.device, maps.dtype)[None, None]
     x = F.pad(maps.reshape(-1, 1, h, w), (pad, pad, pad, pad), mode="reflect")
     return F.conv2d(x, weight).reshape(*lead, h, w)
@@ -47,7 +49,9 @@ def token_columns(mode: str, eot_index: int, n_positions: int = 77) -> slice:
     return slice(1, eot_index) if mode == "prompt" else slice(1, n_positions - 1)
 
 
-def renormalise(maps: torch.Tensor, token_indices: list[int], columns: slice, temperature: float = 100.0) -> torch.Tensor:
+def renormalise(
+    maps: torch.Tensor, token_indices: list[int], columns: slice, temperature: float = 100.0
+) -> torch.Tensor:
     """Drop ``<sot>``, softmax(×temperature) over ``columns``, pick tokens: [B,h,w,S] → [B,T,h,w] (§1.3)."""
     probs = torch.softmax(maps[..., columns] * temperature, dim=-1)
     picked = probs[..., [i - columns.start for i in token_indices]]  # [B, h, w, T]
@@ -104,7 +108,9 @@ def centroid(maps: torch.Tensor) -> torch.Tensor:
     return torch.stack([(a.sum(-2) * x).sum(-1), (a.sum(-1) * y).sum(-1)], dim=-1)
 
 
-def token_statistics(maps: torch.Tensor, token_indices: list[int], eot_index: int, config: GuidanceConfig) -> dict[str, torch.Tensor]:
+def token_statistics(
+    maps: torch.Tensor, token_indices: list[int], eot_index: int, config: GuidanceConfig
+) -> dict[str, torch.Tensor]:
     """Per-token scalars of maps [B,h,w,S], each [B,T]: what the attention trends plot.
 
     ``max_attention``: the smoothed max under the loss's own normalisation (NaN for a token
@@ -120,8 +126,15 @@ def token_statistics(maps: torch.Tensor, token_indices: list[int], eot_index: in
     else:
         smoothed = torch.full(raw.shape[:2], float("nan"), dtype=maps.dtype, device=maps.device)
         if any(inside):
-            smoothed[:, torch.tensor(inside)] = max_attention(maps, [i for i, ok in zip(token_indices, inside) if ok], eot_index, config)
+            smoothed[:, torch.tensor(inside)] = max_attention(
+                maps, [i for i, ok in zip(token_indices, inside) if ok], eot_index, config
+            )
     points = centroid(raw)  # [B, T, 2]
     flat = raw.flatten(2)
-    return {"max_attention": smoothed, "raw_max": flat.amax(dim=-1), "mass": flat.mean(dim=-1),
-            "centroid_x": points[..., 0], "centroid_y": points[..., 1]}  # fmt: skip
+    return {
+        "max_attention": smoothed,
+        "raw_max": flat.amax(dim=-1),
+        "mass": flat.mean(dim=-1),
+        "centroid_x": points[..., 0],
+        "centroid_y": points[..., 1],
+    }

@@ -133,10 +133,22 @@ def generate(
     the module docstring for the loop.
     """
     plan = plan_run(
-        pipe, prompt, tokens=tokens, seeds=seeds, config=config, suppress=suppress, layout=layout,
-        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
-        output_type=output_type, record=record, generator_device=generator_device, fast=fast,
-    )  # fmt: skip
+        pipe,
+        prompt,
+        tokens=tokens,
+        seeds=seeds,
+        config=config,
+        suppress=suppress,
+        layout=layout,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        output_type=output_type,
+        record=record,
+        generator_device=generator_device,
+        fast=fast,
+    )
     recorder = Recorder(plan.record, prompt, plan.seeds) if plan.record else None
     hooked = plan.guidance_layers + (plan.record.layers if plan.record else [])
     start = time.perf_counter()
@@ -147,8 +159,14 @@ def generate(
     seconds = time.perf_counter() - start
     attention = None
     if recorder:
-        meta = {"config": None if config is None else config.to_dict(), "record": record.to_dict(), "guidance_scale": plan.guidance_scale,
-                "height": plan.height, "width": plan.width, "num_inference_steps": int(num_inference_steps)}  # fmt: skip
+        meta = {
+            "config": None if config is None else config.to_dict(),
+            "record": record.to_dict(),
+            "guidance_scale": plan.guidance_scale,
+            "height": plan.height,
+            "width": plan.width,
+            "num_inference_steps": int(num_inference_steps),
+        }
         attention = recorder.cache(meta)
     return GuidedOutput(
         images=images,
@@ -215,17 +233,22 @@ class _Sampler:
         self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # stateful: own copy
         self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
         self.cfg = plan.guidance_scale > 1.0
-        self.conditioning = models.Conditioning.encode(pipe, plan.prompt, height=plan.height, width=plan.width, cfg=self.cfg,
-                                                       device=self.device, dtype=self.dtype)  # fmt: skip
+        self.conditioning = models.Conditioning.encode(
+            pipe, plan.prompt, height=plan.height, width=plan.width, cfg=self.cfg, device=self.device, dtype=self.dtype
+        )
         self.config = plan.config
         self.last_update = plan.config.last_update_iteration(len(plan.timesteps)) if plan.config else 0
-        self.traces = TraceLog(seeds=plan.seeds, measured=plan.measured, roles=plan.roles, words=plan.token_words, layout=list(plan.layout))
+        self.traces = TraceLog(
+            seeds=plan.seeds, measured=plan.measured, roles=plan.roles, words=plan.token_words, layout=list(plan.layout)
+        )
         self.broken_at = None  # per sample: first loop index whose latent was not finite (-1: none)
         self.graphed = GraphedForward(self.unet) if plan.fast else None
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, num_inference_steps: int, progress: bool) -> torch.Tensor:
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)  # first: Euler's init_noise_sigma depends on it
+        self.scheduler.set_timesteps(
+            num_inference_steps, device=self.device
+        )  # first: Euler's init_noise_sigma depends on it
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
         z = self.initial_latents()
@@ -247,7 +270,10 @@ class _Sampler:
         shape = (1, self.unet.config.in_channels, self.plan.height // 8, self.plan.width // 8)
         on_gpu = self.plan.generator_device == "cuda"
         where = self.device if on_gpu and self.device.type == "cuda" else torch.device(self.plan.generator_device)
-        noise = [randn_tensor(shape, generator=torch.Generator(where).manual_seed(s), device=where, dtype=self.dtype) for s in self.plan.seeds]
+        noise = [
+            randn_tensor(shape, generator=torch.Generator(where).manual_seed(s), device=where, dtype=self.dtype)
+            for s in self.plan.seeds
+        ]
         return torch.cat(noise).to(self.device) * self.scheduler.init_noise_sigma
 
     def denoise(self, z: torch.Tensor, i: int, t) -> torch.Tensor:
@@ -258,11 +284,15 @@ class _Sampler:
         with self.hooks.reading(sinks, observe=slice(n, 2 * n) if self.cfg else slice(0, n)):
             if self.cfg:
                 x = self.scheduler.scale_model_input(torch.cat([z, z]), t)
-                forward = self.graphed if self.graphed is not None and not sinks else self.eager  # recorded steps run eagerly
+                forward = (
+                    self.graphed if self.graphed is not None and not sinks else self.eager
+                )  # recorded steps run eagerly
                 uncond, cond = forward(x, t, **self.conditioning.unet_kwargs(n, cfg=True)).chunk(2)
                 eps = uncond + self.plan.guidance_scale * (cond - uncond)
             else:
-                eps = self.unet(self.scheduler.scale_model_input(z, t), t, **self.conditioning.unet_kwargs(n, cfg=False)).sample
+                eps = self.unet(
+                    self.scheduler.scale_model_input(z, t), t, **self.conditioning.unet_kwargs(n, cfg=False)
+                ).sample
         if sinks:
             self.recorder.end_step(i, t)
         z = self.scheduler.step(eps, t, z).prev_sample
@@ -305,7 +335,9 @@ class _Sampler:
                 objective = objective + cfg.suppress_scale * suppress_loss(suppressed, cfg.suppress_bound)
             if plan.layout:
                 kl = layout_kl(maps[:, [plan.measured.index(i) for i in plan.layout]], plan.layout_targets)
-                if cfg.layout_update == "joint":  # two_stage: the KL moves the latent first, in its own step (layout_step)
+                if (
+                    cfg.layout_update == "joint"
+                ):  # two_stage: the KL moves the latent first, in its own step (layout_step)
                     objective = objective + cfg.layout_scale * kl.sum(dim=-1)
             return _Measure(leaf, m, loss, objective, suppressed, kl)
 
@@ -344,8 +376,18 @@ class _Sampler:
                 move = move & ~self.nonfinite
                 z = torch.where(move[:, None, None, None], z - alpha * grad, z)
             updated = updated | move
-        self.log(step=i, timestep=int(t), step_size=alpha, threshold=np.nan if threshold is None else threshold, first=first, end=end,
-                 triggered=triggered, iterations=iterations, reached=reached, updated=updated)  # fmt: skip
+        self.log(
+            step=i,
+            timestep=int(t),
+            step_size=alpha,
+            threshold=np.nan if threshold is None else threshold,
+            first=first,
+            end=end,
+            triggered=triggered,
+            iterations=iterations,
+            reached=reached,
+            updated=updated,
+        )
         return z.detach()
 
     def refine(self, z, t, first: _Measure, threshold: float, alpha: float, need_final_grad: bool):
@@ -388,25 +430,70 @@ class _Sampler:
         grad = measure.gradient()
         if measure.nonfinite is not None and measure.nonfinite.any():
             self.nonfinite[measure.nonfinite if rows is None else rows[measure.nonfinite]] = True
-            warnings.warn("non-finite A&E gradient: the affected samples were not moved at this step (see trace.nonfinite)", stacklevel=2)
+            warnings.warn(
+                "non-finite A&E gradient: the affected samples were not moved at this step (see trace.nonfinite)",
+                stacklevel=2,
+            )
         return grad
 
-    def log(self, *, step, timestep, step_size, threshold, first: _Measure, end: _Measure, triggered, iterations, reached, updated) -> None:
+    def log(
+        self,
+        *,
+        step,
+        timestep,
+        step_size,
+        threshold,
+        first: _Measure,
+        end: _Measure,
+        triggered,
+        iterations,
+        reached,
+        updated,
+    ) -> None:
         """One guided step's trace rows (kept on the device until the run ends)."""
         suppressed = None if first.suppressed is None else suppress_loss(first.suppressed, self.config.suppress_bound)
-        self.traces.add(step=step, timestep=timestep, step_size=step_size, threshold=threshold, tensors=dict(
-            max_attention=first.m, loss=first.loss, suppress_loss=suppressed, layout_kl=first.kl, objective=first.objective,
-            triggered=triggered, refinement_iterations=iterations, reached=reached, updated=updated, final_max_attention=end.m,
-            final_loss=end.loss, final_objective=end.objective, nonfinite=self.nonfinite,
-        ))  # fmt: skip
+        self.traces.add(
+            step=step,
+            timestep=timestep,
+            step_size=step_size,
+            threshold=threshold,
+            tensors=dict(
+                max_attention=first.m,
+                loss=first.loss,
+                suppress_loss=suppressed,
+                layout_kl=first.kl,
+                objective=first.objective,
+                triggered=triggered,
+                refinement_iterations=iterations,
+                reached=reached,
+                updated=updated,
+                final_max_attention=end.m,
+                final_loss=end.loss,
+                final_objective=end.objective,
+                nonfinite=self.nonfinite,
+            ),
+        )
 
 
 # -- preparation ---------------------------------------------------------------------------------
 def plan_run(
-    pipe, prompt: str, *, tokens=(), seeds=(0,), config: GuidanceConfig | None = None, suppress=(), layout=None,
-    num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
-    output_type: str = "pil", record: Record | None = None, generator_device: str = "cpu", fast: bool | None = None,
-) -> RunPlan:  # fmt: skip
+    pipe,
+    prompt: str,
+    *,
+    tokens=(),
+    seeds=(0,),
+    config: GuidanceConfig | None = None,
+    suppress=(),
+    layout=None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    output_type: str = "pil",
+    record: Record | None = None,
+    generator_device: str = "cpu",
+    fast: bool | None = None,
+) -> RunPlan:
     """Check every argument of :func:`generate` against ``pipe`` and decide the run, before any
     denoising (each failure is one clear :class:`AnelabError`). The one pre-flight check: the study
     runner calls it for every (variant, prompt) before making any image."""
@@ -422,9 +509,13 @@ def plan_run(
     if generator_device not in GENERATOR_DEVICES:
         raise AnelabError(f"generator_device must be one of {GENERATOR_DEVICES}, got {generator_device!r}")
     if generator_device == "cuda" and not torch.cuda.is_available():
-        raise AnelabError("generator_device='cuda' draws the noise with torch.Generator('cuda') as the official code does; torch sees no GPU here")
+        raise AnelabError(
+            "generator_device='cuda' draws the noise with torch.Generator('cuda') as the official code does; torch sees no GPU here"
+        )
     if fast and not fast_path.available(pipe.unet.device):
-        raise AnelabError(f"fast=True replays CUDA graphs and needs the pipeline on a CUDA GPU; it is on {pipe.unet.device} (leave fast=None)")
+        raise AnelabError(
+            f"fast=True replays CUDA graphs and needs the pipeline on a CUDA GPU; it is on {pipe.unet.device} (leave fast=None)"
+        )
     if config is not None and not isinstance(config, GuidanceConfig):
         raise AnelabError(f"config must be a GuidanceConfig or None (plain SD), got {type(config).__name__}")
     scale = getattr(pipe, "vae_scale_factor", 8)
@@ -447,7 +538,9 @@ def plan_run(
     layout_targets = None
     if config is not None:
         if not measured:
-            raise AnelabError("guidance needs subject tokens (tokens=[...]), suppress=[...] or layout={...}; use config=None for plain SD")
+            raise AnelabError(
+                "guidance needs subject tokens (tokens=[...]), suppress=[...] or layout={...}; use config=None for plain SD"
+            )
         guidance_layers = hk.layers_at(layers, config.attention_res)
         if not guidance_layers:
             available = sorted({layer.res for layer in layers}, reverse=True)
@@ -457,19 +550,34 @@ def plan_run(
             )
         h, w = guidance_layers[0].shape
         if config.smooth and config.kernel_size // 2 >= min(h, w):
-            raise AnelabError(f"kernel_size {config.kernel_size} is too large for {h}x{w} attention maps (at most {2 * min(h, w) - 1})")
+            raise AnelabError(
+                f"kernel_size {config.kernel_size} is too large for {h}x{w} attention maps (at most {2 * min(h, w) - 1})"
+            )
         config.check_schedule(len(timesteps))
         step_sizes = config.step_sizes(len(timesteps))
         if targets:
             layout_targets = torch.stack([gaussian_target(p, (h, w), config.layout_sigma) for p in targets.values()])
     eot = eot_index(pipe.tokenizer, prompt)
-    normaliser = config or GuidanceConfig()  # its token columns as this model reads them (§1.3): the loss, the trace and the recording
+    normaliser = (
+        config or GuidanceConfig()
+    )  # its token columns as this model reads them (§1.3): the loss, the trace and the recording
     columns = models.softmax_tokens(pipe, normaliser.softmax_tokens)
     if columns != normaliser.softmax_tokens:
         normaliser = normaliser.replace(softmax_tokens=columns)
     if record is not None:
-        record = plan_record(record, pipe=pipe, prompt=prompt, subjects=measured, eot=eot, seeds=seeds, timesteps=timesteps,
-                             layers=layers, config=normaliser, height=height, width=width)  # fmt: skip
+        record = plan_record(
+            record,
+            pipe=pipe,
+            prompt=prompt,
+            subjects=measured,
+            eot=eot,
+            seeds=seeds,
+            timesteps=timesteps,
+            layers=layers,
+            config=normaliser,
+            height=height,
+            width=width,
+        )
     return RunPlan(
         prompt=prompt,
         token_indices=token_indices,
@@ -508,7 +616,9 @@ def _suppress_and_layout(tokenizer, prompt, excited, suppress, layout, config):
     both = sorted(set(excited) & set(suppress_indices))
     if both:
         names = [prompt_tokens(tokenizer, prompt)[i] for i in both]
-        raise AnelabError(f"token(s) {names} are both excited (tokens=) and suppressed (suppress=); a token can only be one")
+        raise AnelabError(
+            f"token(s) {names} are both excited (tokens=) and suppressed (suppress=); a token can only be one"
+        )
     if layout is None:
         layout = {}
     if not isinstance(layout, Mapping):
@@ -518,7 +628,9 @@ def _suppress_and_layout(tokenizer, prompt, excited, suppress, layout, config):
         position = resolve_tokens(tokenizer, prompt, [token])[0]
         targets[position] = layout_point(token, point)
         if position in suppress_indices:
-            raise AnelabError(f"layout token {token!r} is also suppressed; a suppressed token cannot have a layout target")
+            raise AnelabError(
+                f"layout token {token!r} is also suppressed; a suppressed token cannot have a layout target"
+            )
     if (suppress_indices or targets) and config is None:
         raise AnelabError("suppress= and layout= need a GuidanceConfig (config=None is plain Stable Diffusion)")
     return suppress_indices, targets
@@ -528,7 +640,9 @@ def layout_point(token, point) -> tuple[float, float]:
     """A layout target ``(x, y)`` with 0 <= x, y <= 1 (x right, y down), or a one-line error (the one check of a point)."""
     ok = isinstance(point, (tuple, list)) and len(point) == 2 and all(is_number(v) and 0 <= v <= 1 for v in point)
     if not ok:
-        raise AnelabError(f"layout point for {token!r} must be (x, y) with 0 <= x, y <= 1 (x right, y down), got {point!r}")
+        raise AnelabError(
+            f"layout point for {token!r} must be (x, y) with 0 <= x, y <= 1 (x right, y down), got {point!r}"
+        )
     return float(point[0]), float(point[1])
 
 
@@ -552,7 +666,9 @@ def _decode(pipe, latents: torch.Tensor, output_type: str):
     vae = pipe.vae
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
     if mean is not None and std is not None:
-        latents = latents * torch.tensor(std).view(1, -1, 1, 1).to(latents) / vae.config.scaling_factor + torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        latents = latents * torch.tensor(std).view(1, -1, 1, 1).to(latents) / vae.config.scaling_factor + torch.tensor(
+            mean
+        ).view(1, -1, 1, 1).to(latents)
     else:
         latents = latents / vae.config.scaling_factor
     image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]

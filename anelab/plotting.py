@@ -45,15 +45,24 @@ def _label(panel, xlabel: str, ylabel: str, title: str, legend: str | None = "",
 
 
 SCALES = {"token": "shared across steps (this token)", "all": "shared (all tokens)", "map": "this map"}  # colour scales
-VIEWS = {"over": "over the image (cells)", "smooth": "over the image (smoothed)", "beside": "image beside", "map": "map only"}
+VIEWS = {
+    "over": "over the image (cells)",
+    "smooth": "over the image (smoothed)",
+    "beside": "image beside",
+    "map": "map only",
+}
 EDGES_UP_TO = 16  # cell edges are drawn on maps up to this side (the coarse ones); finer grids would turn into a mesh
 
 
 def _check(scale: str, view: str) -> None:
     if scale not in SCALES:
-        raise AnelabError(f"scale must be one of {list(SCALES)} ({'; '.join(f'{k}: {v}' for k, v in SCALES.items())}), got {scale!r}")
+        raise AnelabError(
+            f"scale must be one of {list(SCALES)} ({'; '.join(f'{k}: {v}' for k, v in SCALES.items())}), got {scale!r}"
+        )
     if view not in VIEWS:
-        raise AnelabError(f"view must be one of {list(VIEWS)} ({'; '.join(f'{k}: {v}' for k, v in VIEWS.items())}), got {view!r}")
+        raise AnelabError(
+            f"view must be one of {list(VIEWS)} ({'; '.join(f'{k}: {v}' for k, v in VIEWS.items())}), got {view!r}"
+        )
 
 
 def _image_of(images, cache: AttentionCache, seed: int | None):
@@ -64,7 +73,9 @@ def _image_of(images, cache: AttentionCache, seed: int | None):
         return images[cache.seeds[cache.seed_row(seed)]]
     if isinstance(images, (list, tuple)):
         if len(images) != len(cache.seeds):
-            raise AnelabError(f"got {len(images)} images for {len(cache.seeds)} recorded seeds; pass one image or one per seed")
+            raise AnelabError(
+                f"got {len(images)} images for {len(cache.seeds)} recorded seeds; pass one image or one per seed"
+            )
         return images[cache.seed_row(seed)]
     return images
 
@@ -73,7 +84,9 @@ def named_runs(runs) -> dict[str, AttentionCache]:
     """``runs`` as ``{name: cache}``: one cache (named ``""``) or a mapping of named caches of one prompt."""
     named = dict(runs) if isinstance(runs, Mapping) else {"": runs}
     if not named or not all(isinstance(cache, AttentionCache) for cache in named.values()):
-        raise AnelabError("runs must be an AttentionCache or a non-empty {name: AttentionCache} mapping, e.g. {'SD': sd.attention, 'A&E': ae.attention}")
+        raise AnelabError(
+            "runs must be an AttentionCache or a non-empty {name: AttentionCache} mapping, e.g. {'SD': sd.attention, 'A&E': ae.attention}"
+        )
     prompts = sorted({cache.prompt for cache in named.values()})
     if len(prompts) > 1:
         raise AnelabError(f"runs side by side must share one prompt (token positions differ otherwise); got {prompts}")
@@ -97,7 +110,11 @@ def _cell_reader(values: np.ndarray):
 
     def read(x: float, y: float) -> str:
         col, row = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
-        return f"cell x={col}, y={row}: attention {values[row, col]:.4f}" if 0 <= row < h and 0 <= col < w else f"x={x:.1f}, y={y:.1f}"
+        return (
+            f"cell x={col}, y={row}: attention {values[row, col]:.4f}"
+            if 0 <= row < h and 0 <= col < w
+            else f"x={x:.1f}, y={y:.1f}"
+        )
 
     return read
 
@@ -162,10 +179,21 @@ def _where(cache: AttentionCache, res: int | None, layer: str | None, head: int 
 
 
 def attention_map(
-    cache: AttentionCache, *, token: str | int, step: int, res: int | None = None, layer: str | None = None,
-    head: int | None = None, seed: int | None = None, image=None, alpha: float = 0.6, scale: str = "token",
-    vmax: float | None = None, view: str = "over", ax=None,
-) -> Figure:  # fmt: skip
+    cache: AttentionCache,
+    *,
+    token: str | int,
+    step: int,
+    res: int | None = None,
+    layer: str | None = None,
+    head: int | None = None,
+    seed: int | None = None,
+    image=None,
+    alpha: float = 0.6,
+    scale: str = "token",
+    vmax: float | None = None,
+    view: str = "over",
+    ax=None,
+) -> Figure:
     """One token's recorded map (the mean at ``res``, a layer's — by path or short name — or one of its heads).
 
     Colour scale: ``vmax``, else ``scale`` (``SCALES``): ``"token"`` (default) the token's maximum over every
@@ -186,16 +214,31 @@ def attention_map(
     top = vmax if vmax is not None else _vmax([cache], scale, heat, token=token, **where)
     mappable = _draw(panel, heat, image=picture, vmax=top, alpha=alpha, view=view)
     seed_label = cache.seeds[cache.seed_row(seed)]
-    panel.set_title(f"'{cache.token_label(token)}' · {_where(cache, res, layer, head)}\n{_step_label(cache, step)} · seed {seed_label}", fontsize=9)
+    panel.set_title(
+        f"'{cache.token_label(token)}' · {_where(cache, res, layer, head)}\n{_step_label(cache, step)} · seed {seed_label}",
+        fontsize=9,
+    )
     fig.colorbar(mappable, ax=panel, label=f"attention · {'fixed' if vmax is not None else SCALES[scale]}", shrink=0.8)
     return fig
 
 
 def attention_grid(
-    cache: AttentionCache, *, step: int | Sequence[int] | None = None, res: int | Sequence[int] | None = None,
-    tokens: Sequence[str | int] | None = None, layer: str | None = None, head: int | None = None, seed: int | None = None,
-    image=None, alpha: float = 0.6, max_columns: int = 6, vmax: float | None = None, view: str = "over", title: str = "", ax=None,
-) -> Figure:  # fmt: skip
+    cache: AttentionCache,
+    *,
+    step: int | Sequence[int] | None = None,
+    res: int | Sequence[int] | None = None,
+    tokens: Sequence[str | int] | None = None,
+    layer: str | None = None,
+    head: int | None = None,
+    seed: int | None = None,
+    image=None,
+    alpha: float = 0.6,
+    max_columns: int = 6,
+    vmax: float | None = None,
+    view: str = "over",
+    title: str = "",
+    ax=None,
+) -> Figure:
     """Tokens × resolutions at one ``step``, or tokens × steps at one ``res``, on one colour scale
     (``vmax``, else the largest map shown). ``title`` goes before the generated one (prompt, seed, step),
     e.g. the run's name.
@@ -218,11 +261,16 @@ def attention_grid(
             steps = [steps[k] for k in np.linspace(0, len(steps) - 1, max_columns).round().astype(int)]
         columns = [("step", s) for s in steps]
     else:
-        raise AnelabError("give one step (a tokens x resolutions grid) or one res (a tokens x steps grid), e.g. step=0 or res=16")
+        raise AnelabError(
+            "give one step (a tokens x resolutions grid) or one res (a tokens x steps grid), e.g. step=0 or res=16"
+        )
     rows = [cache.token_index(t) for t in tokens] if tokens is not None else (cache.subjects or list(cache.tokens))
     where = dict(layer=layer, head=head, seed=seed)
     heats = [
-        [cache.maps(token=t, step=step if kind == "res" else v, res=v if kind == "res" else res, **where) for kind, v in columns]
+        [
+            cache.maps(token=t, step=step if kind == "res" else v, res=v if kind == "res" else res, **where)
+            for kind, v in columns
+        ]
         for t in rows
     ]
     top = vmax if vmax is not None else max(float(h.max()) for row in heats for h in row)
@@ -239,16 +287,35 @@ def attention_grid(
         axes[r, beside].set_ylabel(cache.token_label(token), fontsize=10)
     fig.colorbar(mappable, ax=axes[:, beside:], label="attention probability (shared scale)", shrink=0.8)
     chosen = layer not in (None, MEAN) or head is not None
-    fixed = _step_label(cache, step) + (f" · {_where(cache, res, layer, head)}" if chosen else "") if one_step else _where(cache, res, layer, head)
-    fig.suptitle(f"{title + ': ' if title else ''}{cache.prompt!r} · seed {cache.seeds[cache.seed_row(seed)]} · {fixed}", fontsize=10)
+    fixed = (
+        _step_label(cache, step) + (f" · {_where(cache, res, layer, head)}" if chosen else "")
+        if one_step
+        else _where(cache, res, layer, head)
+    )
+    fig.suptitle(
+        f"{title + ': ' if title else ''}{cache.prompt!r} · seed {cache.seeds[cache.seed_row(seed)]} · {fixed}",
+        fontsize=10,
+    )
     return fig
 
 
 def attention_compare(
-    runs: AttentionCache | Mapping[str, AttentionCache], *, step: int, res: int | None = None,
-    tokens: Sequence[str | int] | None = None, layer: str | None = None, head: int | None = None, seed: int | None = None,
-    images=None, alpha: float = 0.6, scale: str = "all", vmax: float | None = None, view: str = "over", title: str = "", ax=None,
-) -> Figure:  # fmt: skip
+    runs: AttentionCache | Mapping[str, AttentionCache],
+    *,
+    step: int,
+    res: int | None = None,
+    tokens: Sequence[str | int] | None = None,
+    layer: str | None = None,
+    head: int | None = None,
+    seed: int | None = None,
+    images=None,
+    alpha: float = 0.6,
+    scale: str = "all",
+    vmax: float | None = None,
+    view: str = "over",
+    title: str = "",
+    ax=None,
+) -> Figure:
     """Runs (rows) × tokens (columns) at one ``step`` and resolution, side by side: e.g. plain SD next to
     A&E for the same seed, ``attention_compare({"SD": sd.attention, "A&E": ae.attention}, step=10,
     images={"SD": sd.images, "A&E": ae.images})``. One unnamed cache gives a row of its tokens.
@@ -276,27 +343,43 @@ def attention_compare(
             _picture(axes[r, 0], picture, f"{name} image".strip())
         for c, token in enumerate(columns):
             heat = cache.maps(token=token, step=step, **where)
-            top = vmax if vmax is not None else _vmax(caches, scale, heat, token=token, **where)  # "token"/"all": same for every run
+            top = (
+                vmax if vmax is not None else _vmax(caches, scale, heat, token=token, **where)
+            )  # "token"/"all": same for every run
             mappable = _draw(panels[r, c], heat, image=picture, vmax=top, alpha=alpha, view=view)
             panels[r, c].set_title(" · ".join(filter(None, [name, f"'{cache.token_label(token)}'"])), fontsize=9)
             if scale == "map" and vmax is None:
                 fig.colorbar(mappable, ax=panels[r, c], shrink=0.8)
     if vmax is not None or scale == "all":
-        fig.colorbar(mappable, ax=panels, label=f"attention · {'fixed' if vmax is not None else SCALES['all']}", shrink=0.8)
+        fig.colorbar(
+            mappable, ax=panels, label=f"attention · {'fixed' if vmax is not None else SCALES['all']}", shrink=0.8
+        )
     elif scale == "token":
         for c, token in enumerate(columns):
-            fig.colorbar(panels[-1, c].images[-1], ax=panels[:, c], location="bottom", shrink=0.8, label=f"'{first.token_label(token)}' (over steps)")
-    context = f"seed {first.seeds[first.seed_row(seed)]} · {_step_label(first, step)} · {_where(first, res, layer, head)}"
+            fig.colorbar(
+                panels[-1, c].images[-1],
+                ax=panels[:, c],
+                location="bottom",
+                shrink=0.8,
+                label=f"'{first.token_label(token)}' (over steps)",
+            )
+    context = (
+        f"seed {first.seeds[first.seed_row(seed)]} · {_step_label(first, step)} · {_where(first, res, layer, head)}"
+    )
     note = f" · colour: {SCALES[scale]}" if vmax is None and scale != "all" else ""
     fig.suptitle(f"{title + ': ' if title else ''}{first.prompt!r} · {context}{note}", fontsize=10)
     return fig
 
 
 def attention_trends(
-    runs: Mapping[str, pd.DataFrame] | pd.DataFrame, *, quantiles: Sequence[float] = DEFAULT_QUANTILES,
-    resolutions: Sequence[int] | None = None, value: str = "max_attention", thresholds: Mapping[str, Mapping[int, float]] | None = None,
+    runs: Mapping[str, pd.DataFrame] | pd.DataFrame,
+    *,
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    resolutions: Sequence[int] | None = None,
+    value: str = "max_attention",
+    thresholds: Mapping[str, Mapping[int, float]] | None = None,
     ax=None,
-) -> Figure:  # fmt: skip
+) -> Figure:
     """Quantiles over images of the higher- and lower-attended subject token's ``value`` per denoising step
     (STUDIES.md 02, attention trends): one panel per (run, resolution), the quantiles as nested bands around
     the median (lightest = widest), higher subject in blue, lower in orange, and each run's threshold steps
@@ -326,13 +409,22 @@ def attention_trends(
             panel = axes[r, c]
             part = trends[(trends.run == name) & (trends.res == res)]
             for rank, colour in colours.items():
-                curves = {q: part[(part.token_rank == rank) & (part["quantile"] == q)].sort_values("step") for q in ordered}
+                curves = {
+                    q: part[(part.token_rank == rank) & (part["quantile"] == q)].sort_values("step") for q in ordered
+                }
                 median = curves[ordered[-1]]
                 panel.plot(median.step, median.value, color=colour, lw=1.6, label=f"{rank} subject, q{ordered[-1]:g}")
                 for k, q in enumerate(ordered[:-1]):  # each lower quantile bounds a band up to the top one
                     low = curves[q]
-                    panel.fill_between(low.step, low.value, median.value.to_numpy(), color=colour, alpha=0.12 + 0.08 * k, lw=0,
-                                       label=f"{rank}: q{q:g}–q{ordered[-1]:g}" if r == 0 and c == len(resolutions) - 1 else None)  # fmt: skip
+                    panel.fill_between(
+                        low.step,
+                        low.value,
+                        median.value.to_numpy(),
+                        color=colour,
+                        alpha=0.12 + 0.08 * k,
+                        lw=0,
+                        label=f"{rank}: q{q:g}–q{ordered[-1]:g}" if r == 0 and c == len(resolutions) - 1 else None,
+                    )
             for step, threshold in ((thresholds or {}).get(name) or {}).items():
                 panel.axvline(step, color="grey", lw=0.6, ls=":")
                 panel.plot([step], [threshold], marker="_", ms=14, mew=2, color="crimson")
@@ -368,13 +460,24 @@ def cross_resolution_curves(effect: pd.DataFrame, ax=None) -> Figure:
             panel.plot(curve.step, curve.difference, marker=".", label=f"res {res}")
         panel.axhline(0, color="black", lw=0.6)
         panel.xaxis.set_major_locator(MaxNLocator(integer=True))
-        _label(panel, "denoising step (loop index)", "lower subject: Δ smoothed max vs SD" if panel is axes[0, 0] else "",
-               f"guided: {variant}", legend="recorded at" if panel is axes[0, -1] else None)  # fmt: skip
+        _label(
+            panel,
+            "denoising step (loop index)",
+            "lower subject: Δ smoothed max vs SD" if panel is axes[0, 0] else "",
+            f"guided: {variant}",
+            legend="recorded at" if panel is axes[0, -1] else None,
+        )
     return fig
 
 
-def measure_intervals(summary: pd.DataFrame, measure: str, hue: str = "variant", x: str = "category",
-                      descriptions: Mapping[str, str] | None = None, ax=None) -> Figure:  # fmt: skip
+def measure_intervals(
+    summary: pd.DataFrame,
+    measure: str,
+    hue: str = "variant",
+    x: str = "category",
+    descriptions: Mapping[str, str] | None = None,
+    ax=None,
+) -> Figure:
     """Mean of ``measure`` per ``x`` (category) and ``hue`` (variant) as points with 95% CI whiskers, from
     :func:`anelab.analysis.summarize` (points, not bars: the axis does not start at zero). ``descriptions``
     ({variant: what it is}) label the legend."""
@@ -411,8 +514,16 @@ def paired_intervals(differences: pd.DataFrame, measure: str, by: str = "categor
     return fig
 
 
-def image_grid(images: Sequence, row_labels: Sequence[str], col_labels: Sequence[str], title: str = "",
-               captions: Sequence[str] | None = None, marks: Sequence | None = None, panel: float = 2.6, ax=None) -> Figure:  # fmt: skip
+def image_grid(
+    images: Sequence,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str = "",
+    captions: Sequence[str] | None = None,
+    marks: Sequence | None = None,
+    panel: float = 2.6,
+    ax=None,
+) -> Figure:
     """Images (PIL, arrays or paths) in ``len(row_labels) x len(col_labels)`` order, labelled; ``captions``
     (one per image) go under the tiles (e.g. scores), ``marks`` (one per image: None, or a point (x, y) in
     [0, 1] image coordinates) are drawn as a cross (a layout target)."""
@@ -452,22 +563,39 @@ def guidance_rates(stats: pd.DataFrame, hue: str = "variant", max_step: int | No
     fig, axes = _axes_grid(ax, 1, 2, panel=3.8)
     names = list(dict.fromkeys(per_step[hue]))
     offsets = np.linspace(-0.25, 0.25, len(names)) if len(names) > 1 else [0.0]
-    for panel, column, n_column, label in zip(axes[0], ("guidance_rate", "success_rate"), ("pairs", "triggered"),
-                                             ("guidance rate (share of pairs triggered)", "success rate (share of triggered reaching)")):  # fmt: skip
+    for panel, column, n_column, label in zip(
+        axes[0],
+        ("guidance_rate", "success_rate"),
+        ("pairs", "triggered"),
+        ("guidance rate (share of pairs triggered)", "success rate (share of triggered reaching)"),
+    ):
         for name, offset in zip(names, offsets):
             part = per_step[per_step[hue] == name].sort_values("step")
             low, high = part[f"{column}_low"], part[f"{column}_high"]
             errors = np.vstack([part[column] - low, high - part[column]]).clip(min=0)
-            panel.errorbar(part.step + offset, part[column], yerr=np.nan_to_num(errors), fmt="o-", ms=4, capsize=2, lw=1, label=str(name))
+            panel.errorbar(
+                part.step + offset,
+                part[column],
+                yerr=np.nan_to_num(errors),
+                fmt="o-",
+                ms=4,
+                capsize=2,
+                lw=1,
+                label=str(name),
+            )
             if column == "success_rate":
                 for step, value, n in zip(part.step, part[column], part[n_column]):
                     if not np.isnan(value):
-                        panel.annotate(f"n={n}", (step + offset, value), textcoords="offset points", xytext=(3, 4), fontsize=6)
+                        panel.annotate(
+                            f"n={n}", (step + offset, value), textcoords="offset points", xytext=(3, 4), fontsize=6
+                        )
         steps = sorted(per_step.step.unique())
         panel.set_xticks(steps)
         panel.set_xlim(-1, max(max_step or 0, max(steps)) + 1)
         panel.set_ylim(-0.03, 1.05)
-        _label(panel, "threshold step (denoising loop index)", label, label, legend=hue if panel is axes[0, 1] else None)
+        _label(
+            panel, "threshold step (denoising loop index)", label, label, legend=hue if panel is axes[0, 1] else None
+        )
     return fig
 
 
@@ -483,7 +611,13 @@ def step_size_schedules(configs: Mapping, n_iterations: int = 51, ax=None) -> Fi
         steps = [s for s in config.thresholds if s < len(alphas)]
         panel.plot(steps, alphas[steps], "o", ms=4, color=line.get_color())
     panel.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _label(panel, "loop index i (dots: threshold steps)", "step size α_i", "Step-size schedules (regular updates)", legend="variant")
+    _label(
+        panel,
+        "loop index i (dots: threshold steps)",
+        "step size α_i",
+        "Step-size schedules (regular updates)",
+        legend="variant",
+    )
     return fig
 
 
@@ -503,7 +637,9 @@ def tradeoff(frame: pd.DataFrame, x: str, measures: Sequence[str], log_x: bool =
     return fig
 
 
-def attention_box(steered: pd.DataFrame, variants: Sequence[str], bound: float | None = None, title: str = "", ax=None) -> Figure:
+def attention_box(
+    steered: pd.DataFrame, variants: Sequence[str], bound: float | None = None, title: str = "", ax=None
+) -> Figure:
     """Per-image smoothed max attention of a steered subject (rows of :func:`anelab.analysis.steered_subject`)
     per variant as box plots, with the suppression bound as a dashed line."""
     missing = [v for v in variants if v not in set(steered.variant)]
@@ -531,25 +667,46 @@ def layout_arrows(layout: pd.DataFrame, ax=None) -> Figure:
     panel = axes[0, 0]
     colours = iter(["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"] * 4)
     reference = layout[layout.run == "reference"].iloc[0]
-    panel.scatter([reference.centroid_x], [reference.centroid_y], marker="o", s=40, color="black", label=f"{reference.variant} (reference)")
+    panel.scatter(
+        [reference.centroid_x],
+        [reference.centroid_y],
+        marker="o",
+        s=40,
+        color="black",
+        label=f"{reference.variant} (reference)",
+    )
     for name, rows in layout.groupby("target", sort=False):
         start, end = rows.set_index("run").loc["reference"], rows.set_index("run").loc["steered"]
         colour = next(colours)
-        panel.annotate("", xy=(end.centroid_x, end.centroid_y), xytext=(start.centroid_x, start.centroid_y),
-                       arrowprops=dict(arrowstyle="->", color=colour, lw=1.5, shrinkA=0, shrinkB=0))  # fmt: skip
+        panel.annotate(
+            "",
+            xy=(end.centroid_x, end.centroid_y),
+            xytext=(start.centroid_x, start.centroid_y),
+            arrowprops=dict(arrowstyle="->", color=colour, lw=1.5, shrinkA=0, shrinkB=0),
+        )
         panel.scatter([end.centroid_x], [end.centroid_y], marker="o", s=25, color=colour, label=f"{name} (steered)")
         panel.scatter([end.target_x], [end.target_y], marker="x", s=70, color=colour, label=f"{name} target")
     panel.set_xlim(0, 1)
     panel.set_ylim(1, 0)  # y down, as in the image
     panel.set_aspect("equal")
-    _label(panel, "centroid x (0 = left, 1 = right)", "centroid y (0 = top, 1 = bottom)",
-           "Attention centroid: reference (arrow start) → steered (arrow end)")  # fmt: skip
+    _label(
+        panel,
+        "centroid x (0 = left, 1 = right)",
+        "centroid y (0 = top, 1 = bottom)",
+        "Attention centroid: reference (arrow start) → steered (arrow end)",
+    )
     return fig
 
 
-def sweep_images(results: pd.DataFrame, variants: Sequence[str], examples: int | Sequence[tuple[str, int]] = 3, title: str = "",
-                 caption: Sequence[str] = ("min_object", "all_present"), marks: Mapping[str, tuple[float, float]] | None = None,
-                 ax=None) -> Figure:  # fmt: skip
+def sweep_images(
+    results: pd.DataFrame,
+    variants: Sequence[str],
+    examples: int | Sequence[tuple[str, int]] = 3,
+    title: str = "",
+    caption: Sequence[str] = ("min_object", "all_present"),
+    marks: Mapping[str, tuple[float, float]] | None = None,
+    ax=None,
+) -> Figure:
     """(prompt, seed) pairs of a study (columns: the first ``examples``, or the pairs given) under each variant
     (rows), from :func:`anelab.runs.load_results`; each tile captioned with its ``caption`` scores, and a
     variant's layout target marked (``marks``: {variant: (x, y)})."""
@@ -557,7 +714,11 @@ def sweep_images(results: pd.DataFrame, variants: Sequence[str], examples: int |
     if missing:
         raise AnelabError(f"variant(s) {missing} are not in these results ({sorted(set(results.variant))})")
     if isinstance(examples, int):
-        pairs = list(results.drop_duplicates(["prompt", "seed"]).head(examples)[["prompt", "seed"]].itertuples(index=False, name=None))
+        pairs = list(
+            results.drop_duplicates(["prompt", "seed"])
+            .head(examples)[["prompt", "seed"]]
+            .itertuples(index=False, name=None)
+        )
     else:
         pairs = [tuple(p) for p in examples]
     table = results.set_index(["variant", "prompt", "seed"])
@@ -569,10 +730,20 @@ def sweep_images(results: pd.DataFrame, variants: Sequence[str], examples: int |
             images.append(row.image)
             captions.append(" · ".join(f"{c} {row[c]:.3g}" for c in shown if pd.notna(row[c])))
     tile_marks = [(marks or {}).get(v) for v in variants for _ in pairs]
-    return image_grid(images, list(variants), [f"{p} · seed {s}" for p, s in pairs], title=title, captions=captions, marks=tile_marks, ax=ax)
+    return image_grid(
+        images,
+        list(variants),
+        [f"{p} · seed {s}" for p, s in pairs],
+        title=title,
+        captions=captions,
+        marks=tile_marks,
+        ax=ax,
+    )
 
 
-def architecture_comparison(comparison: pd.DataFrame, profile: pd.DataFrame, measure: str = "min_object", ax=None) -> Figure:
+def architecture_comparison(
+    comparison: pd.DataFrame, profile: pd.DataFrame, measure: str = "min_object", ax=None
+) -> Figure:
     """Across models (06, architectures), against the image pixels per attention cell (the same fraction of the
     image on every model; each point labelled with its resolution): plain SD's lower-subject smoothed max
     (:func:`anelab.analysis.attention_profile`), A&E's paired ``measure`` difference from the model's plain SD with
@@ -582,9 +753,11 @@ def architecture_comparison(comparison: pd.DataFrame, profile: pd.DataFrame, mea
     fig, axes = _axes_grid(ax, 1, 3, panel=3.2)
     models = list(dict.fromkeys([*profile.model, *comparison.model]))
     colours = {m: f"C{k}" for k, m in enumerate(models)}
-    panels = [(axes[0, 0], profile, "lower", None, "plain SD: lower subject's smoothed max"),
-              (axes[0, 1], comparison, "difference", "ci", f"A&E − SD: {measure} (paired, 95% CI)"),
-              (axes[0, 2], comparison, "guidance_rate", None, "A&E: guidance rate")]  # fmt: skip
+    panels = [
+        (axes[0, 0], profile, "lower", None, "plain SD: lower subject's smoothed max"),
+        (axes[0, 1], comparison, "difference", "ci", f"A&E − SD: {measure} (paired, 95% CI)"),
+        (axes[0, 2], comparison, "guidance_rate", None, "A&E: guidance rate"),
+    ]
     ticks = sorted({*profile.px_per_cell, *comparison.px_per_cell})
     for panel, frame, column, interval, title in panels:
         for model in models:
@@ -593,12 +766,27 @@ def architecture_comparison(comparison: pd.DataFrame, profile: pd.DataFrame, mea
                 continue
             if interval:
                 low, high = (part[column] - part.ci_low).fillna(0), (part.ci_high - part[column]).fillna(0)
-                panel.errorbar(part.px_per_cell, part[column], yerr=[low, high], marker="o", capsize=3, color=colours[model], label=model)
+                panel.errorbar(
+                    part.px_per_cell,
+                    part[column],
+                    yerr=[low, high],
+                    marker="o",
+                    capsize=3,
+                    color=colours[model],
+                    label=model,
+                )
             else:
                 panel.plot(part.px_per_cell, part[column], marker="o", color=colours[model], label=model)
             for x, y, res in zip(part.px_per_cell, part[column], part.res):
                 if pd.notna(y):
-                    panel.annotate(str(int(res)), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=colours[model])
+                    panel.annotate(
+                        str(int(res)),
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(3, 3),
+                        fontsize=7,
+                        color=colours[model],
+                    )
         if column == "difference":
             panel.axhline(0, color="black", lw=0.8, ls="--")
         panel.set_xscale("log", base=2)
@@ -606,5 +794,8 @@ def architecture_comparison(comparison: pd.DataFrame, profile: pd.DataFrame, mea
             panel.set_xticks(ticks, [f"{t:g}" for t in ticks])
             panel.minorticks_off()
         _label(panel, "image px per attention cell", column, title, legend="model" if panel is axes[0, 2] else None)
-    fig.suptitle("Which resolution carries the subjects, and where guidance works, per architecture (point labels: resolution)", fontsize=10)
+    fig.suptitle(
+        "Which resolution carries the subjects, and where guidance works, per architecture (point labels: resolution)",
+        fontsize=10,
+    )
     return fig

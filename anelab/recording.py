@@ -36,9 +36,13 @@ class Record:
     before sampling, with its size and how to shrink it.
     """
 
-    resolutions: Sequence[int] | None = None  # attention grid sides to record; None = every one the model has (anelab.attention_resolutions: SD 1.x 8/16/32/64, SDXL 32/64)
+    resolutions: Sequence[int] | None = (
+        None  # attention grid sides to record; None = every one the model has (anelab.attention_resolutions: SD 1.x 8/16/32/64, SDXL 32/64)
+    )
     steps: Sequence[int] | None = None  # loop indices to record; None = every iteration
-    tokens: str | Sequence[str | int] = "subjects"  # "subjects" (the guided tokens), "prompt" (all, incl. <eot>) or a list
+    tokens: str | Sequence[str | int] = (
+        "subjects"  # "subjects" (the guided tokens), "prompt" (all, incl. <eot>) or a list
+    )
     maps: bool = True  # keep the maps; False keeps only the token statistics (cheap scalars)
     heads: bool = False  # keep every head's map, [n_seeds, heads, h, w, K] per (step, layer), instead of the head mean (x heads memory)
     dtype: torch.dtype = torch.float16  # dtype of the kept maps (statistics are computed in fp32)
@@ -47,8 +51,12 @@ class Record:
     def __post_init__(self):
         if self.resolutions is not None:
             resolutions = (self.resolutions,) if isinstance(self.resolutions, int) else tuple(self.resolutions)
-            if not resolutions or any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1 for r in resolutions):
-                raise AnelabError(f"Record.resolutions must be None (all) or positive ints (8, 16, 32, 64 at 512 px), got {self.resolutions!r}")
+            if not resolutions or any(
+                isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1 for r in resolutions
+            ):
+                raise AnelabError(
+                    f"Record.resolutions must be None (all) or positive ints (8, 16, 32, 64 at 512 px), got {self.resolutions!r}"
+                )
             object.__setattr__(self, "resolutions", tuple(sorted({int(r) for r in resolutions}, reverse=True)))
         if self.steps is not None:
             steps = (self.steps,) if isinstance(self.steps, int) else tuple(self.steps)
@@ -56,11 +64,17 @@ class Record:
                 raise AnelabError(f"Record.steps must be None (all) or loop indices >= 0, got {self.steps!r}")
             object.__setattr__(self, "steps", tuple(sorted({int(s) for s in steps})))
         if isinstance(self.tokens, str) and self.tokens not in TOKEN_CHOICES:
-            raise AnelabError(f"Record.tokens must be one of {TOKEN_CHOICES} or a list of words/positions, got {self.tokens!r}")
+            raise AnelabError(
+                f"Record.tokens must be one of {TOKEN_CHOICES} or a list of words/positions, got {self.tokens!r}"
+            )
         if not isinstance(self.heads, bool) or (self.heads and not self.maps):
-            raise AnelabError(f"Record.heads must be True or False, and True needs maps=True; got heads={self.heads!r}, maps={self.maps!r}")
+            raise AnelabError(
+                f"Record.heads must be True or False, and True needs maps=True; got heads={self.heads!r}, maps={self.maps!r}"
+            )
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
-            raise AnelabError(f"Record.dtype must be a floating torch dtype (torch.float16, torch.float32), got {self.dtype!r}")
+            raise AnelabError(
+                f"Record.dtype must be a floating torch dtype (torch.float16, torch.float32), got {self.dtype!r}"
+            )
         if isinstance(self.max_gb, bool) or not isinstance(self.max_gb, (int, float)) or self.max_gb <= 0:
             raise AnelabError(f"Record.max_gb must be a positive number, got {self.max_gb!r}")
 
@@ -71,7 +85,9 @@ class Record:
             "tokens": self.tokens if isinstance(self.tokens, str) else list(self.tokens),
             "maps": self.maps,
             "dtype": str(self.dtype).removeprefix("torch."),
-        } | ({"heads": True} if self.heads else {})  # written only when set: study spec hashes of head-mean records stay as they were
+        } | (
+            {"heads": True} if self.heads else {}
+        )  # written only when set: study spec hashes of head-mean records stay as they were
 
 
 @dataclasses.dataclass
@@ -99,19 +115,27 @@ def plan_record(record, *, pipe, prompt, subjects, eot, seeds, timesteps, layers
     wanted = smoothable if record.resolutions is None else record.resolutions
     missing = [r for r in wanted if r not in available]
     if missing:
-        raise AnelabError(f"cannot record resolution(s) {missing} at {height}x{width}: this model has cross-attention at {available}")
+        raise AnelabError(
+            f"cannot record resolution(s) {missing} at {height}x{width}: this model has cross-attention at {available}"
+        )
     too_small = [r for r in wanted if r not in smoothable]
     if too_small:
-        raise AnelabError(f"kernel_size {config.kernel_size} is too large for the maps at resolution(s) {too_small}; record {smoothable}")
+        raise AnelabError(
+            f"kernel_size {config.kernel_size} is too large for the maps at resolution(s) {too_small}; record {smoothable}"
+        )
     recorded_layers = [layer for layer in layers if layer.res in wanted]
     n = len(timesteps)
     steps = list(range(n)) if record.steps is None else list(record.steps)
     if steps[-1] >= n:
-        raise AnelabError(f"Record.steps {[s for s in steps if s >= n]} are outside the schedule: loop indices are 0..{n - 1}")
+        raise AnelabError(
+            f"Record.steps {[s for s in steps if s >= n]} are outside the schedule: loop indices are 0..{n - 1}"
+        )
     words = prompt_tokens(pipe.tokenizer, prompt)
     if record.tokens == "subjects":
         if not subjects:
-            raise AnelabError('Record(tokens="subjects") needs subject tokens (tokens=[...]); or use tokens="prompt" or a list')
+            raise AnelabError(
+                'Record(tokens="subjects") needs subject tokens (tokens=[...]); or use tokens="prompt" or a list'
+            )
         positions = list(subjects)
     elif record.tokens == "prompt":
         positions = [*words, eot]
@@ -119,8 +143,12 @@ def plan_record(record, *, pipe, prompt, subjects, eot, seeds, timesteps, layers
         positions = resolve_tokens(pipe.tokenizer, prompt, record.tokens)
     names = words | {eot: "<eot>"}
     size = torch.empty(0, dtype=record.dtype).element_size()
-    copies = {layer.name: pipe.unet.get_submodule(layer.name).heads if record.heads else 1 for layer in recorded_layers}  # maps kept per layer
-    per_step = sum(layer.shape[0] * layer.shape[1] * copies[layer.name] for layer in recorded_layers) * len(positions) * size
+    copies = {
+        layer.name: pipe.unet.get_submodule(layer.name).heads if record.heads else 1 for layer in recorded_layers
+    }  # maps kept per layer
+    per_step = (
+        sum(layer.shape[0] * layer.shape[1] * copies[layer.name] for layer in recorded_layers) * len(positions) * size
+    )
     estimate = len(seeds) * len(steps) * per_step if record.maps else 0
     if estimate > record.max_gb * 2**30:
         raise AnelabError(
@@ -129,7 +157,9 @@ def plan_record(record, *, pipe, prompt, subjects, eot, seeds, timesteps, layers
             f"{record.max_gb:g} GiB; record fewer steps, resolutions, tokens or seeds, "
             f"{'keep head means (heads=False), ' if record.heads else ''}use maps=False (statistics only), or raise max_gb"
         )
-    return RecordPlan(record, recorded_layers, steps, {i: names[i] for i in positions}, list(subjects), eot, config, estimate)
+    return RecordPlan(
+        record, recorded_layers, steps, {i: names[i] for i in positions}, list(subjects), eot, config, estimate
+    )
 
 
 class Recorder:
@@ -143,7 +173,9 @@ class Recorder:
         self.maps: dict[tuple[int, str], torch.Tensor] = {}
         self.timesteps: dict[int, int] = {}
         self._stats: list[tuple[int, str, int, dict[str, np.ndarray]]] = []  # (step, layer, res, stats [B,K])
-        self._means: dict[int, list[tuple[str, torch.Tensor]]] = {}  # res → (layer, head mean [B, h, w, S]) of this step
+        self._means: dict[
+            int, list[tuple[str, torch.Tensor]]
+        ] = {}  # res → (layer, head mean [B, h, w, S]) of this step
         self._step = None
 
     def sinks(self, step: int) -> dict[str, hk.Sink]:
@@ -173,9 +205,13 @@ class Recorder:
             heads = [self.heads[name] for name, _ in means]
             overall = sum(mean * h for (_, mean), h in zip(means, heads)) / sum(heads)  # mean over every (layer, head)
             names = [name for name, _ in means] + [MEAN]
-            stats = token_statistics(torch.cat([m for _, m in means] + [overall]), self.positions, self.plan.eot, self.plan.config)
+            stats = token_statistics(
+                torch.cat([m for _, m in means] + [overall]), self.positions, self.plan.eot, self.plan.config
+            )
             stats = {k: v.cpu().numpy() for k, v in stats.items()}
-            self._stats += [(step, name, res, {k: v[j * n:(j + 1) * n] for k, v in stats.items()}) for j, name in enumerate(names)]
+            self._stats += [
+                (step, name, res, {k: v[j * n : (j + 1) * n] for k, v in stats.items()}) for j, name in enumerate(names)
+            ]
         self._means = {}
 
     def _layer(self, name: str) -> hk.Layer:
@@ -201,7 +237,9 @@ class Recorder:
         per_chunk = n_seeds * n_tokens
         places = {layer.name: layer.place for layer in self.plan.layers}
         for res in {layer.res for layer in self.plan.layers}:
-            places[MEAN, res] = "+".join(sorted({x.place for x in self.plan.layers if x.res == res}, key=["down", "mid", "up"].index))
+            places[MEAN, res] = "+".join(
+                sorted({x.place for x in self.plan.layers if x.res == res}, key=["down", "mid", "up"].index)
+            )
         steps, names, resolutions = (np.array([chunk[k] for chunk in self._stats]) for k in range(3))
         columns = {
             "prompt": np.full(n_chunks * per_chunk, self.prompt, dtype=object),
@@ -209,7 +247,9 @@ class Recorder:
             "step": np.repeat(steps, per_chunk),
             "timestep": np.repeat([self.timesteps[s] for s in steps], per_chunk),
             "layer": np.repeat(names, per_chunk).astype(object),
-            "place": np.repeat([places[(MEAN, r) if n == MEAN else n] for n, r in zip(names, resolutions)], per_chunk).astype(object),
+            "place": np.repeat(
+                [places[(MEAN, r) if n == MEAN else n] for n, r in zip(names, resolutions)], per_chunk
+            ).astype(object),
             "res": np.repeat(resolutions, per_chunk),
             "token_index": np.tile(self.positions, n_chunks * n_seeds),
             "token": np.tile([self.plan.tokens[i] for i in self.positions], n_chunks * n_seeds).astype(object),
@@ -219,5 +259,7 @@ class Recorder:
             columns[key] = np.concatenate([chunk[3][key].reshape(-1) for chunk in self._stats]).astype(np.float64)
         frame = pd.DataFrame(columns)[FRAME_COLUMNS]
         order = {layer.name: k for k, layer in enumerate(self.plan.layers)} | {MEAN: len(self.plan.layers)}
-        frame = frame.sort_values(["seed", "step", "res", "layer", "token_index"], key=lambda c: c.map(order) if c.name == "layer" else c)
+        frame = frame.sort_values(
+            ["seed", "step", "res", "layer", "token_index"], key=lambda c: c.map(order) if c.name == "layer" else c
+        )
         return frame.reset_index(drop=True)

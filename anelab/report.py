@@ -23,16 +23,35 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from . import __version__
 from .errors import AnelabError
 from .io import write_json, write_text
+from .models import architecture
 from .resources import as_path, notebook
+from .runs import load_study
+from .runs.protocol import studies_of
+from .runs.study import fit_study
+from .testing import TINY_MODELS
 
 NOTEBOOKS = (
-    "00_attention_explorer", "01_reproduction", "02_resolution", "03_timesteps", "04_step_size_and_kernel", "05_suppression_and_layout",
+    "00_attention_explorer",
+    "01_reproduction",
+    "02_resolution",
+    "03_timesteps",
+    "04_step_size_and_kernel",
+    "05_suppression_and_layout",
     "06_architectures",
-)  # fmt: skip
+)
 #: Longest first, so that parallel workers finish together (measured smoke times on the tiny model).
-LONGEST_FIRST = ("06_architectures", "04_step_size_and_kernel", "02_resolution", "05_suppression_and_layout", "03_timesteps", "01_reproduction", "00_attention_explorer")
+LONGEST_FIRST = (
+    "06_architectures",
+    "04_step_size_and_kernel",
+    "02_resolution",
+    "05_suppression_and_layout",
+    "03_timesteps",
+    "01_reproduction",
+    "00_attention_explorer",
+)
 RECORD_MIME = "application/vnd.anelab.record+json"
 TRACEBACK_FRAMES = 3  # frames of a failed cell's traceback kept on its page (the rest are folded away)
 RANDOM_WEIGHTS_NOTE = (
@@ -48,7 +67,13 @@ def record(name: str, value, label: str | None = None) -> None:
 
     if hasattr(value, "item"):
         value = value.item()
-    display({RECORD_MIME: {"name": name, "value": value, "label": label or name}, "text/plain": f"{label or name}: {value}"}, raw=True)
+    display(
+        {
+            RECORD_MIME: {"name": name, "value": value, "label": label or name},
+            "text/plain": f"{label or name}: {value}",
+        },
+        raw=True,
+    )
 
 
 def recorded(notebook: str | os.PathLike) -> dict:
@@ -69,8 +94,6 @@ def recorded(notebook: str | os.PathLike) -> dict:
 def random_weights_banner(model: str) -> None:
     """In a notebook: say loudly when the numbers come from random weights."""
     from IPython.display import Markdown, display
-
-    from .testing import TINY_MODELS
 
     if str(model) in TINY_MODELS:
         display(Markdown(f"> **Random weights.** {RANDOM_WEIGHTS_NOTE}"))
@@ -104,10 +127,17 @@ def default_runs(model: str, scale: str) -> Path:
 
 
 def run_report(
-    model: str = "tiny", scale: str = "smoke", only: Sequence[str] | None = None, out: str | os.PathLike = "reports",
-    runs: str | os.PathLike | None = None, device: str | None = None, dtype: str | None = None, store: str | os.PathLike | None = None,
-    jobs: int = 1, progress: bool = True,
-) -> list[NotebookRun]:  # fmt: skip
+    model: str = "tiny",
+    scale: str = "smoke",
+    only: Sequence[str] | None = None,
+    out: str | os.PathLike = "reports",
+    runs: str | os.PathLike | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    store: str | os.PathLike | None = None,
+    jobs: int = 1,
+    progress: bool = True,
+) -> list[NotebookRun]:
     """Execute the notebooks (all, or ``only``) into ``out/<name>.ipynb`` and ``.html``, then ``out/index.html``.
 
     ``runs`` holds the notebooks' study views (default ``runs/report-<model>-<scale>``); their images live in
@@ -127,7 +157,10 @@ def run_report(
     bar = tqdm(total=len(order), desc="report", unit="notebook", disable=not progress)
     results = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(_execute, name, out, parameters | {"out_dir": str((runs / name).resolve())}): name for name in order}
+        futures = {
+            pool.submit(_execute, name, out, parameters | {"out_dir": str((runs / name).resolve())}): name
+            for name in order
+        }
         for future in concurrent.futures.as_completed(futures):
             result = future.result()
             results[result.name] = result
@@ -152,9 +185,17 @@ def _execute(name: str, out: Path, parameters: dict) -> NotebookRun:
         if "interactive" in declared:
             given["interactive"] = False  # no frontend: the widget would be inert (and nbclient can stall on it)
         try:
-            papermill.execute_notebook(str(source), str(target), parameters=given, kernel_name="python3", progress_bar=False,
-                                       cwd=str(Path.cwd()), log_output=False, execution_timeout=None,
-                                       extra_arguments=["--IPKernelApp.log_level=ERROR"])  # the kernel's own notices, not ours  # fmt: skip
+            papermill.execute_notebook(
+                str(source),
+                str(target),
+                parameters=given,
+                kernel_name="python3",
+                progress_bar=False,
+                cwd=str(Path.cwd()),
+                log_output=False,
+                execution_timeout=None,
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            )  # the kernel's own notices, not ours
         except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error; report and go on
             error = _one_line(exc)
     seconds = time.perf_counter() - start
@@ -186,16 +227,21 @@ def _to_html(notebook: Path, target: Path) -> int | None:
                 failed = failed or (number + 1, cell, output)
                 frames = output.get("traceback", [])
                 if len(frames) > TRACEBACK_FRAMES + 1:
-                    output["traceback"] = [f"... {len(frames) - TRACEBACK_FRAMES - 1} earlier frames folded away ...", *frames[-TRACEBACK_FRAMES - 1 :]]
+                    output["traceback"] = [
+                        f"... {len(frames) - TRACEBACK_FRAMES - 1} earlier frames folded away ...",
+                        *frames[-TRACEBACK_FRAMES - 1 :],
+                    ]
     nb.cells = [c for c in nb.cells if "papermill-error-cell-tag" not in c.get("metadata", {}).get("tags", [])]
     if failed:
         number, cell, output = failed
         first_line = next((line for line in cell.source.splitlines() if line.strip() and not line.startswith("#")), "")
-        banner = (f'<div style="background:#fdecea;border:2px solid #b00020;padding:10px;font-family:sans-serif">'
-                  f'<b style="color:#b00020">This notebook failed</b> in code cell {number} '
-                  f'(<code>{html.escape(first_line[:100])}</code>):<br><code>{html.escape(output.get("ename", "Error"))}: '
-                  f'{html.escape(str(output.get("evalue", "")).splitlines()[-1] if output.get("evalue") else "")}</code><br>'
-                  'Everything below that cell is missing; the numbers above it are partial.</div>')  # fmt: skip
+        banner = (
+            f'<div style="background:#fdecea;border:2px solid #b00020;padding:10px;font-family:sans-serif">'
+            f'<b style="color:#b00020">This notebook failed</b> in code cell {number} '
+            f"(<code>{html.escape(first_line[:100])}</code>):<br><code>{html.escape(output.get('ename', 'Error'))}: "
+            f"{html.escape(str(output.get('evalue', '')).splitlines()[-1] if output.get('evalue') else '')}</code><br>"
+            "Everything below that cell is missing; the numbers above it are partial.</div>"
+        )
         nb.cells.insert(0, nbformat.v4.new_markdown_cell(banner))
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb)
@@ -205,12 +251,22 @@ def _to_html(notebook: Path, target: Path) -> int | None:
 
 def _commit() -> str:
     """The git commit of the source tree, when the package runs from one (else the installed version)."""
-    from . import __version__
 
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent, capture_output=True,
-                               text=True, timeout=5)  # fmt: skip
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         if head.returncode == 0:
             return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") + f" (anelab {__version__})"
     except OSError:
@@ -221,14 +277,9 @@ def _commit() -> str:
 def _sizes(names, scale: str, model: str | None = None) -> str:
     """Prompts and seeds of the report's studies at this scale, on this model (sizes and variants as
     :func:`anelab.runs.study.fit_study` fits them), in words."""
-    from .runs import load_study
-    from .runs.protocol import studies_of
-    from .runs.study import fit_study
 
     arch = None
     if model is not None:
-        from .models import architecture
-
         try:
             arch = architecture(model)
         except AnelabError:  # the model cannot be read here: the sizes as written
@@ -238,8 +289,10 @@ def _sizes(names, scale: str, model: str | None = None) -> str:
         study = load_study(name, scale=scale)
         study = study if arch is None else fit_study(study, arch)
         dropped = f" ({len(study.dropped)} dropped: {', '.join(study.dropped)})" if study.dropped else ""
-        parts.append(f"{name}: {len(study.prompts)} prompts × {len(study.seeds)} seeds × {len(study.variants)} variants{dropped}, "
-                     f"{study.steps} steps, {study.size} px")  # fmt: skip
+        parts.append(
+            f"{name}: {len(study.prompts)} prompts × {len(study.seeds)} seeds × {len(study.variants)} variants{dropped}, "
+            f"{study.steps} steps, {study.size} px"
+        )
     return "; ".join(parts)
 
 
@@ -249,25 +302,34 @@ def _index(results: list[NotebookRun], out: Path, meta: dict) -> None:
     model = meta["model"]
     rows = []
     for r in results:
-        numbers = "<br>".join(f"{html.escape(str(k))}: <b>{html.escape(_fmt(v))}</b>" for k, v in r.values.items()) or "—"
+        numbers = (
+            "<br>".join(f"{html.escape(str(k))}: <b>{html.escape(_fmt(v))}</b>" for k, v in r.values.items()) or "—"
+        )
         if not r.ok:
             numbers = f"<span class='fail'>partial (failed in cell {r.failed_cell or '?'})</span><br>{numbers}"
         status = "ok" if r.ok else f"<span class='fail'>failed: {html.escape(r.error or '')}</span>"
-        rows.append(f"<tr><td><a href='{r.name}.html'>{r.name}</a></td><td>{status}</td><td>{r.seconds:.0f} s</td><td>{numbers}</td></tr>")
-    from .testing import TINY_MODELS
+        rows.append(
+            f"<tr><td><a href='{r.name}.html'>{r.name}</a></td><td>{status}</td><td>{r.seconds:.0f} s</td><td>{numbers}</td></tr>"
+        )
 
     note = f"<p class='warn'>{html.escape(RANDOM_WEIGHTS_NOTE)}</p>" if str(model) in TINY_MODELS else ""
     facts = {
-        "run": meta["started"].strftime("%Y-%m-%d %H:%M UTC"), "commit": _commit(), "model": model, "scale": meta["scale"],
-        "device": meta["device"] or "default", "dtype": meta["dtype"] or "the weights'", "store": meta["store"] or "runs/store (default)",
-        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)", "sizes": _sizes([r.name for r in results], meta["scale"], model),
-    }  # fmt: skip
+        "run": meta["started"].strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": _commit(),
+        "model": model,
+        "scale": meta["scale"],
+        "device": meta["device"] or "default",
+        "dtype": meta["dtype"] or "the weights'",
+        "store": meta["store"] or "runs/store (default)",
+        "machine": f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
+        "sizes": _sizes([r.name for r in results], meta["scale"], model),
+    }
     listing = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>anelab report</title>
 <style>body{{font-family:sans-serif;max-width:1150px;margin:2em auto}}td,th{{border-bottom:1px solid #ddd;padding:6px;vertical-align:top;text-align:left}}
 table{{border-collapse:collapse;margin-bottom:1.5em}}.fail{{color:#b00}}.warn{{background:#fff3cd;padding:8px}}</style></head><body>
 <h1>anelab report</h1>{note}<table>{listing}</table>
-<table><tr><th>notebook</th><th>status</th><th>time</th><th>headline numbers</th></tr>{''.join(rows)}</table></body></html>"""
+<table><tr><th>notebook</th><th>status</th><th>time</th><th>headline numbers</th></tr>{"".join(rows)}</table></body></html>"""
     write_text(page, out / "index.html")
     write_json({"facts": facts, "notebooks": [dataclasses.asdict(r) for r in results]}, out / "index.json")
 

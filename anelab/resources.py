@@ -23,7 +23,11 @@ def data_file(name: str) -> Traversable:
 def study_files() -> dict[str, Traversable]:
     """The built-in study files by name (``"resolution"`` → ``studies/resolution.yaml``)."""
     folder = resources.files("anelab.data").joinpath("studies")
-    return {entry.name.removesuffix(".yaml"): entry for entry in sorted(folder.iterdir(), key=lambda e: e.name) if entry.name.endswith(".yaml")}
+    return {
+        entry.name.removesuffix(".yaml"): entry
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".yaml")
+    }
 
 
 def notebook(name: str) -> Traversable:

@@ -175,7 +175,6 @@ def tiny_pipeline(seed: int = 0, cross_attention_gain: float = CROSS_ATTENTION_G
     return pipe
 
 
-
 #: Scheduler configurations of the real checkpoints (scheduler/scheduler_config.json on the Hub).
 SD21_DDIM_CONFIG = dict(  # stabilityai/stable-diffusion-2-1 (768 px, v-prediction)
     beta_start=0.00085,
@@ -218,20 +217,37 @@ def _tiny_vae(scaling_factor: float, force_upcast: bool = True):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=64,
-        scaling_factor=scaling_factor, force_upcast=force_upcast,
-    )  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        force_upcast=force_upcast,
+    )
 
 
 def _text_config(tokenizer, hidden_act: str = "quick_gelu", **overrides):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, projection_dim=32, hidden_act=hidden_act, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **overrides,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act=hidden_act,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
 
 
 def _responsive(unet, gain: float) -> None:
@@ -243,8 +259,12 @@ def _responsive(unet, gain: float) -> None:
                 module.to_k.weight.mul_(gain)
 
 
-def tiny_sd2_pipeline(seed: int = 0, sample_size: int = 64, prediction_type: str = "v_prediction",
-                      cross_attention_gain: float = CROSS_ATTENTION_GAIN):  # fmt: skip
+def tiny_sd2_pipeline(
+    seed: int = 0,
+    sample_size: int = 64,
+    prediction_type: str = "v_prediction",
+    cross_attention_gain: float = CROSS_ATTENTION_GAIN,
+):
     """Random SD-2.x-shaped ``StableDiffusionPipeline`` on CPU, fp32, built offline (``"tiny-sd2"``).
 
     SD 2's differences from SD 1.x, scaled down: an OpenCLIP-style text encoder (``gelu``, a projection),
@@ -257,16 +277,26 @@ def tiny_sd2_pipeline(seed: int = 0, sample_size: int = 64, prediction_type: str
     from transformers import CLIPTextModel
 
     if prediction_type not in ("v_prediction", "epsilon"):
-        raise ValueError(f"prediction_type must be 'v_prediction' (SD 2.1) or 'epsilon' (SD 2.1-base), got {prediction_type!r}")
+        raise ValueError(
+            f"prediction_type must be 'v_prediction' (SD 2.1) or 'epsilon' (SD 2.1-base), got {prediction_type!r}"
+        )
     tokenizer = tiny_tokenizer_bang()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=32, attention_head_dim=(2, 2, 4, 4), use_linear_projection=True,
-            upcast_attention=prediction_type == "v_prediction", norm_num_groups=8,
-        )  # fmt: skip
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=32,
+            attention_head_dim=(2, 2, 4, 4),
+            use_linear_projection=True,
+            upcast_attention=prediction_type == "v_prediction",
+            norm_num_groups=8,
+        )
         vae = _tiny_vae(0.18215)
         text_encoder = CLIPTextModel(_text_config(tokenizer, hidden_act="gelu"))
         _responsive(unet, cross_attention_gain)
@@ -274,8 +304,16 @@ def tiny_sd2_pipeline(seed: int = 0, sample_size: int = 64, prediction_type: str
         scheduler = DDIMScheduler.from_config(SD21_DDIM_CONFIG)
     else:
         scheduler = PNDMScheduler.from_config(SD14_PNDM_CONFIG)
-    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -300,21 +338,34 @@ def tiny_xl_pipeline(seed: int = 0, sample_size: int = 64, cross_attention_gain:
         text_encoder = CLIPTextModel(_text_config(tokenizer))
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_act="gelu"))
         unet = UNet2DConditionModel(
-            sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=2,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 3), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+            transformer_layers_per_block=(1, 2, 3),
+            attention_head_dim=(2, 4, 4),
+            use_linear_projection=True,
             cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
-            addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=6 * time_dim + text_encoder_2.config.projection_dim, norm_num_groups=8,
-        )  # fmt: skip
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + text_encoder_2.config.projection_dim,
+            norm_num_groups=8,
+        )
         vae = _tiny_vae(0.13025)
         _responsive(unet, cross_attention_gain)
     pipe = StableDiffusionXLPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(), tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet.eval(), scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet.eval(),
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_EULER_CONFIG),
         force_zeros_for_empty_prompt=True,
-    )  # fmt: skip
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -324,13 +375,29 @@ def tiny_clip(seed: int = 0):
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     tokenizer = tiny_tokenizer()
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, **ids),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            **ids,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
-    )  # fmt: skip
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(config).eval()
@@ -340,19 +407,39 @@ def tiny_clip(seed: int = 0):
 
 def tiny_blip(seed: int = 0):
     """Random tiny ``BlipForConditionalGeneration`` with a WordPiece tokenizer over the tiny vocabulary: ``(model, processor)``."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
     vocab = {token: i for i, token in enumerate(specials + vocabulary_words() + list("abcdefghijklmnopqrstuvwxyz.,"))}
     tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]")
-    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                encoder_hidden_size=32, max_position_embeddings=64, bos_token_id=vocab["[DEC]"], sep_token_id=vocab["[SEP]"],
-                pad_token_id=vocab["[PAD]"], eos_token_id=vocab["[SEP]"])  # fmt: skip
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        encoder_hidden_size=32,
+        max_position_embeddings=64,
+        bos_token_id=vocab["[DEC]"],
+        sep_token_id=vocab["[SEP]"],
+        pad_token_id=vocab["[PAD]"],
+        eos_token_id=vocab["[SEP]"],
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision)).eval()
-    processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
     return model, processor
 
 
@@ -365,19 +452,49 @@ def sd14_sized_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
-                                    block_out_channels=(320, 640, 1280, 1280))  # fmt: skip
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)  # fmt: skip
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))  # fmt: skip
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
     pipe = StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-        scheduler=PNDMScheduler.from_config(SD14_PNDM_CONFIG), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # module by module: the pipeline-level cast warns about fp32 modules
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=PNDMScheduler.from_config(SD14_PNDM_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    for module in (
+        pipe.unet,
+        pipe.vae,
+        pipe.text_encoder,
+    ):  # module by module: the pipeline-level cast warns about fp32 modules
         module.to(dtype=dtype).requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -401,18 +518,35 @@ def tiny_owl(seed: int = 0, kind: str = "owlv2"):
         raise ValueError(f"kind must be 'owlv2' or 'owlvit', got {kind!r}")
     prefix = {"owlv2": "Owlv2", "owlvit": "OwlViT"}[kind]
     config_class, model_class, image_processor_class, processor_class = (
-        getattr(transformers, prefix + name) for name in ("Config", "ForObjectDetection", "ImageProcessorPil", "Processor")
+        getattr(transformers, prefix + name)
+        for name in ("Config", "ForObjectDetection", "ImageProcessorPil", "Processor")
     )
     tokenizer = tiny_tokenizer()
     tokenizer.model_max_length = 16
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     width = 32
     config = config_class(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, **ids),
-        vision_config=dict(hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=width,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            **ids,
+        ),
+        vision_config=dict(
+            hidden_size=width,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=width,  # the class head compares image embeddings of the text width with projected queries
-    )  # fmt: skip
+    )
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         model = model_class(config).eval()

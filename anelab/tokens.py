@@ -56,7 +56,9 @@ def resolve_tokens(tokenizer, prompt: str, tokens: Sequence[str | int]) -> list[
         if not hits:
             raise AnelabError(f"{token!r} is not a token of {prompt!r}; its tokens are {_listing(available)}")
         if len(hits) > 1:
-            raise AnelabError(f"{token!r} appears {len(hits)} times in {prompt!r} (positions {hits}); pass the position instead")
+            raise AnelabError(
+                f"{token!r} appears {len(hits)} times in {prompt!r} (positions {hits}); pass the position instead"
+            )
         positions.append(hits[0])
     if len(set(positions)) != len(positions):
         raise AnelabError(f"tokens name the same position twice: {list(tokens)!r} -> {positions}")

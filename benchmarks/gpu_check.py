@@ -33,33 +33,59 @@ def main() -> None:
     # 1. placement: every module of the tiny pipeline and of the SD-1.4-size one on the GPU
     tiny = anelab.load_pipeline("tiny", device="cuda", dtype="fp16")
     devices = {name: sorted({str(p.device) for p in m.parameters()}) for name, m in pipeline_modules(tiny).items()}
-    check("load_pipeline('tiny', device='cuda') places every module", all(d == ["cuda:0"] for d in devices.values()), str(devices))
+    check(
+        "load_pipeline('tiny', device='cuda') places every module",
+        all(d == ["cuda:0"] for d in devices.values()),
+        str(devices),
+    )
     big = sd14_sized_pipeline(device="cuda", dtype=torch.float16)
     big = anelab.load_pipeline(big, device="cuda")
     devices = {name: sorted({str(p.device) for p in m.parameters()}) for name, m in pipeline_modules(big).items()}
     check("the SD-1.4-size pipeline on cuda", all(d == ["cuda:0"] for d in devices.values()), str(devices))
-    fmt = next(m for m in big.unet.modules() if isinstance(m, torch.nn.Conv2d)).weight.is_contiguous(memory_format=torch.channels_last)
+    fmt = next(m for m in big.unet.modules() if isinstance(m, torch.nn.Conv2d)).weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
     check("fast path: UNet convolutions channels-last on CUDA", fmt)
 
     # 2. one guided image and one recorded image in fp16, 512 px, 50 steps
     for label, record in (("guided", None), ("guided + recorded", anelab.Record(maps=True))):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        out = anelab.generate(big, "a cat and a dog", ["cat", "dog"], seeds=[0], config=anelab.GuidanceConfig(), record=record, progress=False)
+        out = anelab.generate(
+            big,
+            "a cat and a dog",
+            ["cat", "dog"],
+            seeds=[0],
+            config=anelab.GuidanceConfig(),
+            record=record,
+            progress=False,
+        )
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         trace = out.trace
-        detail = (f"{seconds:.2f} s, latents {tuple(out.latents.shape)} on {out.latents.device} {out.latents.dtype}, "
-                  f"{len(trace)} trace rows, triggered {int(trace.drop_duplicates(['seed', 'step']).triggered.sum())}, nonfinite {bool(trace.nonfinite.any())}")
+        detail = (
+            f"{seconds:.2f} s, latents {tuple(out.latents.shape)} on {out.latents.device} {out.latents.dtype}, "
+            f"{len(trace)} trace rows, triggered {int(trace.drop_duplicates(['seed', 'step']).triggered.sum())}, nonfinite {bool(trace.nonfinite.any())}"
+        )
         if record is not None:
             detail += f", recorded {len(out.attention)} maps ({out.attention.nbytes / 2**20:.1f} MiB) at {out.attention.resolutions}"
-        check(f"fp16 {label} image", out.latents.device.type == "cuda" and torch.isfinite(out.latents).all().item(), detail)
+        check(
+            f"fp16 {label} image",
+            out.latents.device.type == "cuda" and torch.isfinite(out.latents).all().item(),
+            detail,
+        )
 
     # 3. the official code's noise: generator_device="cuda", a batch equals single-seed runs
     one = dict(config=None, num_inference_steps=2, output_type="latent", progress=False)
     batch = anelab.generate(tiny, "a cat", seeds=[21, 42], generator_device="cuda", **one).latents
-    singles = torch.cat([anelab.generate(tiny, "a cat", seeds=[s], generator_device="cuda", **one).latents for s in (21, 42)])
-    check("generator_device='cuda': batch == single seeds", torch.allclose(batch, singles, atol=1e-3), f"max |diff| {(batch - singles).abs().max().item():.2e}")
+    singles = torch.cat(
+        [anelab.generate(tiny, "a cat", seeds=[s], generator_device="cuda", **one).latents for s in (21, 42)]
+    )
+    check(
+        "generator_device='cuda': batch == single seeds",
+        torch.allclose(batch, singles, atol=1e-3),
+        f"max |diff| {(batch - singles).abs().max().item():.2e}",
+    )
 
     # 4. fast path (CUDA graph of the CFG forward) against eager, plain SD and A&E without refinement
     for label, config in (("plain SD", None), ("A&E, no refinement", anelab.GuidanceConfig(thresholds={}))):
@@ -73,7 +99,11 @@ def main() -> None:
             torch.cuda.synchronize()
             times[fast] = time.perf_counter() - start
         difference = (latents[True] - latents[False]).abs().max().item() / latents[False].abs().max().item()
-        check(f"fast path == eager ({label})", difference < 1e-2, f"rel. diff {difference:.1e}; {times[True]:.2f} s fast vs {times[False]:.2f} s eager")
+        check(
+            f"fast path == eager ({label})",
+            difference < 1e-2,
+            f"rel. diff {difference:.1e}; {times[True]:.2f} s fast vs {times[False]:.2f} s eager",
+        )
 
     if "--bench" in sys.argv:
         from anelab.bench import run_bench, table

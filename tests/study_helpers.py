@@ -30,11 +30,20 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VER
 def comparable(out):
     """A study's results without what differs between equal runs (times, store paths), and its image bytes."""
     rows = load_results(out)
-    images = {(v, p, s): Path(i).read_bytes() for v, p, s, i in rows[["variant", "prompt", "seed", "image"]].itertuples(index=False)}
+    images = {
+        (v, p, s): Path(i).read_bytes()
+        for v, p, s, i in rows[["variant", "prompt", "seed", "image"]].itertuples(index=False)
+    }
     return rows.drop(columns=["seconds", "image"]), images
 
 
 def cli(*args, **kwargs) -> subprocess.Popen:
     """``anelab ARGS`` in a subprocess with one math thread, offline."""
-    return subprocess.Popen([sys.executable, "-m", "anelab", *map(str, args)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **kwargs)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "anelab", *map(str, args)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )

@@ -12,11 +12,20 @@ from anelab.bench import Workload, run_bench, table
 def test_bench_measures_every_comparison_and_writes_json(tmp_path):
     """Every figure is derived from the stored runs (medians, their ratios), the port's latent matches ours,
     and the printed table shows the stored ratios."""
-    results = run_bench(Workload("test", 128, 6, "cpu", torch.float32, max_refinement_steps=2, warmup=False), repeats=1, progress=False, results_dir=tmp_path)
+    results = run_bench(
+        Workload("test", 128, 6, "cpu", torch.float32, max_refinement_steps=2, warmup=False),
+        repeats=1,
+        progress=False,
+        results_dir=tmp_path,
+    )
     saved = json.loads((tmp_path / "test.json").read_text())
     assert saved == results
-    for key, programs in {"a_vs_diffusers_port": ("anelab", "diffusers_port"), "b_vs_plain_sd": ("sd", "ae_no_refinement", "ae_defaults"),
-                          "c_batching": ("batch_of_8", "8_single_runs"), "d_recording": ("no_recording", "record_all")}.items():  # fmt: skip
+    for key, programs in {
+        "a_vs_diffusers_port": ("anelab", "diffusers_port"),
+        "b_vs_plain_sd": ("sd", "ae_no_refinement", "ae_defaults"),
+        "c_batching": ("batch_of_8", "8_single_runs"),
+        "d_recording": ("no_recording", "record_all"),
+    }.items():
         assert saved[key]["repeats"] == 1, key
         for program in programs:
             runs = saved[key][program]["runs"]
@@ -29,14 +38,27 @@ def test_bench_measures_every_comparison_and_writes_json(tmp_path):
     assert c["throughput_gain"] == pytest.approx(c["8_single_runs"]["seconds"] / c["batch_of_8"]["seconds"])
     assert d["ratio"] == pytest.approx(d["record_all"]["seconds"] / d["no_recording"]["seconds"])
     assert b["sd_vs_diffusers"] == pytest.approx(b["sd"]["seconds"] / b["diffusers_sd"]["seconds"])
-    assert b["ae_no_refinement_vs_diffusers"] == pytest.approx(b["ae_no_refinement"]["seconds"] / b["diffusers_sd"]["seconds"])
+    assert b["ae_no_refinement_vs_diffusers"] == pytest.approx(
+        b["ae_no_refinement"]["seconds"] / b["diffusers_sd"]["seconds"]
+    )
     assert a["relative_latent_difference"] < 1e-4  # same work as diffusers' port: float noise only
     assert b["sd_latent_difference_vs_diffusers"] < 1e-4  # plain SD: diffusers' own pipeline, float noise only
     printed = table(results)
-    assert printed.count("\n") == 12 and "(a) diffusers A&E port" in printed and "(b) diffusers StableDiffusionPipeline" in printed
-    for text in (f"{a['time_ratio']:.2f}x the port", f"{b['ratio_no_refinement']:.2f}x anelab SD", f"{b['ratio_defaults']:.2f}x SD",
-                 f"{b['sd_vs_diffusers']:.2f}x diffusers", f"{c['throughput_gain']:.2f}x throughput", f"{d['ratio']:.2f}x (target <= 1.15",
-                 f"max |latent diff| {a['max_abs_latent_difference']:.2e}", "medians of runs (a 1, b 1, c 1, d 1)"):  # fmt: skip
+    assert (
+        printed.count("\n") == 12
+        and "(a) diffusers A&E port" in printed
+        and "(b) diffusers StableDiffusionPipeline" in printed
+    )
+    for text in (
+        f"{a['time_ratio']:.2f}x the port",
+        f"{b['ratio_no_refinement']:.2f}x anelab SD",
+        f"{b['ratio_defaults']:.2f}x SD",
+        f"{b['sd_vs_diffusers']:.2f}x diffusers",
+        f"{c['throughput_gain']:.2f}x throughput",
+        f"{d['ratio']:.2f}x (target <= 1.15",
+        f"max |latent diff| {a['max_abs_latent_difference']:.2e}",
+        "medians of runs (a 1, b 1, c 1, d 1)",
+    ):
         assert text in printed, text
 
 
@@ -48,8 +70,13 @@ def test_bench_runs_only_the_comparisons_asked_for(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(AnelabError, match="the sd14-gpu workload needs a CUDA GPU"):
             run_bench("sd14-gpu", results_dir=tmp_path)
-    results = run_bench(Workload("test", 128, 3, "cpu", torch.float32, max_refinement_steps=1, warmup=False), repeats=1, progress=False,
-                        results_dir=tmp_path, comparisons="d")  # fmt: skip
+    results = run_bench(
+        Workload("test", 128, 3, "cpu", torch.float32, max_refinement_steps=1, warmup=False),
+        repeats=1,
+        progress=False,
+        results_dir=tmp_path,
+        comparisons="d",
+    )
     assert "d_recording" in results and "a_vs_diffusers_port" not in results and table(results).count("\n") == 4
 
 
@@ -59,11 +86,20 @@ def test_a_partial_run_keeps_the_other_comparisons_of_the_same_workload_only(tmp
     merged = run_bench(small, repeats=1, progress=False, results_dir=tmp_path, comparisons="b")
     saved = json.loads((tmp_path / "test.json").read_text())
     assert saved == merged and list(saved) == ["workload", "device", "b_vs_plain_sd", "d_recording"]
-    assert saved["d_recording"] == first["d_recording"] and saved["d_recording"]["repeats"] == 2 and saved["b_vs_plain_sd"]["repeats"] == 1
+    assert (
+        saved["d_recording"] == first["d_recording"]
+        and saved["d_recording"]["repeats"] == 2
+        and saved["b_vs_plain_sd"]["repeats"] == 1
+    )
     for program in ("no_recording", "record_all"):  # the figure is the median of the two runs
         runs = saved["d_recording"][program]["runs"]
         assert len(runs) == 2 and saved["d_recording"][program]["seconds"] == pytest.approx(sum(runs) / 2)
     assert "medians of runs (b 1, d 2)" in table(merged)
-    other = run_bench(Workload("test", 128, 2, "cpu", torch.float32, max_refinement_steps=1, warmup=False), repeats=1, progress=False,
-                      results_dir=tmp_path, comparisons="b")  # fmt: skip
+    other = run_bench(
+        Workload("test", 128, 2, "cpu", torch.float32, max_refinement_steps=1, warmup=False),
+        repeats=1,
+        progress=False,
+        results_dir=tmp_path,
+        comparisons="b",
+    )
     assert list(other) == ["workload", "device", "b_vs_plain_sd"]  # a different workload replaces the file

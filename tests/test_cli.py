@@ -14,15 +14,47 @@ def run(*args):
 
 def test_multi_value_options_expand():
     assert _expand_multi_value(["generate", "--tokens", "cat", "dog", "--seeds", "0", "1", "--out", "x"]) == [
-        "generate", "--tokens", "cat", "--tokens", "dog", "--seeds", "0", "--seeds", "1", "--out", "x",
-    ]  # fmt: skip
+        "generate",
+        "--tokens",
+        "cat",
+        "--tokens",
+        "dog",
+        "--seeds",
+        "0",
+        "--seeds",
+        "1",
+        "--out",
+        "x",
+    ]
 
 
 def test_generate_writes_images_and_trace(tmp_path):
     out = tmp_path / "out"
-    result = run("generate", "--model", "tiny", "--prompt", "a cat and a dog", "--tokens", "cat", "dog", "--seeds", "0", "1",
-                 "--steps", "12", "--attention-res", "4", "--thresholds", "0:0.3,5:0.6", "--height", "128", "--width", "128",
-                 "--out", str(out))  # fmt: skip
+    result = run(
+        "generate",
+        "--model",
+        "tiny",
+        "--prompt",
+        "a cat and a dog",
+        "--tokens",
+        "cat",
+        "dog",
+        "--seeds",
+        "0",
+        "1",
+        "--steps",
+        "12",
+        "--attention-res",
+        "4",
+        "--thresholds",
+        "0:0.3,5:0.6",
+        "--height",
+        "128",
+        "--width",
+        "128",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     images = sorted((out / "a cat and a dog").iterdir())
     assert [p.name for p in images] == ["0.png", "1.png"] and Image.open(images[0]).size == (128, 128)
@@ -35,8 +67,14 @@ def test_generate_writes_images_and_trace(tmp_path):
     "args, message",
     [
         (["--tokens", "cow"], "error: 'cow' is not a token of 'a cat and a dog'"),
-        (["--tokens", "cat", "--attention-res", "64", "--height", "128", "--width", "128"], "error: attention_res 64 does not exist at 128x128"),
-        (["--tokens", "cat", "--steps", "5", "--thresholds", "0:0.05,10:0.5,20:0.8"], "error: threshold steps [10, 20] are beyond the schedule"),
+        (
+            ["--tokens", "cat", "--attention-res", "64", "--height", "128", "--width", "128"],
+            "error: attention_res 64 does not exist at 128x128",
+        ),
+        (
+            ["--tokens", "cat", "--steps", "5", "--thresholds", "0:0.05,10:0.5,20:0.8"],
+            "error: threshold steps [10, 20] are beyond the schedule",
+        ),
         (["--tokens", "cat", "--thresholds", "0:2"], "error: thresholds must lie in [0, 1]"),
         (["--tokens", "cat", "--seeds", "1", "1"], "error: seeds must be distinct"),
         (["--tokens", "cat", "--dtype", "fp8"], "error: dtype must be one of"),

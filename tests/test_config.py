@@ -7,9 +7,21 @@ from anelab.config import parse_thresholds
 
 def test_defaults_are_the_official_sd1_settings():
     c = GuidanceConfig()
-    assert (c.attention_res, c.scale_factor, c.scale_range, c.max_iter_to_alter, c.max_refinement_steps) == (16, 20.0, (1.0, 0.5), 25, 20)
+    assert (c.attention_res, c.scale_factor, c.scale_range, c.max_iter_to_alter, c.max_refinement_steps) == (
+        16,
+        20.0,
+        (1.0, 0.5),
+        25,
+        20,
+    )
     assert c.thresholds == {0: 0.05, 10: 0.5, 20: 0.8}
-    assert (c.smooth, c.kernel_size, c.sigma, c.sigma_convention, c.softmax_tokens) == (True, 3, 0.5, "legacy", "legacy")
+    assert (c.smooth, c.kernel_size, c.sigma, c.sigma_convention, c.softmax_tokens) == (
+        True,
+        3,
+        0.5,
+        "legacy",
+        "legacy",
+    )
 
 
 def test_sqrt_step_sizes_match_the_reference():
@@ -25,8 +37,12 @@ def test_other_schedules():
     r = np.linspace(1.0, 0.5, 11)
     np.testing.assert_allclose(GuidanceConfig(step_schedule="linear").step_sizes(11), 20 * r)
     np.testing.assert_allclose(GuidanceConfig(step_schedule="square").step_sizes(11), 20 * r**2)
-    np.testing.assert_allclose(GuidanceConfig(step_schedule="constant", scale_factor=5).step_sizes(11), np.full(11, 5.0))
-    np.testing.assert_allclose(GuidanceConfig(step_schedule=lambda r: 1 - r, scale_range=(0, 1)).step_sizes(3), [20, 10, 0])
+    np.testing.assert_allclose(
+        GuidanceConfig(step_schedule="constant", scale_factor=5).step_sizes(11), np.full(11, 5.0)
+    )
+    np.testing.assert_allclose(
+        GuidanceConfig(step_schedule=lambda r: 1 - r, scale_range=(0, 1)).step_sizes(3), [20, 10, 0]
+    )
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,20 @@ from PIL import Image
 
 from anelab import AnelabError
 from anelab.detection import (
-    DEFAULT_THRESHOLD, DETECTION_COLUMNS, Detector, _corners, all_present, center_distance,
-    detect_subjects, detectable, detection_summary, load_detector, per_image, pixel_boxes, unit_boxes,
-)  # fmt: skip
+    DEFAULT_THRESHOLD,
+    DETECTION_COLUMNS,
+    Detector,
+    _corners,
+    all_present,
+    center_distance,
+    detect_subjects,
+    detectable,
+    detection_summary,
+    load_detector,
+    per_image,
+    pixel_boxes,
+    unit_boxes,
+)
 
 ANIMALS = "cat dog bird bear lion horse elephant monkey frog turtle rabbit mouse".split()
 OBJECTS = "backpack glasses crown suitcase chair balloon bow car bowl bench clock apple".split()
@@ -45,10 +56,16 @@ def test_tiny_detector_is_deterministic_with_typed_columns(detector):
     assert list(first.columns) == DETECTION_COLUMNS
     assert len(first) == 6 and list(first.subject) == ["cat", "dog"] * 3 and list(first.image) == [0, 0, 1, 1, 2, 2]
     assert first.dtypes["present"] == "boolean" and first.dtypes["skipped"] == bool and first.dtypes["image"] == "int64"
-    assert all(first.dtypes[c] == "float64" for c in ("score", "box_x0", "box_y0", "box_x1", "box_y1", "center_x", "center_y"))
+    assert all(
+        first.dtypes[c] == "float64" for c in ("score", "box_x0", "box_y0", "box_x1", "box_y1", "center_x", "center_y")
+    )
     assert first.score.between(0, 1).all() and first.score.nunique() > 1
     boxes = first[BOX].to_numpy()
-    assert ((boxes >= 0) & (boxes <= 1)).all() and (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+    assert (
+        ((boxes >= 0) & (boxes <= 1)).all()
+        and (boxes[:, 2] >= boxes[:, 0]).all()
+        and (boxes[:, 3] >= boxes[:, 1]).all()
+    )
     assert (first.present == (first.score >= DEFAULT_THRESHOLD)).all()
     assert (first.threshold == DEFAULT_THRESHOLD).all() and (first.detector == "tiny").all()
     np.testing.assert_allclose(first.center_x, (first.box_x0 + first.box_x1) / 2)
@@ -58,7 +75,9 @@ def test_tiny_detector_is_deterministic_with_typed_columns(detector):
 def test_inputs_paths_arrays_and_per_image_lists(detector, tmp_path):
     image = _images(1)[0]
     image.save(tmp_path / "0.png")
-    frame = detect_subjects([image, np.asarray(image), tmp_path / "0.png"], [["cat"], ["cat", "dog"], ["cat"]], detector)
+    frame = detect_subjects(
+        [image, np.asarray(image), tmp_path / "0.png"], [["cat"], ["cat", "dog"], ["cat"]], detector
+    )
     assert list(frame.image) == [0, 1, 1, 2] and list(frame.subject_index) == [0, 0, 1, 0]
     assert frame.score[frame.subject == "cat"].nunique() == 1  # the same picture three ways, same score
     # per-query scores: a query's score does not depend on the other queries of the image
@@ -88,11 +107,17 @@ def test_padded_square_boxes_back_to_image_coordinates():
     pixels = pixel_boxes(normalised, width=200, height=100, padded=True)
     np.testing.assert_allclose(pixels, [[50, 20, 150, 80], [0, 60, 100, 180]])
     unit = unit_boxes(pixels, width=200, height=100)
-    np.testing.assert_allclose(unit, [[0.25, 0.2, 0.75, 0.8], [0.0, 0.6, 0.5, 1.0]])  # the second reached into the padding
+    np.testing.assert_allclose(
+        unit, [[0.25, 0.2, 0.75, 0.8], [0.0, 0.6, 0.5, 1.0]]
+    )  # the second reached into the padding
     # a tall image (100 x 200) is padded at the right
-    np.testing.assert_allclose(unit_boxes(pixel_boxes([[0.1, 0.25, 0.4, 0.75]], 100, 200, True), 100, 200), [[0.2, 0.25, 0.8, 0.75]])
+    np.testing.assert_allclose(
+        unit_boxes(pixel_boxes([[0.1, 0.25, 0.4, 0.75]], 100, 200, True), 100, 200), [[0.2, 0.25, 0.8, 0.75]]
+    )
     # OWL-ViT stretches the image to the square: normalised coordinates are image coordinates
-    np.testing.assert_allclose(unit_boxes(pixel_boxes(normalised, 200, 100, False), 200, 100), np.clip(normalised, 0, 1))
+    np.testing.assert_allclose(
+        unit_boxes(pixel_boxes(normalised, 200, 100, False), 200, 100), np.clip(normalised, 0, 1)
+    )
     np.testing.assert_allclose(_corners(torch.tensor([[0.5, 0.25, 0.2, 0.1]])).numpy(), [[0.4, 0.2, 0.6, 0.3]])
 
 
@@ -107,12 +132,18 @@ def test_conversion_agrees_with_the_processor_and_transformers_post_processing(d
     with torch.no_grad():
         out = detector.model(**inputs)
     for target in [(height, width), (max(width, height),) * 2]:  # transformers scales OWLv2 boxes by the padded side
-        post = detector.processor.image_processor.post_process_object_detection(out, threshold=-1.0, target_sizes=[target])[0]
+        post = detector.processor.image_processor.post_process_object_detection(
+            out, threshold=-1.0, target_sizes=[target]
+        )[0]
         ours = pixel_boxes(_corners(out.pred_boxes[0]).numpy(), width, height, padded=True)
         np.testing.assert_allclose(ours, post["boxes"].numpy(), rtol=1e-5, atol=1e-3)
-    row = detect_subjects([image], ["cat"], detector).iloc[0]  # end to end: best box of the padded square, in image units
+    row = detect_subjects([image], ["cat"], detector).iloc[
+        0
+    ]  # end to end: best box of the padded square, in image units
     best = post["boxes"][post["scores"].argmax()].numpy()
-    np.testing.assert_allclose(row[BOX].to_numpy(float), np.clip(best / [width, height, width, height], 0, 1), atol=1e-5)
+    np.testing.assert_allclose(
+        row[BOX].to_numpy(float), np.clip(best / [width, height, width, height], 0, 1), atol=1e-5
+    )
     assert row.score == pytest.approx(post["scores"].max().item(), abs=1e-6)
 
 
@@ -128,12 +159,20 @@ def test_owlvit_boxes_are_stretched_not_padded(tmp_path):
     inputs = owlvit.processor(text=[["cat"]], images=[image], return_tensors="pt")
     with torch.no_grad():
         out = owlvit.model(**inputs)
-    post = owlvit.processor.image_processor.post_process_object_detection(out, threshold=-1.0, target_sizes=[(height, width)])[0]
-    np.testing.assert_allclose(pixel_boxes(_corners(out.pred_boxes[0]).numpy(), width, height, padded=False), post["boxes"].numpy(),
-                               rtol=1e-5, atol=1e-3)  # fmt: skip
+    post = owlvit.processor.image_processor.post_process_object_detection(
+        out, threshold=-1.0, target_sizes=[(height, width)]
+    )[0]
+    np.testing.assert_allclose(
+        pixel_boxes(_corners(out.pred_boxes[0]).numpy(), width, height, padded=False),
+        post["boxes"].numpy(),
+        rtol=1e-5,
+        atol=1e-3,
+    )
     row = detect_subjects([image], ["cat"], owlvit).iloc[0]
     best = post["boxes"][post["scores"].argmax()].numpy()
-    np.testing.assert_allclose(row[BOX].to_numpy(float), np.clip(best / [width, height, width, height], 0, 1), atol=1e-5)
+    np.testing.assert_allclose(
+        row[BOX].to_numpy(float), np.clip(best / [width, height, width, height], 0, 1), atol=1e-5
+    )
     owlvit.model.save_pretrained(tmp_path)
     owlvit.processor.save_pretrained(tmp_path)
     assert isinstance(load_detector(str(tmp_path), device="cpu").model, OwlViTForObjectDetection)
@@ -142,7 +181,13 @@ def test_owlvit_boxes_are_stretched_not_padded(tmp_path):
 def test_detectable_words():
     assert all(detectable(w) for w in ANIMALS + OBJECTS)
     assert not any(detectable(w) for w in NON_OBJECTS)
-    assert detectable("Cat") and detectable("red car") and not detectable("at right") and not detectable("") and not detectable("2")
+    assert (
+        detectable("Cat")
+        and detectable("red car")
+        and not detectable("at right")
+        and not detectable("")
+        and not detectable("2")
+    )
     with pytest.raises(AnelabError, match="must be a word"):
         detectable(3)
 
@@ -160,10 +205,16 @@ def test_non_detectable_words_are_skipped_and_reported(detector):
 
 @pytest.mark.parametrize(
     "images, subjects, message",
-    [([], ["cat"], "no images"), ("two", ["cat"], "must be a PIL image"), ("one", "cat", "list of words"),
-     ("two", [["cat"]] * 3, "2 images and 3 subject lists"), ("one", [], "no subjects"), ("one", [[3]], "must be a word"),
-     ("one", ["cat,dog"], "comma")],
-)  # fmt: skip
+    [
+        ([], ["cat"], "no images"),
+        ("two", ["cat"], "must be a PIL image"),
+        ("one", "cat", "list of words"),
+        ("two", [["cat"]] * 3, "2 images and 3 subject lists"),
+        ("one", [], "no subjects"),
+        ("one", [[3]], "must be a word"),
+        ("one", ["cat,dog"], "comma"),
+    ],
+)
 def test_bad_input_is_one_line_error(detector, images, subjects, message):
     images = {"one": _images(1), "two": [object(), object()]}.get(images, images) if isinstance(images, str) else images
     with pytest.raises(AnelabError, match=message):
@@ -195,7 +246,8 @@ def test_load_from_a_saved_directory_picks_the_class_from_the_config(detector, t
     assert isinstance(loaded.model, Owlv2ForObjectDetection) and loaded.padded
     images = _images(2)
     pd.testing.assert_frame_equal(
-        detect_subjects(images, ["cat"], loaded).drop(columns="detector"), detect_subjects(images, ["cat"], detector).drop(columns="detector")
+        detect_subjects(images, ["cat"], loaded).drop(columns="detector"),
+        detect_subjects(images, ["cat"], detector).drop(columns="detector"),
     )
     CLIPConfig().save_pretrained(tmp_path / "clip")
     with pytest.raises(AnelabError, match="OWLv2 or OWL-ViT.*'clip'"):
@@ -213,13 +265,48 @@ def _hand_made():
     rows = []
     for variant, present in (("sd", [(True, False), (False, False)]), ("ae", [(True, True), (True, False)])):
         for image, (cat, dog) in enumerate(present):
-            common = dict(variant=variant, category="animal_animal", prompt="a cat and a dog", seed=image, image=image, skipped=False)
-            rows.append({**common, "subject_index": 0, "subject": "cat", "score": 0.9 if cat else 0.1, "present": cat,
-                         "center_x": 0.8, "center_y": 0.5})  # fmt: skip
-            rows.append({**common, "subject_index": 1, "subject": "dog", "score": 0.7 if dog else 0.2, "present": dog,
-                         "center_x": 0.2, "center_y": 0.1})  # fmt: skip
-            rows.append({**common, "subject_index": 2, "subject": "right", "skipped": True, "score": np.nan, "present": pd.NA,
-                         "center_x": np.nan, "center_y": np.nan})  # fmt: skip
+            common = dict(
+                variant=variant,
+                category="animal_animal",
+                prompt="a cat and a dog",
+                seed=image,
+                image=image,
+                skipped=False,
+            )
+            rows.append(
+                {
+                    **common,
+                    "subject_index": 0,
+                    "subject": "cat",
+                    "score": 0.9 if cat else 0.1,
+                    "present": cat,
+                    "center_x": 0.8,
+                    "center_y": 0.5,
+                }
+            )
+            rows.append(
+                {
+                    **common,
+                    "subject_index": 1,
+                    "subject": "dog",
+                    "score": 0.7 if dog else 0.2,
+                    "present": dog,
+                    "center_x": 0.2,
+                    "center_y": 0.1,
+                }
+            )
+            rows.append(
+                {
+                    **common,
+                    "subject_index": 2,
+                    "subject": "right",
+                    "skipped": True,
+                    "score": np.nan,
+                    "present": pd.NA,
+                    "center_x": np.nan,
+                    "center_y": np.nan,
+                }
+            )
     return pd.DataFrame(rows).astype({"present": "boolean"})
 
 
@@ -252,7 +339,9 @@ def test_center_distance():
     cat = center_distance(frame, "cat", (0.5, 0.1))  # cat's centre (0.8, 0.5): hypot(0.3, 0.4) = 0.5
     np.testing.assert_allclose(cat.to_numpy(), [0.5, np.nan, 0.5, 0.5])  # NaN where the cat is absent
     assert cat.index.names == ["variant", "category", "prompt", "seed", "image"] and cat.name == "center_distance"
-    np.testing.assert_allclose(center_distance(frame, 1, (0.5, 0.1)).to_numpy(), [np.nan, np.nan, 0.3, np.nan])  # by position
+    np.testing.assert_allclose(
+        center_distance(frame, 1, (0.5, 0.1)).to_numpy(), [np.nan, np.nan, 0.3, np.nan]
+    )  # by position
     assert center_distance(frame, "right", (0.5, 0.5)).isna().all()  # skipped
     with pytest.raises(AnelabError, match="not in this detection table"):
         center_distance(frame, "horse", (0.5, 0.5))

@@ -31,7 +31,9 @@ class _Seen(Exception):
     pass
 
 
-@pytest.mark.parametrize("config", [None, GuidanceConfig(attention_res=8, thresholds={}, max_iter_to_alter=2)], ids=["sd", "ae"])
+@pytest.mark.parametrize(
+    "config", [None, GuidanceConfig(attention_res=8, thresholds={}, max_iter_to_alter=2)], ids=["sd", "ae"]
+)
 def test_a_run_feeds_the_unet_on_that_device(config):
     """The noise, the text embeddings and the timestep reach the UNet on the pipeline's device (meta: shapes only)."""
     pipe = load_pipeline("tiny", device="meta")
@@ -54,11 +56,17 @@ def test_scorers_move_to_the_device_asked_for():
     from anelab.detection import load_detector
     from anelab.metrics import load_blip, load_clip
 
-    for scorer in (load_clip("tiny", device="meta"), load_blip("tiny", device="meta"), load_detector("tiny", device="meta")):
+    for scorer in (
+        load_clip("tiny", device="meta"),
+        load_blip("tiny", device="meta"),
+        load_detector("tiny", device="meta"),
+    ):
         assert _devices(scorer.model) == {"meta"}, scorer.name
 
 
-@pytest.mark.parametrize("device, message", [("nonsense", "unknown device 'nonsense'"), ("cuda:99", "cuda:99"), ("tpu", "unknown device")])
+@pytest.mark.parametrize(
+    "device, message", [("nonsense", "unknown device 'nonsense'"), ("cuda:99", "cuda:99"), ("tpu", "unknown device")]
+)
 def test_unknown_or_unavailable_devices_are_refused(device, message):
     if device == "cuda:99" and not CUDA:
         message = "torch sees no GPU"
@@ -69,14 +77,17 @@ def test_unknown_or_unavailable_devices_are_refused(device, message):
 
 
 @pytest.mark.skipif(CUDA, reason="checks the refusal on a machine without CUDA")
-@pytest.mark.parametrize("command", [
-    ["generate", "--prompt", "a cat", "--tokens", "cat", "--out", "OUT", "--device", "cuda"],
-    ["sweep", "reproduction", "--out", "OUT", "--device", "cuda"],
-    ["score", "OUT", "--clip", "tiny", "--device", "cuda"],
-    ["report", "--only", "00", "--out", "OUT", "--device", "cuda"],
-    ["bench", "--device", "cuda", "--out", "OUT"],
-    ["generate", "--prompt", "a cat", "--tokens", "cat", "--out", "OUT", "--generator-device", "cuda"],
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["generate", "--prompt", "a cat", "--tokens", "cat", "--out", "OUT", "--device", "cuda"],
+        ["sweep", "reproduction", "--out", "OUT", "--device", "cuda"],
+        ["score", "OUT", "--clip", "tiny", "--device", "cuda"],
+        ["report", "--only", "00", "--out", "OUT", "--device", "cuda"],
+        ["bench", "--device", "cuda", "--out", "OUT"],
+        ["generate", "--prompt", "a cat", "--tokens", "cat", "--out", "OUT", "--generator-device", "cuda"],
+    ],
+)
 def test_every_command_refuses_cuda_without_a_gpu_in_one_line(tmp_path, capsys, command):
     (tmp_path / "OUT").mkdir()
     with pytest.raises(SystemExit) as done:
@@ -122,8 +133,16 @@ def test_hub_options_reach_from_pretrained(monkeypatch):
 
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", fake)
     with pytest.raises(AnelabError):
-        load_pipeline("someone/model", device="cpu", dtype="fp16", revision="v1", variant="fp16", cache_dir="/tmp/c", token="t",
-                      local_files_only=True)  # fmt: skip
+        load_pipeline(
+            "someone/model",
+            device="cpu",
+            dtype="fp16",
+            revision="v1",
+            variant="fp16",
+            cache_dir="/tmp/c",
+            token="t",
+            local_files_only=True,
+        )
     assert seen["path"] == "someone/model" and seen["torch_dtype"] == torch.float16
     assert {k: seen[k] for k in ("revision", "variant", "cache_dir", "token", "local_files_only")} == dict(
         revision="v1", variant="fp16", cache_dir="/tmp/c", token="t", local_files_only=True
@@ -138,9 +157,13 @@ def _hub_error(kind):
 
 @pytest.mark.parametrize(
     "kind, message",
-    [("GatedRepoError", "is gated on the Hugging Face Hub: accept its licence"), ("RepositoryNotFoundError", "was not found on the Hugging Face Hub"),
-     ("RevisionNotFoundError", "has no such revision"), ("LocalEntryNotFoundError", "the Hub cannot be reached")],
-)  # fmt: skip
+    [
+        ("GatedRepoError", "is gated on the Hugging Face Hub: accept its licence"),
+        ("RepositoryNotFoundError", "was not found on the Hugging Face Hub"),
+        ("RevisionNotFoundError", "has no such revision"),
+        ("LocalEntryNotFoundError", "the Hub cannot be reached"),
+    ],
+)
 def test_hub_failures_are_classified_by_type_not_text(kind, message):
     from huggingface_hub import errors
 
@@ -156,16 +179,26 @@ def test_hub_failures_are_classified_by_type_not_text(kind, message):
 
 
 def test_hf_hub_offline_on_is_recognised_as_offline():
-    code = ("from anelab.loading import explain_load_failure; "
-            "print(explain_load_failure('diffusers pipeline', 'a/b', False, ValueError('boom')))")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code], env={"HF_HUB_OFFLINE": "on", "PATH": ""}, capture_output=True, text=True, check=True).stdout
+    code = (
+        "from anelab.loading import explain_load_failure; "
+        "print(explain_load_failure('diffusers pipeline', 'a/b', False, ValueError('boom')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"HF_HUB_OFFLINE": "on", "PATH": ""},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "cannot be reached (offline or no network)" in out
 
 
 def test_version_and_help_do_not_import_torch():
     from anelab import __version__
 
-    out = subprocess.run([sys.executable, "-m", "anelab", "--version"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "anelab", "--version"], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == f"anelab {__version__}" and __version__ != "0+unknown"
     code = "import sys; from anelab.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'pandas', 'diffusers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -190,14 +223,22 @@ def test_channels_last_weights_give_the_same_images():
     conv = next(m for m in packed.unet.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     config = GuidanceConfig(attention_res=8, thresholds={0: 0.05}, max_iter_to_alter=2)
-    a, b = (anelab.generate(p, "a cat and a dog", ["cat", "dog"], seeds=[0], config=config, **RUN).latents for p in (plain, packed))
+    a, b = (
+        anelab.generate(p, "a cat and a dog", ["cat", "dog"], seeds=[0], config=config, **RUN).latents
+        for p in (plain, packed)
+    )
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_graphed_cfg_forward_equals_eager_on_cuda():
     pipe = load_pipeline("tiny", device="cuda")
-    runs = {fast: anelab.generate(pipe, "a cat and a dog", ["cat", "dog"], seeds=[0, 1], config=None, fast=fast, **RUN).latents for fast in (True, False)}
+    runs = {
+        fast: anelab.generate(
+            pipe, "a cat and a dog", ["cat", "dog"], seeds=[0, 1], config=None, fast=fast, **RUN
+        ).latents
+        for fast in (True, False)
+    }
     torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-5)
 
 
@@ -205,8 +246,14 @@ def test_the_graphed_forward_flattens_and_rebuilds_the_unet_arguments():
     """The CUDA graph keeps every input tensor static; SDXL's nested added_cond_kwargs survive the flattening."""
     from anelab.fast import _flat, _nested
 
-    kwargs = {"encoder_hidden_states": torch.zeros(2, 3), "added_cond_kwargs": {"text_embeds": torch.ones(2), "time_ids": torch.ones(2, 6)}}
+    kwargs = {
+        "encoder_hidden_states": torch.zeros(2, 3),
+        "added_cond_kwargs": {"text_embeds": torch.ones(2), "time_ids": torch.ones(2, 6)},
+    }
     flat = _flat(kwargs)
     assert list(flat) == ["encoder_hidden_states", "added_cond_kwargs.text_embeds", "added_cond_kwargs.time_ids"]
     rebuilt = _nested({"x": None, "t": None, **flat})
-    assert rebuilt.keys() == kwargs.keys() and rebuilt["added_cond_kwargs"]["time_ids"] is kwargs["added_cond_kwargs"]["time_ids"]
+    assert (
+        rebuilt.keys() == kwargs.keys()
+        and rebuilt["added_cond_kwargs"]["time_ids"] is kwargs["added_cond_kwargs"]["time_ids"]
+    )

@@ -14,7 +14,9 @@ from anelab.explore import ALL, attention_explorer
 PROMPT, TOKENS = "a cat and a dog", ["cat", "dog"]
 FAST = dict(seeds=[0, 1], num_inference_steps=10, height=128, width=128, progress=False)
 RECORD = Record(steps=[0, 3, 6, 9], tokens="prompt", heads=True)
-NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "00_attention_explorer.ipynb"  # this checkout's (anelab.notebooks may map elsewhere)
+NOTEBOOK = (
+    Path(__file__).parents[1] / "notebooks" / "00_attention_explorer.ipynb"
+)  # this checkout's (anelab.notebooks may map elsewhere)
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +40,41 @@ def test_every_control_redraws_the_side_by_side_runs_without_error(sd, ae):
     controls = explorer.controls
     assert list(controls) == ["step", "seed", "res", "layer", "head", "token", "scale", "view"]
     assert explorer.renders == 1 and explorer.error is None and controls["step"].continuous_update is False
-    assert controls["res"].value == 16 and controls["scale"].value == "token" and controls["view"].value == "over"  # SD's guidance res
+    assert (
+        controls["res"].value == 16 and controls["scale"].value == "token" and controls["view"].value == "over"
+    )  # SD's guidance res
     assert [ax.get_title() for ax in _maps(explorer)] == ["SD · 'cat'", "A&E · 'cat'"]  # a run per row
     changes = [
-        ("step", 6, "step 6 (t="), ("seed", 1, "seed 1"), ("res", 8, "res 8 mean"), ("layer", "up_blocks.2.attentions.0.transformer_blocks.0.attn2", "up 2.0"),
-        ("head", 1, "up 2.0 · head 1"), ("token", ALL, "colour: shared across steps"), ("scale", "all", "head 1"), ("view", "beside", "seed 1"),
-        ("view", "smooth", "seed 1"), ("view", "map", "seed 1"), ("scale", "map", "colour: this map"), ("token", 4, "seed 1"), ("res", 4, "res 4 mean"),
-    ]  # fmt: skip
+        ("step", 6, "step 6 (t="),
+        ("seed", 1, "seed 1"),
+        ("res", 8, "res 8 mean"),
+        ("layer", "up_blocks.2.attentions.0.transformer_blocks.0.attn2", "up 2.0"),
+        ("head", 1, "up 2.0 · head 1"),
+        ("token", ALL, "colour: shared across steps"),
+        ("scale", "all", "head 1"),
+        ("view", "beside", "seed 1"),
+        ("view", "smooth", "seed 1"),
+        ("view", "map", "seed 1"),
+        ("scale", "map", "colour: this map"),
+        ("token", 4, "seed 1"),
+        ("res", 4, "res 4 mean"),
+    ]
     for name, value, shown in changes:
         before = explorer.renders
         controls[name].value = value
         assert explorer.error is None, (name, explorer.error)
-        assert explorer.renders == before + 1, name  # exactly one draw per change, also when options follow (res → layer → head)
+        assert explorer.renders == before + 1, (
+            name
+        )  # exactly one draw per change, also when options follow (res → layer → head)
         assert shown in explorer.figure._suptitle.get_text(), (name, explorer.figure._suptitle.get_text())
         if name == "token" and value == ALL:
             assert len(_maps(explorer)) == 2 * 6
         if name == "view" and value == "beside":
             assert [ax.get_title() for ax in explorer.figure.axes[:1]] == ["SD image"]
     assert [ax.get_title() for ax in _maps(explorer)] == ["SD · 'a (4)'", "A&E · 'a (4)'"]
-    assert controls["layer"].value == "mean" and controls["head"].value == "mean" and controls["head"].disabled  # no heads in a mean
+    assert (
+        controls["layer"].value == "mean" and controls["head"].value == "mean" and controls["head"].disabled
+    )  # no heads in a mean
 
 
 def test_shared_colour_scale_stays_put_across_steps(sd, ae):
@@ -77,7 +95,15 @@ def test_labels_positions_short_layer_names_and_heads(tiny_pipe, ae):
     explorer = attention_explorer(cache, ae.images)
     controls = explorer.controls
     assert controls["res"].value == 8  # opens at this run's guidance resolution
-    assert [label for label, _ in controls["token"].options] == ["every token, side by side", "a (1)", "cat", "and", "a (4)", "dog", "<eot>"]
+    assert [label for label, _ in controls["token"].options] == [
+        "every token, side by side",
+        "a (1)",
+        "cat",
+        "and",
+        "a (4)",
+        "dog",
+        "<eot>",
+    ]
     assert [label for label, _ in controls["layer"].options] == ["mean of 3 layers", "down 1.0", "up 2.0", "up 2.1"]
     assert "A&E loss reads" in controls["layer"].tooltip and controls["head"].layout.display is None
     controls["layer"].value = cache.layer_names["up 2.1"]
@@ -97,26 +123,53 @@ def test_errors_show_in_the_output_and_clear_on_a_good_choice(sd):
 
 
 def test_explorer_needs_maps_and_runs_of_one_prompt(tiny_pipe, sd):
-    out = anelab.generate(tiny_pipe, "a cat", ["cat"], record=Record(maps=False), num_inference_steps=2, height=64, width=64, progress=False)
+    out = anelab.generate(
+        tiny_pipe,
+        "a cat",
+        ["cat"],
+        record=Record(maps=False),
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        progress=False,
+    )
     with pytest.raises(ValueError, match="needs recorded maps"):
         attention_explorer(out.attention)
-    other = anelab.generate(tiny_pipe, "a cat", ["cat"], record=Record(steps=[0]), num_inference_steps=2, height=128, width=128, progress=False)
+    other = anelab.generate(
+        tiny_pipe,
+        "a cat",
+        ["cat"],
+        record=Record(steps=[0]),
+        num_inference_steps=2,
+        height=128,
+        width=128,
+        progress=False,
+    )
     with pytest.raises(ValueError, match="must share one prompt"):
         attention_explorer({"SD": sd.attention, "other": other.attention})
 
 
 def test_notebook_00_keeps_its_shape_and_parameters():
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    assert nb.cells[0].cell_type == "markdown" and any(line.startswith("**Question.**") for line in nb.cells[0].source.splitlines())
+    assert nb.cells[0].cell_type == "markdown" and any(
+        line.startswith("**Question.**") for line in nb.cells[0].source.splitlines()
+    )
     parameters = nb.cells[1]
     assert parameters.metadata.get("tags") == ["parameters"]
     assignments = ast.parse(parameters.source).body
     assert all(isinstance(node, ast.Assign) for node in assignments)
     values = {node.targets[0].id: ast.literal_eval(node.value) for node in assignments}  # literals only
-    assert values["scale"] == "smoke" and values["store"] is None and "smoke" not in values and values["interactive"] is True
+    assert (
+        values["scale"] == "smoke"
+        and values["store"] is None
+        and "smoke" not in values
+        and values["interactive"] is True
+    )
     assert list(papermill.inspect_notebook(str(NOTEBOOK))) == list(values)
     code = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
-    assert 'if scale == "smoke":' in code and code.count("progress=False") == code.count("anelab.generate(") >= 1  # no bar widget left behind
+    assert (
+        'if scale == "smoke":' in code and code.count("progress=False") == code.count("anelab.generate(") >= 1
+    )  # no bar widget left behind
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None

@@ -37,7 +37,9 @@ def test_guided_generation_in_half_precision(tiny_pipe, bf16_pipe, dtype, tolera
     assert out.latents.dtype == dtype and torch.isfinite(out.latents).all()
     assert out.images.shape == (2, 128, 128, 3) and np.isfinite(out.images).all() and out.images.std() > 0.01
     trace = out.trace
-    assert not trace.nonfinite.any() and (trace[trace.step == 0].refinement_iterations == 2).all() and trace.updated.all()
+    assert (
+        not trace.nonfinite.any() and (trace[trace.step == 0].refinement_iterations == 2).all() and trace.updated.all()
+    )
     first, first32 = (t[t.step == 0].max_attention.to_numpy() for t in (trace, ref.trace))
     np.testing.assert_allclose(first, first32, atol=tolerance)
 
@@ -48,8 +50,15 @@ def test_non_square_images_give_non_square_grids(tiny_pipe):
     the recorded maps have that shape, and the layout term enters the objective."""
     config = REFINING.replace(attention_res=12)
     record = Record(resolutions=(12, 6), steps=[0, 1], dtype=torch.float32)
-    out = anelab.generate(tiny_pipe, PROMPT, ["cat"], config=config, layout={"dog": (0.8, 0.2)}, record=record,
-                          **(FAST | dict(seeds=[0], height=256, width=192, output_type="pil")))  # fmt: skip
+    out = anelab.generate(
+        tiny_pipe,
+        PROMPT,
+        ["cat"],
+        config=config,
+        layout={"dog": (0.8, 0.2)},
+        record=record,
+        **(FAST | dict(seeds=[0], height=256, width=192, output_type="pil")),
+    )
     assert out.latents.shape == (1, 4, 32, 24) and out.images[0].size == (192, 256)
     assert out.attention.maps(token="cat", step=0, res=12).shape == (16, 12)
     assert out.attention.maps(token="dog", step=1, res=6).shape == (8, 6)
@@ -57,13 +66,19 @@ def test_non_square_images_give_non_square_grids(tiny_pipe):
     assert sorted(trace.step.unique()) == [0, 1, 2] and np.isfinite(trace.max_attention).all()
     kl = trace.query("token == 'dog'").layout_kl
     assert kl.notna().all() and (kl > 0).all() and trace.query("token == 'cat'").layout_kl.isna().all()
-    np.testing.assert_allclose(trace.objective, trace.loss + trace.groupby(["seed", "step"]).layout_kl.transform("sum"), rtol=1e-5)
+    np.testing.assert_allclose(
+        trace.objective, trace.loss + trace.groupby(["seed", "step"]).layout_kl.transform("sum"), rtol=1e-5
+    )
 
 
 def test_output_types_hold_the_same_image(tiny_pipe):
-    """"np" is [n, h, w, 3] floats in [0, 1], "pt" the same values as [n, 3, h, w], "pil" those values rounded to 8 bits."""
-    images = {kind: anelab.generate(tiny_pipe, PROMPT, config=None, **(FAST | dict(num_inference_steps=2, output_type=kind))).images
-              for kind in ("pil", "np", "pt")}  # fmt: skip
+    """ "np" is [n, h, w, 3] floats in [0, 1], "pt" the same values as [n, 3, h, w], "pil" those values rounded to 8 bits."""
+    images = {
+        kind: anelab.generate(
+            tiny_pipe, PROMPT, config=None, **(FAST | dict(num_inference_steps=2, output_type=kind))
+        ).images
+        for kind in ("pil", "np", "pt")
+    }
     array, tensor, pil = images["np"], images["pt"], images["pil"]
     assert isinstance(array, np.ndarray) and array.shape == (2, 128, 128, 3) and 0 <= array.min() and array.max() <= 1
     assert array.std() > 0.01  # a picture, not a constant
@@ -82,17 +97,34 @@ def test_guidance_scale_at_most_one_is_one_conditional_forward(tiny_pipe):
     handle = tiny_pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
     record = Record(resolutions=(8,), steps=[0], dtype=torch.float32)
     try:
-        runs = {scale: anelab.generate(tiny_pipe, PROMPT, TOKENS, config=None, guidance_scale=scale, record=record, **FAST) for scale in (1.0, 0.5, 7.5)}
+        runs = {
+            scale: anelab.generate(tiny_pipe, PROMPT, TOKENS, config=None, guidance_scale=scale, record=record, **FAST)
+            for scale in (1.0, 0.5, 7.5)
+        }
     finally:
         handle.remove()
     n = len(runs[1.0].timesteps)
     assert batches == [2] * n + [2] * n + [4] * n  # seeds [0, 1]: the CFG run doubles the batch
     assert torch.equal(runs[1.0].latents, runs[0.5].latents)
     assert _relative_difference(runs[1.0].latents, runs[7.5].latents) > 0.1
-    diffusers_latents = torch.cat([tiny_pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(s), guidance_scale=1.0, num_inference_steps=4,
-                                             height=128, width=128, output_type="latent").images for s in (0, 1)])  # fmt: skip
+    diffusers_latents = torch.cat(
+        [
+            tiny_pipe(
+                PROMPT,
+                generator=torch.Generator("cpu").manual_seed(s),
+                guidance_scale=1.0,
+                num_inference_steps=4,
+                height=128,
+                width=128,
+                output_type="latent",
+            ).images
+            for s in (0, 1)
+        ]
+    )
     torch.testing.assert_close(runs[1.0].latents, diffusers_latents, rtol=1e-5, atol=1e-5)
-    stats = [runs[scale].attention.stats().sort_values(["seed", "token"]).max_attention.to_numpy() for scale in (1.0, 7.5)]
+    stats = [
+        runs[scale].attention.stats().sort_values(["seed", "token"]).max_attention.to_numpy() for scale in (1.0, 7.5)
+    ]
     np.testing.assert_allclose(*stats, rtol=1e-4)
 
 
@@ -119,10 +151,14 @@ def steered_default(tiny_pipe):
 
 @pytest.mark.parametrize(
     "change, column",
-    [(dict(suppress_scale=2.5), "objective"), (dict(layout_scale=0.3), "objective"), (dict(layout_sigma=0.05), "layout_kl"),
-     (dict(sigma_convention="standard"), "max_attention")],
+    [
+        (dict(suppress_scale=2.5), "objective"),
+        (dict(layout_scale=0.3), "objective"),
+        (dict(layout_sigma=0.05), "layout_kl"),
+        (dict(sigma_convention="standard"), "max_attention"),
+    ],
     ids=["suppress_scale", "layout_scale", "layout_sigma", "sigma_convention"],
-)  # fmt: skip
+)
 def test_each_steering_knob_changes_the_result(tiny_pipe, steered_default, change, column):
     """Each knob changes the first measurement it enters (same latent, so no float noise is amplified there)
     and the final latents, both by far more than float noise."""
@@ -135,8 +171,33 @@ def test_each_steering_knob_changes_the_result(tiny_pipe, steered_default, chang
 # -- the CLI -------------------------------------------------------------------------------------
 def _cli(out, *options):
     with pytest.raises(SystemExit) as done:
-        main(["generate", "--prompt", PROMPT, "--tokens", "cat", "dog", "--seeds", "0", "--steps", "4", "--height", "128", "--width", "128",
-              "--attention-res", "8", "--thresholds", "0:0.99", "--max-iter-to-alter", "3", "--out", str(out), *options])  # fmt: skip
+        main(
+            [
+                "generate",
+                "--prompt",
+                PROMPT,
+                "--tokens",
+                "cat",
+                "dog",
+                "--seeds",
+                "0",
+                "--steps",
+                "4",
+                "--height",
+                "128",
+                "--width",
+                "128",
+                "--attention-res",
+                "8",
+                "--thresholds",
+                "0:0.99",
+                "--max-iter-to-alter",
+                "3",
+                "--out",
+                str(out),
+                *options,
+            ]
+        )
     assert done.value.code == 0
     return np.asarray(Image.open(out / PROMPT / "0.png"), dtype=np.int16), pd.read_parquet(out / "trace.parquet")
 
@@ -155,7 +216,10 @@ def test_cli_plain_guidance_scale_and_dtype_reach_generate(tiny_pipe, bf16_pipe,
     assert trace[trace.step == 0].triggered.all() and trace.updated.all()
     cases = {
         "plain": (["--plain"], anelab.generate(tiny_pipe, PROMPT, TOKENS, config=None, **args)),
-        "scale": (["--guidance-scale", "1.0"], anelab.generate(tiny_pipe, PROMPT, TOKENS, config=guided, guidance_scale=1.0, **args)),
+        "scale": (
+            ["--guidance-scale", "1.0"],
+            anelab.generate(tiny_pipe, PROMPT, TOKENS, config=guided, guidance_scale=1.0, **args),
+        ),
         "bf16": (["--dtype", "bf16"], anelab.generate(bf16_pipe, PROMPT, TOKENS, config=guided, **args)),
     }
     for name, (options, expected) in cases.items():

@@ -12,8 +12,23 @@ from anelab import AnelabError
 from anelab.cli import main
 from anelab.names import MAX_LENGTH, prompt_folder
 
-GENERATE = ["generate", "--tokens", "cat", "--steps", "3", "--height", "64", "--width", "64", "--attention-res", "2",
-            "--thresholds", "0:0.1", "--max-iter-to-alter", "1"]  # fmt: skip
+GENERATE = [
+    "generate",
+    "--tokens",
+    "cat",
+    "--steps",
+    "3",
+    "--height",
+    "64",
+    "--width",
+    "64",
+    "--attention-res",
+    "2",
+    "--thresholds",
+    "0:0.1",
+    "--max-iter-to-alter",
+    "1",
+]
 
 
 def _generate(out, prompt="a cat and a dog", *extra):
@@ -34,15 +49,36 @@ def _refused(capsys, args, message, out=None):
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if a model is built: these inputs must be refused before that."""
-    monkeypatch.setattr(anelab.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was built before the input was checked"))
+    monkeypatch.setattr(
+        anelab.loading, "load_pipeline", lambda *a, **k: pytest.fail("the model was built before the input was checked")
+    )
 
 
 def test_prompt_folders_are_safe_bounded_and_distinct():
     assert prompt_folder("a cat and a dog") == "a cat and a dog"  # the A&E layout: the folder is the prompt
-    hostile = ["a cat and a dog/../../../escaped", "..", ".", "a/b", "a\\b", "A cat", "a cat.", " a cat", "a  cat", "a" * 400, "a\x00b", "猫"]
+    hostile = [
+        "a cat and a dog/../../../escaped",
+        "..",
+        ".",
+        "a/b",
+        "a\\b",
+        "A cat",
+        "a cat.",
+        " a cat",
+        "a  cat",
+        "a" * 400,
+        "a\x00b",
+        "猫",
+    ]
     names = [prompt_folder(p) for p in hostile]
     for name in names:
-        assert "/" not in name and "\\" not in name and name not in (".", "..") and not name.startswith(".") and len(name) <= MAX_LENGTH
+        assert (
+            "/" not in name
+            and "\\" not in name
+            and name not in (".", "..")
+            and not name.startswith(".")
+            and len(name) <= MAX_LENGTH
+        )
         assert "\x00" not in name and name.isprintable()
     assert len(set(names)) == len(hostile)
     assert prompt_folder("a cat") != prompt_folder("A cat")  # case-insensitive disks must not merge them
@@ -55,17 +91,26 @@ def test_a_prompt_with_separators_stays_inside_out_and_is_recoverable(tmp_path):
     assert _generate(out, prompt) == 0
     assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
     (folder,) = [p for p in out.iterdir() if p.is_dir()]
-    assert folder.name == prompt_folder(prompt) and json.loads((out / "prompts.json").read_text()) == {folder.name: prompt}
+    assert folder.name == prompt_folder(prompt) and json.loads((out / "prompts.json").read_text()) == {
+        folder.name: prompt
+    }
     assert set(find_images(out).prompt) == {prompt}  # the folder → prompt mapping survives in the output alone
 
 
 def test_a_long_prompt_generates_a_complete_result(tmp_path):
-    scenery = " ".join(f"next to a {c} {o}" for c, o in zip(["orange", "yellow", "purple", "brown", "white", "black", "green"],
-                                                           ["suitcase", "backpack", "balloon", "elephant", "bench", "clock", "turtle"]))
+    scenery = " ".join(
+        f"next to a {c} {o}"
+        for c, o in zip(
+            ["orange", "yellow", "purple", "brown", "white", "black", "green"],
+            ["suitcase", "backpack", "balloon", "elephant", "bench", "clock", "turtle"],
+        )
+    )
     prompt = f"a cat sitting in a large forest {scenery} under the sky"  # over 200 characters, within 77 tokens
     assert len(prompt) > 200 and _generate(tmp_path / "o", prompt) == 0
     (image,) = (tmp_path / "o").glob("*/0.png")
-    assert len(image.parent.name) <= MAX_LENGTH and pd.read_parquet(tmp_path / "o" / "trace.parquet").prompt.unique().tolist() == [prompt]
+    assert len(image.parent.name) <= MAX_LENGTH and pd.read_parquet(
+        tmp_path / "o" / "trace.parquet"
+    ).prompt.unique().tolist() == [prompt]
 
 
 def test_a_second_run_keeps_the_first_runs_trace(tmp_path):
@@ -78,44 +123,76 @@ def test_a_second_run_keeps_the_first_runs_trace(tmp_path):
     assert config["thresholds"] == {"0": 0.1} and config["attention_res"] == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
-    (["--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
-    (["--scale-factor", "nan"], "--scale-factor must be a finite number"),
-    (["--seeds", str(2**64)], "0 <= seed < 2**64"),
-    (["--layout", "cat=nan,0.5"], "layout point for 'cat'"),
-    (["--tokens", "cow"], "'cow' is not a token of"),
-    (["--suppress", "cow"], "'cow' is not a token of"),
-    (["--steps", "10", "--thresholds", "0:0.05,10:0.5,20:0.8"], "threshold steps [20] are beyond the schedule"),
-    (["--device", "nonsense"], "unknown device 'nonsense'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+        (["--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
+        (["--scale-factor", "nan"], "--scale-factor must be a finite number"),
+        (["--seeds", str(2**64)], "0 <= seed < 2**64"),
+        (["--layout", "cat=nan,0.5"], "layout point for 'cat'"),
+        (["--tokens", "cow"], "'cow' is not a token of"),
+        (["--suppress", "cow"], "'cow' is not a token of"),
+        (["--steps", "10", "--thresholds", "0:0.05,10:0.5,20:0.8"], "threshold steps [20] are beyond the schedule"),
+        (["--device", "nonsense"], "unknown device 'nonsense'"),
+    ],
+)
 def test_bad_numbers_seeds_and_tokens_are_refused_before_the_model_is_built(tmp_path, capsys, no_model, args, message):
     out = tmp_path / "o"
-    _refused(capsys, ["generate", "--prompt", "a cat and a dog", "--tokens", "cat", "--out", str(out), *args], message, out)
+    _refused(
+        capsys, ["generate", "--prompt", "a cat and a dog", "--tokens", "cat", "--out", str(out), *args], message, out
+    )
     assert not out.exists()
 
 
 def test_default_thresholds_follow_the_step_count(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
-        main(["generate", "--prompt", "a cat and a dog", "--tokens", "cat", "--steps", "10", "--height", "64", "--width", "64",
-              "--attention-res", "2", "--out", str(tmp_path / "o")])  # fmt: skip
+        main(
+            [
+                "generate",
+                "--prompt",
+                "a cat and a dog",
+                "--tokens",
+                "cat",
+                "--steps",
+                "10",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--attention-res",
+                "2",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     captured = capsys.readouterr()
-    assert done.value.code == 0 and "default thresholds and max_iter_to_alter rescaled from 50 to 10 steps" in captured.err
+    assert (
+        done.value.code == 0 and "default thresholds and max_iter_to_alter rescaled from 50 to 10 steps" in captured.err
+    )
     trace = pd.read_parquet(tmp_path / "o" / "trace.parquet")
-    assert sorted(trace.threshold.dropna().unique()) == [0.05, 0.5, 0.8] and sorted(trace.dropna(subset="threshold").step.unique()) == [0, 2, 4]
+    assert sorted(trace.threshold.dropna().unique()) == [0.05, 0.5, 0.8] and sorted(
+        trace.dropna(subset="threshold").step.unique()
+    ) == [0, 2, 4]
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_any_model_work(tmp_path, capsys, no_model, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    _refused(capsys, ["generate", "--prompt", "a cat", "--tokens", "cat", "--out", str(blocker / "sub")], "cannot be created")
+    _refused(
+        capsys, ["generate", "--prompt", "a cat", "--tokens", "cat", "--out", str(blocker / "sub")], "cannot be created"
+    )
     import anelab.io
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(anelab.io.tempfile, "mkstemp", denied)  # a read-only place (root ignores chmod, so simulate it)
-    for args in (["generate", "--prompt", "a cat", "--tokens", "cat"], ["sweep", "reproduction"], ["report", "--only", "00"]):
+    for args in (
+        ["generate", "--prompt", "a cat", "--tokens", "cat"],
+        ["sweep", "reproduction"],
+        ["report", "--only", "00"],
+    ):
         _refused(capsys, [*args, "--out", str(tmp_path / "ro")], "cannot be written: Permission denied")
     assert not (tmp_path / "ro").exists()
 
@@ -126,7 +203,9 @@ def test_a_read_only_folder_is_refused(tmp_path, capsys, no_model):
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        _refused(capsys, ["generate", "--prompt", "a cat", "--tokens", "cat", "--out", str(locked)], "cannot be written")
+        _refused(
+            capsys, ["generate", "--prompt", "a cat", "--tokens", "cat", "--out", str(locked)], "cannot be written"
+        )
     finally:
         locked.chmod(0o755)
 
@@ -153,8 +232,17 @@ def test_damaged_files_are_one_line_errors(tmp_path, capsys, tiny_pipe):
     assert _generate(folder) == 0
     (folder / "metrics.parquet").write_bytes(b"PAR1 not really")
     _refused(capsys, ["score", str(folder), "--clip", "tiny", "--blip", "none"], "metrics.parquet is damaged")
-    out = anelab.generate(tiny_pipe, "a cat and a dog", ["cat"], config=None, num_inference_steps=2, height=64, width=64,
-                          record=anelab.Record(resolutions=(4,)), progress=False)  # fmt: skip
+    out = anelab.generate(
+        tiny_pipe,
+        "a cat and a dog",
+        ["cat"],
+        config=None,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        record=anelab.Record(resolutions=(4,)),
+        progress=False,
+    )
     saved = out.attention.save(tmp_path / "cache")
     maps = saved / "maps.safetensors"
     maps.write_bytes(maps.read_bytes()[: maps.stat().st_size // 2])
@@ -164,4 +252,6 @@ def test_damaged_files_are_one_line_errors(tmp_path, capsys, tiny_pipe):
 
 def test_an_api_schedule_that_does_not_fit_says_how_to_rescale(tiny_pipe):
     with pytest.raises(AnelabError, match=r"config.rescaled\(50, n\)"):
-        anelab.generate(tiny_pipe, "a cat", ["cat"], config=anelab.GuidanceConfig(), num_inference_steps=10, progress=False)
+        anelab.generate(
+            tiny_pipe, "a cat", ["cat"], config=anelab.GuidanceConfig(), num_inference_steps=10, progress=False
+        )

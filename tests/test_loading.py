@@ -26,11 +26,23 @@ def test_tiny_attention_responds_to_guidance(tiny_pipe):
     """At the default thresholds refinement triggers at some threshold steps and not at others, lifts the weakest
     token where it runs, and guidance lowers the loss (256 px: the 8×8 layers are the ones that are 16×16 at 512 px).
     All on averages with wide margins: single samples sit close to a threshold on some CPUs."""
-    out = anelab.generate(tiny_pipe, "a cat and a dog", ["cat", "dog"], seeds=[0, 1, 2, 3], config=GuidanceConfig(attention_res=8),
-                          height=256, width=256, output_type="latent", progress=False)  # fmt: skip
+    out = anelab.generate(
+        tiny_pipe,
+        "a cat and a dog",
+        ["cat", "dog"],
+        seeds=[0, 1, 2, 3],
+        config=GuidanceConfig(attention_res=8),
+        height=256,
+        width=256,
+        output_type="latent",
+        progress=False,
+    )
     per_pair = out.trace.groupby(["seed", "step"]).agg(
-        threshold=("threshold", "first"), triggered=("triggered", "first"), first=("max_attention", "min"), final=("final_max_attention", "min"),
-    )  # fmt: skip
+        threshold=("threshold", "first"),
+        triggered=("triggered", "first"),
+        first=("max_attention", "min"),
+        final=("final_max_attention", "min"),
+    )
     at_thresholds = per_pair[per_pair.threshold.notna()]
     assert 0 < at_thresholds.triggered.mean() < 1  # here: never at step 0 (margin >= 0.1), always at step 20 (>= 0.15)
     refined = at_thresholds[at_thresholds.triggered]
@@ -53,7 +65,12 @@ def test_saved_pipeline_loads_and_gives_the_same_images(tiny_pipe, tmp_path):
     plain = [anelab.generate(p, "a cat and a dog", config=None, **args).latents for p in (tiny_pipe, loaded)]
     torch.testing.assert_close(*plain, rtol=1e-5, atol=1e-5)
     # guided: compare the first measurement (later ones amplify float noise)
-    guided = [anelab.generate(p, "a cat and a dog", ["cat", "dog"], config=GuidanceConfig(attention_res=4, thresholds={}), **args).trace for p in (tiny_pipe, loaded)]
+    guided = [
+        anelab.generate(
+            p, "a cat and a dog", ["cat", "dog"], config=GuidanceConfig(attention_res=4, thresholds={}), **args
+        ).trace
+        for p in (tiny_pipe, loaded)
+    ]
     first = [g[g.step == 0].max_attention.to_numpy() for g in guided]
     np.testing.assert_allclose(*first, rtol=1e-4)
     assert anelab.load_pipeline(loaded) is loaded  # a built pipeline is accepted as is
@@ -63,9 +80,14 @@ def test_loading_with_a_dtype(tmp_path, tiny_pipe):
     tiny_pipe.save_pretrained(tmp_path / "model")
     half = anelab.load_pipeline(tmp_path / "model", device="cpu", dtype=torch.bfloat16)
     assert half.unet.dtype == torch.bfloat16
-    named = anelab.load_pipeline(tmp_path / "model", device="cpu", dtype="bf16")  # names, as notebook parameters give them
+    named = anelab.load_pipeline(
+        tmp_path / "model", device="cpu", dtype="bf16"
+    )  # names, as notebook parameters give them
     assert named.unet.dtype == torch.bfloat16
-    with pytest.raises(AnelabError, match="dtype must be one of \\['bf16', 'bfloat16', 'float16', 'float32', 'fp16', 'fp32'\\] or a torch.dtype, got 'half'"):
+    with pytest.raises(
+        AnelabError,
+        match="dtype must be one of \\['bf16', 'bfloat16', 'float16', 'float32', 'fp16', 'fp32'\\] or a torch.dtype, got 'half'",
+    ):
         anelab.load_pipeline("tiny", dtype="half")
 
 
@@ -73,7 +95,10 @@ def test_loading_with_a_dtype(tmp_path, tiny_pipe):
     "spec, message",
     [
         ("/no/such/model", "diffusers pipeline directory '/no/such/model' does not exist"),
-        ("nobody/no-such-model", "'nobody/no-such-model' is not a local directory and is not in the Hugging Face cache, and the Hub cannot be reached"),
+        (
+            "nobody/no-such-model",
+            "'nobody/no-such-model' is not a local directory and is not in the Hugging Face cache, and the Hub cannot be reached",
+        ),
         (3, "model must be 'tiny', a Hub id, a local directory or a StableDiffusionPipeline"),
     ],
 )

@@ -10,9 +10,16 @@ from anelab import AnelabError
 from anelab.analysis import guidance_stats, summarize
 from anelab.cli import main
 from anelab.metrics import (
-    BLIP_PROMPT, clip_scores, find_images, imagenet_templates, load_blip, load_clip, score_folder,
-    templated, text_text_scores,
-)  # fmt: skip
+    BLIP_PROMPT,
+    clip_scores,
+    find_images,
+    imagenet_templates,
+    load_blip,
+    load_clip,
+    score_folder,
+    templated,
+    text_text_scores,
+)
 from anelab.prompts import sub_prompts
 
 
@@ -59,7 +66,9 @@ def test_templates_and_the_official_plain_replacements():
     assert len(imagenet_templates()) == 80
     sentences = templated("a cat and a dog")
     assert sentences[0] == "a bad photo of a cat and a dog."  # "of a a cat" -> "of a cat"
-    assert "a photo of a cat and a dog." in sentences and "a plastic a cat and a dog." in sentences  # double article kept
+    assert (
+        "a photo of a cat and a dog." in sentences and "a plastic a cat and a dog." in sentences
+    )  # double article kept
     assert not any("the a cat" in s for s in sentences)
 
 
@@ -85,7 +94,12 @@ def test_the_split_rule_gives_the_right_halves_for_all_276_prompts(ane_prompts):
         first, second = sub_prompts(prompt)
         separator = " with " if " with " in prompt else " and "
         assert first + separator + second == prompt
-        assert nouns[0] in first.split() and nouns[1] in second.split() and first.startswith("a ") and second.startswith("a ")
+        assert (
+            nouns[0] in first.split()
+            and nouns[1] in second.split()
+            and first.startswith("a ")
+            and second.startswith("a ")
+        )
     assert sub_prompts("a monkey and a red car") == ("a monkey", "a red car")
     assert sub_prompts("a horse with a glasses") == ("a horse", "a glasses")
 
@@ -95,7 +109,9 @@ def test_blip_captions_offline_and_text_text_equals_a_direct_computation(clip, b
     frame = text_text_scores(images, "a cat and a dog", clip, blip)
     assert all(isinstance(c, str) and c and not c.startswith(BLIP_PROMPT.strip()) for c in frame.caption)
     inputs = blip.processor(images=images[:1], text=["a picture of"], return_tensors="pt")
-    raw = blip.processor.batch_decode(blip.model.generate(**inputs, num_beams=3, min_length=10, max_length=30), skip_special_tokens=True)[0]
+    raw = blip.processor.batch_decode(
+        blip.model.generate(**inputs, num_beams=3, min_length=10, max_length=30), skip_special_tokens=True
+    )[0]
     assert raw == BLIP_PROMPT + frame.caption[0]
     for caption, score in zip(frame.caption, frame.text_text):
         direct = float(_direct_text(clip, [caption])[0] @ _direct_prompt(clip, "a cat and a dog"))
@@ -107,35 +123,60 @@ def _trace(rows):
     records = []
     for seed, step, threshold, triggered, reached, iterations in rows:
         for token in ("cat", "dog"):
-            records.append(dict(seed=seed, step=step, token=token, threshold=threshold, triggered=triggered,
-                                reached=reached, refinement_iterations=iterations))  # fmt: skip
+            records.append(
+                dict(
+                    seed=seed,
+                    step=step,
+                    token=token,
+                    threshold=threshold,
+                    triggered=triggered,
+                    reached=reached,
+                    refinement_iterations=iterations,
+                )
+            )
     frame = pd.DataFrame(records)
     frame["reached"] = frame.reached.astype("boolean")
     return frame
 
 
 def test_guidance_stats_on_a_hand_made_trace():
-    trace = _trace([
-        (0, 0, 0.05, False, True, 0), (0, 5, np.nan, False, pd.NA, 0), (0, 10, 0.5, True, True, 3),
-        (1, 0, 0.05, True, False, 20), (1, 10, 0.5, False, True, 0),
-        (2, 0, 0.05, False, True, 0), (2, 10, 0.5, True, True, 1),
-    ])  # fmt: skip
+    trace = _trace(
+        [
+            (0, 0, 0.05, False, True, 0),
+            (0, 5, np.nan, False, pd.NA, 0),
+            (0, 10, 0.5, True, True, 3),
+            (1, 0, 0.05, True, False, 20),
+            (1, 10, 0.5, False, True, 0),
+            (2, 0, 0.05, False, True, 0),
+            (2, 10, 0.5, True, True, 1),
+        ]
+    )
     stats = guidance_stats(trace).set_index("step", drop=False)
     overall = stats[stats.step.isna()].iloc[0]
     assert (overall.pairs, overall.triggered) == (6, 3)
     assert overall.guidance_rate == pytest.approx(3 / 6) and overall.success_rate == pytest.approx(2 / 3)
     assert overall.mean_refinement_rounds == pytest.approx(24 / 6)
     step0, step10 = stats.loc[0], stats.loc[10]
-    assert (step0.guidance_rate, step0.success_rate, step0.mean_refinement_rounds) == (pytest.approx(1 / 3), 0.0, pytest.approx(20 / 3))
-    assert (step10.guidance_rate, step10.success_rate, step10.mean_refinement_rounds) == (pytest.approx(2 / 3), 1.0, pytest.approx(4 / 3))
+    assert (step0.guidance_rate, step0.success_rate, step0.mean_refinement_rounds) == (
+        pytest.approx(1 / 3),
+        0.0,
+        pytest.approx(20 / 3),
+    )
+    assert (step10.guidance_rate, step10.success_rate, step10.mean_refinement_rounds) == (
+        pytest.approx(2 / 3),
+        1.0,
+        pytest.approx(4 / 3),
+    )
     assert 5 not in stats.step.dropna().tolist()  # a step without a threshold is not a pair
 
 
 def test_guidance_stats_by_category_and_with_nothing_triggered():
-    trace = pd.concat([
-        _trace([(0, 0, 0.05, False, True, 0)]).assign(prompt="a cat and a dog", category="animal_animal"),
-        _trace([(0, 0, 0.05, True, True, 2)]).assign(prompt="a cat with a crown", category="animal_object"),
-    ])  # fmt: skip
+    trace = pd.concat(
+        [
+            _trace([(0, 0, 0.05, False, True, 0)]).assign(prompt="a cat and a dog", category="animal_animal"),
+            _trace([(0, 0, 0.05, True, True, 2)]).assign(prompt="a cat with a crown", category="animal_object"),
+        ]
+    )
     stats = guidance_stats(trace, by=["category"])
     overall = stats[stats.step.isna()].set_index("category")
     assert overall.at["animal_animal", "guidance_rate"] == 0 and np.isnan(overall.at["animal_animal", "success_rate"])
@@ -164,13 +205,20 @@ def test_score_folder_is_resumable_and_reports_what_it_could_not_score(tmp_path,
     (tmp_path / "a cat and a dog" / "3.png").write_text("not an image")
     table, notices, counts = score_folder(tmp_path, clip, blip, chunk=2, progress=False)
     assert counts == {"scored": 4, "already": 0}
-    assert sorted(table.path) == ["a cat and a dog/0.png", "a cat and a dog/1.png", "a cat and a dog/2.png", "a red car/0.png"]
+    assert sorted(table.path) == [
+        "a cat and a dog/0.png",
+        "a cat and a dog/1.png",
+        "a cat and a dog/2.png",
+        "a red car/0.png",
+    ]
     assert any("could not read a cat and a dog/3.png" in n for n in notices)
     assert any("neither ' and ' nor ' with '" in n and "a red car" in n for n in notices)
     assert np.isnan(table.set_index("prompt").at["a red car", "min_object"])
     assert set(table.category.dropna()) == {"animal_animal"} and (table.clip_model == "tiny").all()
     direct = clip_scores([tmp_path / "a cat and a dog" / "1.png"], "a cat and a dog", clip)
-    assert table.set_index("path").loc["a cat and a dog/1.png", "full_prompt"] == pytest.approx(direct.full_prompt[0], abs=1e-7)
+    assert table.set_index("path").loc["a cat and a dog/1.png", "full_prompt"] == pytest.approx(
+        direct.full_prompt[0], abs=1e-7
+    )
     _folder(tmp_path / "more", {"a bird and a bear": [5]})
     calls = []
     original = clip.embed_images
@@ -190,13 +238,22 @@ def test_adding_a_scorer_scores_what_is_missing_and_another_model_is_refused(tmp
     first, _, counts = score_folder(tmp_path, clip, None, progress=False)
     assert counts["scored"] == 3 and first.text_text.isna().all() and first.blip_model.isna().all()
     second, _, counts = score_folder(tmp_path, clip, blip, progress=False)
-    assert counts == {"scored": 3, "already": 0} and second.text_text.notna().all() and (second.blip_model == "tiny").all()
-    pd.testing.assert_series_equal(second.full_prompt, first.full_prompt)  # CLIP scores kept, not recomputed differently
+    assert (
+        counts == {"scored": 3, "already": 0} and second.text_text.notna().all() and (second.blip_model == "tiny").all()
+    )
+    pd.testing.assert_series_equal(
+        second.full_prompt, first.full_prompt
+    )  # CLIP scores kept, not recomputed differently
     third, notices, counts = score_folder(tmp_path, clip, blip, detector="tiny", progress=False)
     assert counts["scored"] == 3 and (third.detector_model == "tiny").all()
     by_prompt = third.set_index("path")
-    assert by_prompt.at["a cat and a dog/0.png", "subjects"] == "cat,dog" and by_prompt.at["a cat at right/0.png", "subjects"] == "right"
-    assert np.isnan(by_prompt.at["a cat at right/0.png", "all_present"]) and any("not detectable" in n and "right" in n for n in notices)
+    assert (
+        by_prompt.at["a cat and a dog/0.png", "subjects"] == "cat,dog"
+        and by_prompt.at["a cat at right/0.png", "subjects"] == "right"
+    )
+    assert np.isnan(by_prompt.at["a cat at right/0.png", "all_present"]) and any(
+        "not detectable" in n and "right" in n for n in notices
+    )
     assert set(third.loc[third.subjects == "cat,dog", "present_0"]) <= {0.0, 1.0}
     assert score_folder(tmp_path, clip, blip, detector="tiny", progress=False)[2] == {"scored": 0, "already": 3}
     with pytest.raises(AnelabError, match="scored with blip \\['tiny'\\], not 'other'"):
@@ -207,7 +264,11 @@ def test_sweep_layout_gives_variants(tmp_path):
     _folder(tmp_path / "images" / "sd", {"a cat and a dog": [0]})
     _folder(tmp_path / "images" / "res16", {"a cat and a dog": [0, 1]})
     found = find_images(tmp_path)
-    assert sorted(found.variant) == ["res16", "res16", "sd"] and set(found.prompt) == {"a cat and a dog"} and set(found.seed) == {0, 1}
+    assert (
+        sorted(found.variant) == ["res16", "res16", "sd"]
+        and set(found.prompt) == {"a cat and a dog"}
+        and set(found.seed) == {0, 1}
+    )
 
 
 def test_local_clip_and_blip_directories_load_and_score_the_same(tmp_path, clip, blip):
@@ -217,8 +278,13 @@ def test_local_clip_and_blip_directories_load_and_score_the_same(tmp_path, clip,
     blip.model.save_pretrained(tmp_path / "blip")
     blip.processor.save_pretrained(tmp_path / "blip")
     images = _images(1)
-    local_clip, local_blip = load_clip(str(tmp_path / "clip"), device="cpu"), load_blip(str(tmp_path / "blip"), device="cpu")
-    pd.testing.assert_frame_equal(clip_scores(images, "a cat and a dog", local_clip), clip_scores(images, "a cat and a dog", clip))
+    local_clip, local_blip = (
+        load_clip(str(tmp_path / "clip"), device="cpu"),
+        load_blip(str(tmp_path / "blip"), device="cpu"),
+    )
+    pd.testing.assert_frame_equal(
+        clip_scores(images, "a cat and a dog", local_clip), clip_scores(images, "a cat and a dog", clip)
+    )
     assert local_blip.caption(images) == blip.caption(images)
 
 
@@ -247,4 +313,7 @@ def test_score_command_writes_and_then_refuses_mixed_models(tmp_path, capsys):
     assert done.value.code == 0 and "0 image(s) scored, 2 already scored" in capsys.readouterr().out
     with pytest.raises(SystemExit) as done:
         main(["score", str(tmp_path), "--clip", "someone/other-clip", "--blip", "tiny"])
-    assert done.value.code == 2 and "was scored with clip ['tiny'], not 'someone/other-clip'; pass --rescore" in capsys.readouterr().err
+    assert (
+        done.value.code == 2
+        and "was scored with clip ['tiny'], not 'someone/other-clip'; pass --rescore" in capsys.readouterr().err
+    )

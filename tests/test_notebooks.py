@@ -24,34 +24,54 @@ def test_committed_notebooks_carry_no_outputs_and_have_a_parameters_cell():
         for parameter in PARAMETERS:
             assert f"{parameter} = " in nb.cells[1].source, (name, parameter)
         # papermill must parse every parameter (a comment it cannot parse drops the name from --help)
-        declared = [line.split("=")[0].strip() for line in nb.cells[1].source.splitlines() if line and not line.startswith("#")]
+        declared = [
+            line.split("=")[0].strip() for line in nb.cells[1].source.splitlines() if line and not line.startswith("#")
+        ]
         assert list(papermill.inspect_notebook(str(notebook(name)))) == declared, name
         for cell in nb.cells:
             if cell.cell_type == "code":
-                assert not cell.outputs and cell.execution_count is None, f"{name} carries outputs; clear them before committing"
+                assert not cell.outputs and cell.execution_count is None, (
+                    f"{name} carries outputs; clear them before committing"
+                )
 
 
 #: Figures each notebook draws (the plotting functions' titles, labels and legends are tested in test_study_views).
-FIGURES = {"00_attention_explorer": 3, "01_reproduction": 4, "02_resolution": 7, "03_timesteps": 3,
-           "04_step_size_and_kernel": 3, "05_suppression_and_layout": 5, "06_architectures": 4}  # fmt: skip
+FIGURES = {
+    "00_attention_explorer": 3,
+    "01_reproduction": 4,
+    "02_resolution": 7,
+    "03_timesteps": 3,
+    "04_step_size_and_kernel": 3,
+    "05_suppression_and_layout": 5,
+    "06_architectures": 4,
+}
 
 
 def _rate(value):
     return value == "n/a" or 0.0 <= value <= 1.0
 
 
+@pytest.fixture(scope="class")
+def run(request, tmp_path_factory):
+    """The class's notebook executed once (smoke, tiny model), with its own report folder, views and store."""
+    out = tmp_path_factory.mktemp("reports")
+    (result,) = run_report(
+        model="tiny",
+        scale="smoke",
+        only=[request.cls.name],
+        out=out,
+        runs=tmp_path_factory.mktemp("runs"),
+        store=tmp_path_factory.mktemp("store"),
+        progress=False,
+    )
+    assert result.ok, result.error
+    return out, result
+
+
 class NotebookCase:
     """Executes one notebook (smoke, tiny model) once for the class, then checks its page, its figures and its numbers."""
 
     name = ""
-
-    @pytest.fixture(scope="class")
-    def run(self, tmp_path_factory):
-        out = tmp_path_factory.mktemp("reports")
-        (result,) = run_report(model="tiny", scale="smoke", only=[self.name], out=out, runs=tmp_path_factory.mktemp("runs"),
-                               store=tmp_path_factory.mktemp("store"), progress=False)  # fmt: skip
-        assert result.ok, result.error
-        return out, result
 
     def test_runs_and_is_exported(self, run):
         out, result = run
@@ -62,7 +82,11 @@ class NotebookCase:
         index = (out / "index.html").read_text()
         assert f"{self.name}.html" in index and "meaningless" in index and "commit" in index and "smoke" in index
         facts = json.loads((out / "index.json").read_text())["facts"]
-        assert facts["model"] == "tiny" and facts["scale"] == "smoke" and ("prompts ×" in facts["sizes"]) == (self.name != "00_attention_explorer")
+        assert (
+            facts["model"] == "tiny"
+            and facts["scale"] == "smoke"
+            and ("prompts ×" in facts["sizes"]) == (self.name != "00_attention_explorer")
+        )
 
     def test_shows_its_figures_as_images(self, run):
         out, _ = run
@@ -70,11 +94,15 @@ class NotebookCase:
         outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
         pngs = [o for o in outputs if "image/png" in o.get("data", {})]
         assert len(pngs) == FIGURES[self.name], len(pngs)
-        textual = [o for o in outputs if "image/png" not in o.get("data", {})]  # a drawn figure keeps "<Figure ...>" as its text fallback
+        textual = [
+            o for o in outputs if "image/png" not in o.get("data", {})
+        ]  # a drawn figure keeps "<Figure ...>" as its text fallback
         text = " ".join(str(o.get("data", {}).get("text/plain", "")) + str(o.get("text", "")) for o in textual)
         assert "<Figure size" not in text, "a figure was printed as text, not drawn"
         assert "Traceback" not in text and "Warning" not in text
-        assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), "a widget output would break in a saved notebook"
+        assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), (
+            "a widget output would break in a saved notebook"
+        )
 
 
 class TestExplorer(NotebookCase):
@@ -88,7 +116,13 @@ class TestExplorer(NotebookCase):
 def _html_tables(out, name):
     """The text of every table a notebook showed."""
     nb = nbformat.read(out / f"{name}.ipynb", as_version=4)
-    return [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.outputs if "text/html" in o.get("data", {})]
+    return [
+        o["data"]["text/html"]
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "text/html" in o.get("data", {})
+    ]
 
 
 def _interval(text):
@@ -104,19 +138,35 @@ class TestReproduction(NotebookCase):
     def test_values(self, run):
         repro = run[1].values
         for measure in ("full_prompt", "min_object", "text_text"):
-            assert {f"{measure} sd", f"{measure} ae"} <= set(repro) and all(-1 <= repro[f"{measure} {x}"] <= 1 for x in ("sd", "ae"))
+            assert {f"{measure} sd", f"{measure} ae"} <= set(repro) and all(
+                -1 <= repro[f"{measure} {x}"] <= 1 for x in ("sd", "ae")
+            )
             difference, low, high = _interval(repro[f"A&E - SD {measure}"])
-            assert low <= difference <= high and difference == pytest.approx(repro[f"{measure} ae"] - repro[f"{measure} sd"], abs=2e-4)
+            assert low <= difference <= high and difference == pytest.approx(
+                repro[f"{measure} ae"] - repro[f"{measure} sd"], abs=2e-4
+            )
         assert 0 <= repro["all_present sd"] <= 1 and 0 <= repro["all_present ae"] <= 1  # the detector's no-neglect rate
-        assert _rate(repro["guidance rate"]) and _rate(repro["guidance success rate"]) and repro["mean refinement rounds"] >= 0
+        assert (
+            _rate(repro["guidance rate"])
+            and _rate(repro["guidance success rate"])
+            and repro["mean refinement rounds"] >= 0
+        )
         assert repro["seconds per image ae"] > 0 and repro["seconds per image sd"] > 0
         agree, total = repro["agrees with the published figures"].split(" of ")
         assert 0 <= int(agree) <= int(total) and int(total) >= 10
 
     def test_tables_say_what_each_variant_is_and_show_the_published_column(self, run):
         tables = " ".join(_html_tables(run[0], self.name))
-        assert "plain SD (no guidance)" in tables and "res 16, thresholds 0:0.05, 1:0.5, 2:0.8" in tables  # the defaults at smoke's 4 steps
-        assert "published" in tables and "verdict" in tables and "0.806" in tables and "0.958" in tables and "ae_paper" in tables
+        assert (
+            "plain SD (no guidance)" in tables and "res 16, thresholds 0:0.05, 1:0.5, 2:0.8" in tables
+        )  # the defaults at smoke's 4 steps
+        assert (
+            "published" in tables
+            and "verdict" in tables
+            and "0.806" in tables
+            and "0.958" in tables
+            and "ae_paper" in tables
+        )
         assert "without_refinement" in tables and "with_refinement" in tables  # seconds per image split by refinement
 
 
@@ -131,7 +181,9 @@ class TestResolution(NotebookCase):
         for measure in ("full_prompt", "min_object", "text_text"):  # the observed ordering, computed from the numbers
             assert sorted(resolution[f"ordering by {measure}"].split(" > ")) == sorted(variants)
         thresholds = resolution["calibrated thresholds res32_calibrated"]
-        assert set(map(int, thresholds)) == {0, 1, 2} and all(0 <= t <= 1 for t in resolution["calibrated thresholds res64_calibrated"].values())
+        assert set(map(int, thresholds)) == {0, 1, 2} and all(
+            0 <= t <= 1 for t in resolution["calibrated thresholds res64_calibrated"].values()
+        )
 
     def test_tables(self, run):
         tables = " ".join(_html_tables(run[0], self.name))
@@ -160,11 +212,17 @@ class TestStepSizeAndKernel(NotebookCase):
         v = run[1].values
         assert {"success rate scale5", "success rate scale80"} <= set(v)
         assert all(_rate(v[f"success rate scale{s}"]) for s in (5, 80))
-        assert set(map(int, v["calibrated thresholds at 32"])) == {0, 1, 2}  # thresholds from plain SD's statistics at 32
+        assert set(map(int, v["calibrated thresholds at 32"])) == {
+            0,
+            1,
+            2,
+        }  # thresholds from plain SD's statistics at 32
 
     def test_schedules_and_kernels_are_described(self, run):
         tables = " ".join(_html_tables(run[0], self.name))
-        assert "schedule table 0:0.5 24:1" in tables or "schedule table 0:0.5 2:1" in tables  # the rising table, rescaled to smoke's steps
+        assert (
+            "schedule table 0:0.5 24:1" in tables or "schedule table 0:0.5 2:1" in tables
+        )  # the rising table, rescaled to smoke's steps
         assert "kernel 9 σ 0.5" in tables and "no smoothing" in tables
 
 
@@ -176,7 +234,10 @@ class TestSuppressionAndLayout(NotebookCase):
         assert all(_rate(five[f"share under bound {x}"]) for x in ("sd", "ae", "suppress_second", "suppress_only"))
         assert all(_rate(five[f"suppression success {x}"]) for x in ("sd", "ae", "suppress_second", "suppress_only"))
         for d in ("left", "right", "up", "down", "right_two_stage"):
-            assert len(five[f"centroid distance first_{d} (A&E -> steered)"]) == 2 and len(five[f"object distance first_{d} (A&E -> steered)"]) == 2
+            assert (
+                len(five[f"centroid distance first_{d} (A&E -> steered)"]) == 2
+                and len(five[f"object distance first_{d} (A&E -> steered)"]) == 2
+            )
         assert len(five["a cat at right: centroid distance (A&E -> joint)"]) == 2
 
 
@@ -192,10 +253,20 @@ class TestArchitectures(NotebookCase):
             for res in resolutions:  # A&E at each resolution the model has, paired against its own plain SD
                 assert _rate(v[f"guidance rate {model} res{res}"])
                 assert -1 <= float(v[f"min_object A&E - SD {model} res{res}"].split(" [")[0]) <= 1
-        assert v["dropped tiny"] == v["dropped tiny-sd2"] == [] and v["dropped tiny-xl"] == ["res64", "res8"]  # SDXL has no 8 or 64 analogue
+        assert v["dropped tiny"] == v["dropped tiny-sd2"] == [] and v["dropped tiny-xl"] == [
+            "res64",
+            "res8",
+        ]  # SDXL has no 8 or 64 analogue
 
     def test_tables_show_the_architectures(self, run):
         tables = " ".join(_html_tables(run[0], self.name))
-        assert "sdxl" in tables and "sd2" in tables and "px_per_cell" in tables and "this model has cross-attention at [16, 32] at 512 px" in tables
+        assert (
+            "sdxl" in tables
+            and "sd2" in tables
+            and "px_per_cell" in tables
+            and "this model has cross-attention at [16, 32] at 512 px" in tables
+        )
         page = (run[0] / f"{self.name}.html").read_text()
-        assert "A&amp;E raises min_object most at resolution" in page or "A&E raises min_object most at resolution" in page
+        assert (
+            "A&amp;E raises min_object most at resolution" in page or "A&E raises min_object most at resolution" in page
+        )

@@ -29,9 +29,17 @@ def _port(pipe):
 
 def _port_latents(port, seed, res, thresholds, max_iter, size=256, steps=25):
     return port(
-        PROMPT, token_indices=[2, 5], generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=steps,
-        height=size, width=size, attn_res=(res, res), thresholds=thresholds, max_iter_to_alter=max_iter, output_type="latent",
-    ).images  # fmt: skip
+        PROMPT,
+        token_indices=[2, 5],
+        generator=torch.Generator("cpu").manual_seed(seed),
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+        attn_res=(res, res),
+        thresholds=thresholds,
+        max_iter_to_alter=max_iter,
+        output_type="latent",
+    ).images
 
 
 @pytest.fixture()
@@ -51,7 +59,9 @@ def test_bitwise_parity_with_the_diffusers_port(classic_pipe, seed, res, thresho
     """Same processors on the layers we do not read: the final latents are identical bit for bit."""
     ref = _port_latents(_port(classic_pipe), seed, res, thresholds, max_iter)
     config = GuidanceConfig(attention_res=res, thresholds=thresholds, max_iter_to_alter=max_iter)
-    out = anelab.generate(classic_pipe, PROMPT, TOKENS, seeds=[seed], config=config, **(SMALL | dict(height=256, width=256)))
+    out = anelab.generate(
+        classic_pipe, PROMPT, TOKENS, seeds=[seed], config=config, **(SMALL | dict(height=256, width=256))
+    )
     assert out.trace.triggered.any() and (out.trace.refinement_iterations > 0).any()  # refinement was exercised
     assert torch.equal(out.latents, ref)
 
@@ -66,7 +76,14 @@ def test_parity_with_the_port_using_fused_attention_elsewhere(tiny_pipe):
 
 
 def test_plain_sd_equals_diffusers_stable_diffusion(tiny_pipe):
-    ref = tiny_pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(3), num_inference_steps=10, height=128, width=128, output_type="latent").images
+    ref = tiny_pipe(
+        PROMPT,
+        generator=torch.Generator("cpu").manual_seed(3),
+        num_inference_steps=10,
+        height=128,
+        width=128,
+        output_type="latent",
+    ).images
     out = anelab.generate(tiny_pipe, PROMPT, seeds=[3], config=None, **(SMALL | dict(num_inference_steps=10)))
     torch.testing.assert_close(out.latents, ref, rtol=1e-5, atol=1e-5)
     assert out.trace.empty and list(out.trace.columns) == TRACE_COLUMNS
@@ -95,11 +112,17 @@ def test_seed_noise_is_the_cpu_generator_noise(tiny_pipe, monkeypatch):
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
     from diffusers.utils.torch_utils import randn_tensor
 
-    monkeypatch.setitem(tiny_pipe.unet.__dict__, "forward", lambda sample, *a, **k: UNet2DConditionOutput(sample=torch.zeros_like(sample)))
+    monkeypatch.setitem(
+        tiny_pipe.unet.__dict__,
+        "forward",
+        lambda sample, *a, **k: UNet2DConditionOutput(sample=torch.zeros_like(sample)),
+    )
     out = anelab.generate(tiny_pipe, PROMPT, seeds=[5, 7], config=None, **(SMALL | dict(num_inference_steps=3)))
     scheduler = type(tiny_pipe.scheduler).from_config(tiny_pipe.scheduler.config)
     scheduler.set_timesteps(3)
-    expected = torch.cat([randn_tensor((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(s)) for s in (5, 7)])
+    expected = torch.cat(
+        [randn_tensor((1, 4, 16, 16), generator=torch.Generator("cpu").manual_seed(s)) for s in (5, 7)]
+    )
     expected = expected * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         expected = scheduler.step(torch.zeros_like(expected), t, expected).prev_sample
@@ -115,7 +138,9 @@ def test_trace_schema_and_semantics(tiny_pipe):
     # guided forwards only where the latent can change: i < 5 and the threshold step 10
     assert sorted(tr.step.unique()) == [0, 1, 2, 3, 4, 10]
     assert len(tr) == 2 * 6 * 2 and set(tr.token) == {"cat", "dog"} and set(tr.token_index) == {2, 5}
-    assert tr.timestep.tolist()[:2] == [out.timesteps[0]] * 2 and tr[tr.step == 10].timestep.iloc[0] == out.timesteps[10]
+    assert (
+        tr.timestep.tolist()[:2] == [out.timesteps[0]] * 2 and tr[tr.step == 10].timestep.iloc[0] == out.timesteps[10]
+    )
     assert (tr.step_size > 0).all()
     assert tr[tr.step == 10].threshold.eq(0.99).all() and tr[~tr.step.isin([0, 10])].threshold.isna().all()
     assert tr[~tr.step.isin([0, 10])].reached.isna().all()
@@ -139,7 +164,9 @@ def test_no_update_after_max_iter_to_alter_and_empty_schedule_is_plain_sd(tiny_p
     out = anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0], config=idle, **SMALL)
     assert out.trace.empty  # no guided forward at all: nothing could change
     assert torch.equal(out.latents, plain.latents)
-    only_early = anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0], config=idle.replace(max_iter_to_alter=2), **SMALL)
+    only_early = anelab.generate(
+        tiny_pipe, PROMPT, TOKENS, seeds=[0], config=idle.replace(max_iter_to_alter=2), **SMALL
+    )
     assert sorted(only_early.trace.step.unique()) == [0, 1] and only_early.trace.updated.all()
     assert not torch.equal(only_early.latents, plain.latents)
 
@@ -200,7 +227,14 @@ def test_zero_loss_means_no_regular_update():
 
 def test_processors_are_restored_after_a_run_and_after_a_failure(tiny_pipe, monkeypatch):
     before = dict(tiny_pipe.unet.attn_processors)
-    anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0], config=GuidanceConfig(attention_res=4, thresholds={}, max_iter_to_alter=2), **SMALL)
+    anelab.generate(
+        tiny_pipe,
+        PROMPT,
+        TOKENS,
+        seeds=[0],
+        config=GuidanceConfig(attention_res=4, thresholds={}, max_iter_to_alter=2),
+        **SMALL,
+    )
     assert tiny_pipe.unet.attn_processors == before
 
     def boom(*args, **kwargs):
@@ -223,19 +257,26 @@ def test_only_the_guidance_layers_materialise_attention_and_the_guided_forward_s
     handle = tiny_pipe.unet.up_blocks[3].register_forward_hook(lambda *args: last_block_calls.append(1))
     try:
         config = GuidanceConfig(attention_res=8, thresholds={}, max_iter_to_alter=1)
-        out = anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0], config=config, **(SMALL | dict(num_inference_steps=3)))
+        out = anelab.generate(
+            tiny_pipe, PROMPT, TOKENS, seeds=[0], config=config, **(SMALL | dict(num_inference_steps=3))
+        )
     finally:
         handle.remove()
     names = {name for name, module in tiny_pipe.unet.named_modules() for a in seen if module is a}
     # at 128 px (latent 16) the 8×8 cross-attention layers are down_blocks.1 and up_blocks.2
-    assert names == {"down_blocks.1.attentions.0.transformer_blocks.0.attn2", "up_blocks.2.attentions.0.transformer_blocks.0.attn2",
-                     "up_blocks.2.attentions.1.transformer_blocks.0.attn2"}  # fmt: skip
+    assert names == {
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2",
+        "up_blocks.2.attentions.0.transformer_blocks.0.attn2",
+        "up_blocks.2.attentions.1.transformer_blocks.0.attn2",
+    }
     assert len(seen) == 3  # one guided forward (step 0) × three layers; CFG forwards stay fused
     assert len(last_block_calls) == len(out.timesteps)  # only CFG forwards reach the last up block
 
 
 def test_images_are_decoded(tiny_pipe):
-    out = anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0, 1], config=None, **(SMALL | dict(output_type="pil", num_inference_steps=2)))
+    out = anelab.generate(
+        tiny_pipe, PROMPT, TOKENS, seeds=[0, 1], config=None, **(SMALL | dict(output_type="pil", num_inference_steps=2))
+    )
     assert len(out.images) == 2 and out.images[0].size == (128, 128)
     assert out.latents.shape == (2, 4, 16, 16) and out.seconds > 0
 
@@ -247,7 +288,10 @@ def test_images_are_decoded(tiny_pipe):
         (dict(tokens=["a"]), "appears 2 times"),
         (dict(tokens=[0]), "token position 0"),
         (dict(tokens=[6]), "token position 6"),
-        (dict(config=GuidanceConfig(attention_res=64)), r"attention_res 64 does not exist at 128x128: this model has cross-attention at resolutions \[16, 8, 4, 2\]"),
+        (
+            dict(config=GuidanceConfig(attention_res=64)),
+            r"attention_res 64 does not exist at 128x128: this model has cross-attention at resolutions \[16, 8, 4, 2\]",
+        ),
         (dict(config=GuidanceConfig(attention_res=2, kernel_size=5)), "kernel_size 5 is too large for 2x2"),
         (dict(num_inference_steps=5), r"threshold steps \[10, 20\] are beyond the schedule: it has 6 loop iterations"),
         (dict(num_inference_steps=0), "num_inference_steps must be an int >= 1"),
@@ -276,7 +320,11 @@ def test_a_non_finite_gradient_leaves_that_sample_unmoved_and_is_flagged(tiny_pi
 
     def poisoned(m):
         loss = original(m)
-        return torch.where(torch.arange(len(loss)) == 1, torch.full_like(loss, float("nan")), loss) if len(loss) == 2 else loss
+        return (
+            torch.where(torch.arange(len(loss)) == 1, torch.full_like(loss, float("nan")), loss)
+            if len(loss) == 2
+            else loss
+        )
 
     config = GuidanceConfig(attention_res=8, thresholds={}, max_iter_to_alter=3)
     clean = anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0, 1], config=config, **SMALL)

@@ -20,8 +20,18 @@ FAST = dict(height=128, width=128, num_inference_steps=10, output_type="latent",
 def recorded_512(tiny_pipe):
     """Plain SD at 512x512, two seeds, every prompt token, all four resolutions, fp32 maps."""
     record = Record(resolutions=(8, 16, 32, 64), steps=[0, 2], tokens="prompt", dtype=torch.float32)
-    return anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0, 1], record=record, height=512, width=512,
-                           num_inference_steps=3, output_type="latent", progress=False)  # fmt: skip
+    return anelab.generate(
+        tiny_pipe,
+        PROMPT,
+        TOKENS,
+        seeds=[0, 1],
+        record=record,
+        height=512,
+        width=512,
+        num_inference_steps=3,
+        output_type="latent",
+        progress=False,
+    )
 
 
 def test_maps_have_the_right_shapes_at_all_four_resolutions(recorded_512):
@@ -65,7 +75,9 @@ def test_recorded_map_equals_a_conditional_only_forward_at_the_same_latent(tiny_
         torch.testing.assert_close(cache[0, layer.name], direct, atol=1e-6, rtol=1e-4)
     res16 = cache.layers_at(16)
     mean16 = sum(seen[x.name].sum(1) for x in res16) / sum(seen[x.name].shape[1] for x in res16)
-    torch.testing.assert_close(cache.maps(token="dog", step=0, res=16, seed=1), mean16[1, :, 5].reshape(16, 16), atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(
+        cache.maps(token="dog", step=0, res=16, seed=1), mean16[1, :, 5].reshape(16, 16), atol=1e-6, rtol=1e-4
+    )
 
 
 def test_stats_cover_every_seed_step_resolution_and_token(recorded_512):
@@ -83,8 +95,15 @@ def test_stats_cover_every_seed_step_resolution_and_token(recorded_512):
 def test_at_the_guidance_resolution_recorded_smoothed_max_equals_the_trace(tiny_pipe):
     """Threshold steps with threshold 0 never update the latent: the CFG forward then sees the measured latent."""
     config = GuidanceConfig(attention_res=8, thresholds={0: 0.0, 4: 0.0, 7: 0.0}, max_iter_to_alter=0)
-    out = anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0, 3], config=config,
-                          record=Record(resolutions=(8, 4), maps=False), **(FAST | dict(height=256, width=256)))  # fmt: skip
+    out = anelab.generate(
+        tiny_pipe,
+        PROMPT,
+        TOKENS,
+        seeds=[0, 3],
+        config=config,
+        record=Record(resolutions=(8, 4), maps=False),
+        **(FAST | dict(height=256, width=256)),
+    )
     trace = out.trace.set_index(["seed", "step", "token"])
     assert len(trace) == 2 * 3 * 2 and not trace.updated.any()
     stats = out.attention.stats().query("res == 8").set_index(["seed", "step", "token"])
@@ -102,7 +121,14 @@ def test_recording_leaves_samples_bit_identical(tiny_pipe):
 
 
 def test_sd_run_records_with_cfg_off_and_a_token_list(tiny_pipe):
-    out = anelab.generate(tiny_pipe, PROMPT, seeds=[2], guidance_scale=1.0, record=Record(resolutions=16, steps=[1, 3], tokens=["dog", 1]), **FAST)
+    out = anelab.generate(
+        tiny_pipe,
+        PROMPT,
+        seeds=[2],
+        guidance_scale=1.0,
+        record=Record(resolutions=16, steps=[1, 3], tokens=["dog", 1]),
+        **FAST,
+    )
     cache = out.attention
     assert cache.steps == [1, 3] and cache.tokens == {5: "dog", 1: "a"} and cache.subjects == []
     assert cache.timesteps == {1: out.timesteps[1], 3: out.timesteps[3]}
@@ -111,7 +137,14 @@ def test_sd_run_records_with_cfg_off_and_a_token_list(tiny_pipe):
 
 def test_eot_outside_the_prompt_softmax_has_no_smoothed_max(tiny_pipe):
     config = GuidanceConfig(softmax_tokens="prompt", attention_res=8, thresholds={0: 0.05})
-    out = anelab.generate(tiny_pipe, PROMPT, TOKENS, config=config, record=Record(resolutions=8, steps=[0], tokens="prompt", maps=False), **FAST)
+    out = anelab.generate(
+        tiny_pipe,
+        PROMPT,
+        TOKENS,
+        config=config,
+        record=Record(resolutions=8, steps=[0], tokens="prompt", maps=False),
+        **FAST,
+    )
     stats = out.attention.stats().set_index("token")
     assert np.isnan(stats.loc["<eot>", "max_attention"]) and stats.drop(index="<eot>").max_attention.notna().all()
     assert stats.loc["<eot>", "raw_max"] > 0
@@ -182,7 +215,11 @@ def test_processors_are_restored_after_a_run_that_raises(tiny_pipe, monkeypatch)
 @pytest.mark.parametrize(
     "record, tokens, message",
     [
-        (Record(resolutions=(64,)), TOKENS, "cannot record resolution\\(s\\) \\[64\\] at 128x128: this model has cross-attention at \\[16, 8, 4, 2\\]"),
+        (
+            Record(resolutions=(64,)),
+            TOKENS,
+            "cannot record resolution\\(s\\) \\[64\\] at 128x128: this model has cross-attention at \\[16, 8, 4, 2\\]",
+        ),
         (Record(steps=[3, 11]), TOKENS, "Record.steps \\[11\\] are outside the schedule: loop indices are 0..10"),
         (Record(tokens=["bird"]), TOKENS, "'bird' is not a token of 'a cat and a dog'"),
         (Record(), [], 'tokens="subjects"\\) needs subject tokens'),
@@ -223,7 +260,11 @@ def test_only_the_recorded_resolutions_materialise_probabilities(tiny_pipe, monk
 
     seen = []
     original = hooks.attention_probs
-    monkeypatch.setattr(hooks, "attention_probs", lambda attn, h, *a, **k: seen.append((h.shape[0], h.shape[1])) or original(attn, h, *a, **k))
+    monkeypatch.setattr(
+        hooks,
+        "attention_probs",
+        lambda attn, h, *a, **k: seen.append((h.shape[0], h.shape[1])) or original(attn, h, *a, **k),
+    )
     anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0, 1], record=Record(resolutions=(8,), steps=[0, 5]), **FAST)
     layers = [x for x in cross_attention_layers(tiny_pipe.unet, 16, 16) if x.res == 8]
     assert sorted(seen) == sorted([(2, 64)] * len(layers) * 2)  # conditional rows only, 8x8 layers, two steps
@@ -243,7 +284,9 @@ def per_head(tiny_pipe):
 def test_per_head_maps_average_to_the_head_mean(per_head):
     means, heads = per_head
     assert heads.per_head and not means.per_head and list(heads.keys()) == list(means.keys())
-    assert heads.meta["record"]["heads"] is True and "heads" not in means.meta["record"]  # head-mean specs hash as before
+    assert (
+        heads.meta["record"]["heads"] is True and "heads" not in means.meta["record"]
+    )  # head-mean specs hash as before
     for step, name in means.keys():
         kept = heads[step, name]
         assert kept.shape == (2, heads.heads[name], *means[step, name].shape[1:])  # [n_seeds, heads, h, w, K]
@@ -252,7 +295,12 @@ def test_per_head_maps_average_to_the_head_mean(per_head):
     for k in range(heads.heads[layer]):
         assert torch.equal(heads.maps(token="dog", step=3, layer=layer, seed=1, head=k), heads[3, layer][1, k, ..., 4])
     for where in (dict(layer=layer), dict(res=16), dict(res=8)):
-        torch.testing.assert_close(heads.maps(token="cat", step=3, seed=0, **where), means.maps(token="cat", step=3, seed=0, **where), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            heads.maps(token="cat", step=3, seed=0, **where),
+            means.maps(token="cat", step=3, seed=0, **where),
+            rtol=0,
+            atol=1e-6,
+        )
     pd.testing.assert_frame_equal(heads.to_frame(), means.to_frame())  # statistics do not depend on what is kept
 
 
@@ -261,7 +309,9 @@ def test_per_head_maps_round_trip_through_save_and_load(per_head, tmp_path):
     again = AttentionCache.load(heads.save(tmp_path / "heads"))
     assert again.per_head and list(again.keys()) == list(heads.keys())
     assert all(torch.equal(again[key], heads[key]) and again[key].dtype == heads[key].dtype for key in heads.keys())
-    assert again.heads == heads.heads and again.meta == json.loads(json.dumps(heads.meta))  # JSON: threshold keys come back as strings
+    assert again.heads == heads.heads and again.meta == json.loads(
+        json.dumps(heads.meta)
+    )  # JSON: threshold keys come back as strings
 
 
 def test_head_questions_with_wrong_answers_get_clear_errors(per_head):
@@ -278,21 +328,63 @@ def test_head_questions_with_wrong_answers_get_clear_errors(per_head):
 def test_memory_estimate_counts_every_head(tiny_pipe):
     record = dict(resolutions=(16, 8), steps=[0, 3], tokens="prompt")
     means = anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0], record=Record(**record), **FAST).attention
-    heads = anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0], record=Record(heads=True, max_gb=means.nbytes * 2 / 2**30, **record), **FAST).attention
-    assert heads.nbytes == 2 * means.nbytes  # two heads per layer in the tiny model; the estimate was exactly at the budget
-    with pytest.raises(AnelabError, match="MiB, every head\\), over the Record.max_gb budget .* keep head means \\(heads=False\\)"):
-        anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0], record=Record(heads=True, max_gb=(heads.nbytes - 1) / 2**30, **record), **FAST)
-    anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0], record=Record(max_gb=(heads.nbytes - 1) / 2**30, **record), **FAST)  # head means fit
+    heads = anelab.generate(
+        tiny_pipe,
+        PROMPT,
+        TOKENS,
+        seeds=[0],
+        record=Record(heads=True, max_gb=means.nbytes * 2 / 2**30, **record),
+        **FAST,
+    ).attention
+    assert (
+        heads.nbytes == 2 * means.nbytes
+    )  # two heads per layer in the tiny model; the estimate was exactly at the budget
+    with pytest.raises(
+        AnelabError, match="MiB, every head\\), over the Record.max_gb budget .* keep head means \\(heads=False\\)"
+    ):
+        anelab.generate(
+            tiny_pipe,
+            PROMPT,
+            TOKENS,
+            seeds=[0],
+            record=Record(heads=True, max_gb=(heads.nbytes - 1) / 2**30, **record),
+            **FAST,
+        )
+    anelab.generate(
+        tiny_pipe, PROMPT, TOKENS, seeds=[0], record=Record(max_gb=(heads.nbytes - 1) / 2**30, **record), **FAST
+    )  # head means fit
 
 
 def test_layers_have_short_names_and_tokens_position_labels(recorded_512):
     cache = recorded_512.attention
     names = cache.layer_names
-    assert list(names) == ["down 0.0", "down 1.0", "down 2.0", "mid", "up 1.0", "up 1.1", "up 2.0", "up 2.1", "up 3.0", "up 3.1"]
-    assert names["up 1.0"] == "up_blocks.1.attentions.0.transformer_blocks.0.attn2" and list(names.values()) == [x.name for x in cache.layers]
-    assert torch.equal(cache.maps(token="cat", step=2, layer="up 1.0", seed=0), cache.maps(token="cat", step=2, layer=names["up 1.0"], seed=0))
-    assert short_layer_name("up_blocks.0.attentions.2.transformer_blocks.1.attn2") == "up 0.2 t1" and short_layer_name("custom") == "custom"
-    with pytest.raises(AnelabError, match="layer 'up 9.0' was not recorded; recorded layers are down 0.0, down 1.0, .*, up 3.1 \\(short names or module paths\\)"):
+    assert list(names) == [
+        "down 0.0",
+        "down 1.0",
+        "down 2.0",
+        "mid",
+        "up 1.0",
+        "up 1.1",
+        "up 2.0",
+        "up 2.1",
+        "up 3.0",
+        "up 3.1",
+    ]
+    assert names["up 1.0"] == "up_blocks.1.attentions.0.transformer_blocks.0.attn2" and list(names.values()) == [
+        x.name for x in cache.layers
+    ]
+    assert torch.equal(
+        cache.maps(token="cat", step=2, layer="up 1.0", seed=0),
+        cache.maps(token="cat", step=2, layer=names["up 1.0"], seed=0),
+    )
+    assert (
+        short_layer_name("up_blocks.0.attentions.2.transformer_blocks.1.attn2") == "up 0.2 t1"
+        and short_layer_name("custom") == "custom"
+    )
+    with pytest.raises(
+        AnelabError,
+        match="layer 'up 9.0' was not recorded; recorded layers are down 0.0, down 1.0, .*, up 3.1 \\(short names or module paths\\)",
+    ):
         cache.maps(token="cat", step=2, layer="up 9.0", seed=0)
     assert [cache.token_label(i) for i in cache.tokens] == ["a (1)", "cat", "and", "a (4)", "dog", "<eot>"]
     assert cache.token_index("a (4)") == 4 and cache.token_index("A (1)") == 1
@@ -302,7 +394,9 @@ def test_layers_have_short_names_and_tokens_position_labels(recorded_512):
 
 def test_vmax_is_the_largest_map_over_steps_and_tokens(recorded_512):
     cache = recorded_512.attention
-    per_step = {(t, s): float(cache.maps(token=t, step=s, res=32, seed=1).max()) for t in cache.tokens for s in cache.steps}
+    per_step = {
+        (t, s): float(cache.maps(token=t, step=s, res=32, seed=1).max()) for t in cache.tokens for s in cache.steps
+    }
     assert cache.vmax(tokens=["dog"], res=32, seed=1) == pytest.approx(max(per_step[5, s] for s in cache.steps))
     assert cache.vmax(res=32, seed=1) == pytest.approx(max(per_step.values()))
     assert cache.vmax(res=32, seed=1, steps=[2], tokens=[2, 5]) == pytest.approx(max(per_step[2, 2], per_step[5, 2]))

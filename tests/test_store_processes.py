@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from study_helpers import ENV, STUDY, cli, comparable
 
 from anelab.runs import Store, load_results, load_trace
@@ -66,7 +65,9 @@ def test_sweep_killed_at_random_moments_then_resumed_equals_an_uninterrupted_one
     for attempt in range(4):
         process = cli("sweep", study_file, "--out", out, "--store", store, "--chunk", "1")
         before, deadline = written(), time.time() + 120
-        while time.time() < deadline and process.poll() is None and written() == before:  # until this run has written once
+        while (
+            time.time() < deadline and process.poll() is None and written() == before
+        ):  # until this run has written once
             time.sleep(0.05)
         time.sleep(0 if attempt == 0 else rng.uniform(0.0, 1.2))  # the first kill lands right after a write: mid-run
         if process.poll() is None:
@@ -106,10 +107,32 @@ def test_two_accelerate_processes_equal_one(study_file, tmp_path):
     single = cli("sweep", study_file, "--out", tmp_path / "single", "--store", tmp_path / "s1")
     assert single.wait(timeout=300) == 0
     launch = subprocess.run(
-        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "anelab", "sweep", str(study_file), "--out", str(tmp_path / "multi"), "--store", str(tmp_path / "s2")],
-        env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            str(accelerate),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "anelab",
+            "sweep",
+            str(study_file),
+            "--out",
+            str(tmp_path / "multi"),
+            "--store",
+            str(tmp_path / "s2"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert launch.returncode == 0, launch.stderr[-2000:]
     assert launch.stdout.count(f"{IMAGES // 2} image(s) made") == 2  # each process made its half
     rows, images = comparable(tmp_path / "single")

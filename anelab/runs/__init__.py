@@ -14,21 +14,47 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..detection import DEFAULT_DETECTOR
+from ..loading import load_pipeline
+from ..metrics import DEFAULT_BLIP, DEFAULT_CLIP, Scorers
+from ..testing import TINY_MODELS
 from .results import load_results, load_stats, load_trace, load_view
-from .runner import run_sweep
+from .runner import describe, run_sweep
 from .scoring import score_run
 from .store import Store
 from .study import SCALES, Study, load_study
 
-__all__ = ["SCALES", "Store", "Study", "load_results", "load_stats", "load_study", "load_trace", "load_view", "run_study", "run_sweep",
-           "score_run"]  # fmt: skip
+__all__ = [
+    "SCALES",
+    "Store",
+    "Study",
+    "load_results",
+    "load_stats",
+    "load_study",
+    "load_trace",
+    "load_view",
+    "run_study",
+    "run_sweep",
+    "score_run",
+]
 
 
 def run_study(
-    study: Study | str, model: str = "tiny", out: str | Path = "runs/study", *, scale: str = "full", pipe=None, device=None,
-    dtype=None, store=None, clip: str | None = None, blip: str | None = None, detector: str | None = None, progress: bool = True,
+    study: Study | str,
+    model: str = "tiny",
+    out: str | Path = "runs/study",
+    *,
+    scale: str = "full",
+    pipe=None,
+    device=None,
+    dtype=None,
+    store=None,
+    clip: str | None = None,
+    blip: str | None = None,
+    detector: str | None = None,
+    progress: bool = True,
     **overrides,
-):  # fmt: skip
+):
     """For notebooks: run a study (name, file or :class:`Study`) into the store, score it and return :func:`load_results`.
 
     ``scale`` shrinks a study given by name or file (:data:`SCALES`); the study is fitted to the model
@@ -36,19 +62,18 @@ def run_study(
     protocol's CLIP, BLIP and OWLv2 otherwise. Images and scores already in the
     store are reused, whichever study made them.
     """
-    from ..detection import DEFAULT_DETECTOR
-    from ..loading import load_pipeline
-    from ..metrics import DEFAULT_BLIP, DEFAULT_CLIP, Scorers
-    from ..testing import TINY_MODELS
-    from .runner import describe
 
     if not isinstance(study, Study):
         study = load_study(study, scale=scale, **overrides)
     pipe = pipe or load_pipeline(model, device=device, dtype=dtype)
     summary = run_sweep(study, pipe, out, model=str(model), store=store, progress=progress)
     tiny = str(model) in TINY_MODELS
-    scorers = Scorers(clip or ("tiny" if tiny else DEFAULT_CLIP), blip or ("tiny" if tiny else DEFAULT_BLIP),
-                      detector or ("tiny" if tiny else DEFAULT_DETECTOR), device=device)  # fmt: skip
+    scorers = Scorers(
+        clip or ("tiny" if tiny else DEFAULT_CLIP),
+        blip or ("tiny" if tiny else DEFAULT_BLIP),
+        detector or ("tiny" if tiny else DEFAULT_DETECTOR),
+        device=device,
+    )
     scored = score_run(out, scorers, progress=progress)
     for notice in scored["notices"]:
         print(f"note: {notice}")

@@ -32,7 +32,9 @@ def work_plan(study: Study) -> list[Block]:
     for variant in study.variants:
         for prompt, category, tokens in study.prompts[["prompt", "category", "tokens"]].itertuples(index=False):
             for start in range(0, len(study.seeds), study.batch):
-                blocks.append(Block(variant, prompt, category, tuple(tokens), tuple(study.seeds[start : start + study.batch])))
+                blocks.append(
+                    Block(variant, prompt, category, tuple(tokens), tuple(study.seeds[start : start + study.batch]))
+                )
     return blocks
 
 

@@ -18,7 +18,14 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import AnelabError
-from .study import Study, load_study
+from ..loading import load_parts, resolve_device, resolve_dtype
+from ..models import architecture
+from .calibration import resolve_calibration
+from .plan import work_plan
+from .runner import describe, run_sweep, steering_arguments
+from .scoring import score_run
+from .store import block_identity, image_key, model_identity
+from .study import Study, fit_study, load_study
 
 NOTEBOOK_STUDIES: dict[str, tuple[str, ...]] = {
     "00_attention_explorer": (),
@@ -30,7 +37,17 @@ NOTEBOOK_STUDIES: dict[str, tuple[str, ...]] = {
     "06_architectures": ("architectures",),  # on the report's model; the notebook runs the other architectures itself
 }
 #: Generation order: calibration sources first, then the studies that record the most statistics.
-GENERATION_ORDER = ("resolution", "architectures", "resolution_calibrated", "step_size", "timesteps", "suppression", "layout_right", "reproduction", "kernel")
+GENERATION_ORDER = (
+    "resolution",
+    "architectures",
+    "resolution_calibrated",
+    "step_size",
+    "timesteps",
+    "suppression",
+    "layout_right",
+    "reproduction",
+    "kernel",
+)
 #: Seconds per image assumed when no GPU bench result is at hand: anelab A&E without refinement in
 #: batches of 8, fp16, 512 px, 50 steps, SD-1.4-size weights on an H200 (measured, issue 15).
 ASSUMED_SECONDS_PER_IMAGE = 0.5
@@ -57,26 +74,33 @@ class Context:
     def of(cls, model: str, device=None, dtype=None, revision=None, variant=None) -> "Context":
         import torch
 
-        from ..loading import load_parts, resolve_device, resolve_dtype
-        from ..models import architecture
-        from .store import model_identity
-
         _, scheduler = load_parts(model, revision=revision)
-        return cls(str(model), model_identity(model, revision, variant), str(resolve_dtype(dtype) or torch.float32),
-                   resolve_device(device).type, scheduler, architecture(model, revision=revision))  # fmt: skip
+        return cls(
+            str(model),
+            model_identity(model, revision, variant),
+            str(resolve_dtype(dtype) or torch.float32),
+            resolve_device(device).type,
+            scheduler,
+            architecture(model, revision=revision),
+        )
 
     def keys(self, study: Study) -> list[str]:
         """The store key of every image of ``study`` (its tokens unchecked: planning only)."""
-        from .plan import work_plan
-        from .runner import steering_arguments
-        from .store import block_identity, image_key
-        from .study import fit_study
 
         study = fit_study(study, self.arch) if self.arch is not None else study
         self.scheduler.set_timesteps(study.steps)
-        common = dict(model=self.identity, dtype=self.dtype, device=self.device, scheduler=type(self.scheduler).__name__,
-                      iterations=len(self.scheduler.timesteps), steps=study.steps, height=study.size, width=study.size,
-                      guidance_scale=study.guidance_scale, generator_device=study.generator_device)  # fmt: skip
+        common = dict(
+            model=self.identity,
+            dtype=self.dtype,
+            device=self.device,
+            scheduler=type(self.scheduler).__name__,
+            iterations=len(self.scheduler.timesteps),
+            steps=study.steps,
+            height=study.size,
+            width=study.size,
+            guidance_scale=study.guidance_scale,
+            generator_device=study.generator_device,
+        )
         keys = []
         for block in work_plan(study):
             config = study.variants[block.variant]
@@ -93,8 +117,10 @@ def seconds_per_image(bench: Path = Path("benchmarks/results/sd14-gpu.json")) ->
         batch = measured.get("c_batching", {}).get("batch_of_8", {}).get("seconds")
         if batch:
             return batch / 8, f"measured by anelab bench on {measured.get('device')} (A&E, batch of 8, no refinement)"
-    return ASSUMED_SECONDS_PER_IMAGE, (f"assumed {ASSUMED_SECONDS_PER_IMAGE} s/image (A&E, batch 8, fp16, H200; "
-                                       "run `anelab bench --workload sd14-gpu` on your GPU for a measured figure)")  # fmt: skip
+    return ASSUMED_SECONDS_PER_IMAGE, (
+        f"assumed {ASSUMED_SECONDS_PER_IMAGE} s/image (A&E, batch 8, fp16, H200; "
+        "run `anelab bench --workload sd14-gpu` on your GPU for a measured figure)"
+    )
 
 
 def plan_report(notebooks, *, scale: str, context: Context, store) -> tuple[pd.DataFrame, str]:
@@ -102,14 +128,11 @@ def plan_report(notebooks, *, scale: str, context: Context, store) -> tuple[pd.D
 
     A calibrated study whose source statistics are not in the store yet is counted with its images but
     marked as waiting for them (its thresholds, hence its keys, are not known before)."""
-    from .calibration import resolve_calibration
 
     per_study, notes = {}, {}
     for name in studies_of(notebooks):
         study = load_study(name, scale=scale)
         if context.arch is not None:
-            from .study import fit_study
-
             study = fit_study(study, context.arch)
         if study.calibrate:
             try:
@@ -117,8 +140,13 @@ def plan_report(notebooks, *, scale: str, context: Context, store) -> tuple[pd.D
             except AnelabError:  # the calibrated variants' keys wait for their thresholds; the others are known
                 calibrated = set(study.calibrate["variants"])
                 notes[name] = f"{len(calibrated)} variant(s) wait for {study.calibrate['from']}'s plain-SD statistics"
-                known = dataclasses.replace(study, variants={k: v for k, v in study.variants.items() if k not in calibrated})
-                per_study[name] = (len(calibrated) * len(study.prompts) * len(study.seeds), context.keys(known) if known.variants else [])
+                known = dataclasses.replace(
+                    study, variants={k: v for k, v in study.variants.items() if k not in calibrated}
+                )
+                per_study[name] = (
+                    len(calibrated) * len(study.prompts) * len(study.seeds),
+                    context.keys(known) if known.variants else [],
+                )
                 continue
         per_study[name] = (0, context.keys(study))
     held = set()
@@ -138,29 +166,64 @@ def plan_report(notebooks, *, scale: str, context: Context, store) -> tuple[pd.D
             union |= set(keys)
             if name in notes:
                 waiting.append(f"{name}: {notes[name]}")
-        rows.append({"notebook": notebook, "studies": ", ".join(NOTEBOOK_STUDIES[notebook]) or "-", "images": images,
-                     "in_store": in_store, "to_generate": todo, "gpu_hours": todo * seconds / 3600, "note": "; ".join(waiting)})  # fmt: skip
+        rows.append(
+            {
+                "notebook": notebook,
+                "studies": ", ".join(NOTEBOOK_STUDIES[notebook]) or "-",
+                "images": images,
+                "in_store": in_store,
+                "to_generate": todo,
+                "gpu_hours": todo * seconds / 3600,
+                "note": "; ".join(waiting),
+            }
+        )
     table = pd.DataFrame(rows)
     pending = sum(c for c, _ in per_study.values())
     unique_todo = len(union - held) + pending
-    total = {"notebook": "total", "studies": f"{len(per_study)} studies", "images": int(table.images.sum()),
-             "in_store": len(union & held), "to_generate": unique_todo, "gpu_hours": unique_todo * seconds / 3600,
-             "note": f"{int(table.images.sum()) - len(union) - pending} repeats made once (the store)"}  # fmt: skip
+    total = {
+        "notebook": "total",
+        "studies": f"{len(per_study)} studies",
+        "images": int(table.images.sum()),
+        "in_store": len(union & held),
+        "to_generate": unique_todo,
+        "gpu_hours": unique_todo * seconds / 3600,
+        "note": f"{int(table.images.sum()) - len(union) - pending} repeats made once (the store)",
+    }
     return pd.concat([table, pd.DataFrame([total])], ignore_index=True), source
 
 
-def generate_report(notebooks, *, scale: str, pipe, model: str, runs: Path, store, shard=(0, 1), scorers=None, progress=True,
-                    revision=None, variant=None) -> list[dict]:  # fmt: skip
+def generate_report(
+    notebooks,
+    *,
+    scale: str,
+    pipe,
+    model: str,
+    runs: Path,
+    store,
+    shard=(0, 1),
+    scorers=None,
+    progress=True,
+    revision=None,
+    variant=None,
+) -> list[dict]:
     """This shard's share of every study of ``notebooks`` into the store (and its scores), in generation order;
     the views go to ``runs/<study>``. A final plain report then finds everything and only analyses."""
-    from .runner import describe, run_sweep
-    from .scoring import score_run
 
     done = []
     for name in studies_of(notebooks):
         study = load_study(name, scale=scale)
         out = Path(runs) / name
-        summary = run_sweep(study, pipe, out, model=model, store=store, shard=shard, progress=progress, revision=revision, variant=variant)
+        summary = run_sweep(
+            study,
+            pipe,
+            out,
+            model=model,
+            store=store,
+            shard=shard,
+            progress=progress,
+            revision=revision,
+            variant=variant,
+        )
         print(describe(summary, study, out))
         if scorers is not None:
             score_run(out, scorers, shard=shard, progress=progress)

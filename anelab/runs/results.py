@@ -18,11 +18,19 @@ from .runner import KEYS, VIEW
 from .store import Store
 
 ROW_COLUMNS = [
-    "variant", "prompt", "category", "seed", "tokens", "image",
+    "variant",
+    "prompt",
+    "category",
+    "seed",
+    "tokens",
+    "image",
     "seconds",  # wall time of the image's generate call / images in it
-    "pairs", "triggered", "reached", "refinement_rounds",  # guidance statistics of the image (0 for plain SD)
+    "pairs",
+    "triggered",
+    "reached",
+    "refinement_rounds",  # guidance statistics of the image (0 for plain SD)
     "key",
-]  # fmt: skip
+]
 LABELS = ["variant", "category", "key"]
 
 
@@ -34,7 +42,9 @@ def load_view(out: str | Path) -> tuple[dict, pd.DataFrame, Store]:
     try:
         view, keys = json.loads((out / VIEW).read_text()), pd.read_parquet(out / KEYS)
     except Exception as error:  # json / pyarrow errors of a damaged view
-        raise AnelabError(f"{out} holds a damaged view ({type(error).__name__}); run the study again to rewrite it") from None
+        raise AnelabError(
+            f"{out} holds a damaged view ({type(error).__name__}); run the study again to rewrite it"
+        ) from None
     return view, keys, Store(view["store"])
 
 

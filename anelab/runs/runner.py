@@ -19,9 +19,10 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from .. import __version__
+from ..analysis import guidance_pairs
 from ..errors import AnelabError
 from ..io import file_lock, save_images, write_json, write_parquet
-from ..analysis import guidance_pairs
 from ..pipeline import generate, plan_run, schedule
 from ..recording import Record
 from .plan import Block, my_share, process_share, work_plan
@@ -66,9 +67,18 @@ def prepare(study: Study, pipe, model: str, *, revision=None, variant=None) -> l
     """Every block of the study, checked with the core's own pre-flight check (:func:`plan_run`) before any
     image is made, with its store keys."""
     timesteps = schedule(pipe, study.steps)
-    common = dict(model=model_identity(model, revision, variant), dtype=str(pipe.unet.dtype), device=pipe.unet.device.type,
-                  scheduler=type(pipe.scheduler).__name__, iterations=len(timesteps), steps=study.steps, height=study.size,
-                  width=study.size, guidance_scale=study.guidance_scale, generator_device=study.generator_device)  # fmt: skip
+    common = dict(
+        model=model_identity(model, revision, variant),
+        dtype=str(pipe.unet.dtype),
+        device=pipe.unet.device.type,
+        scheduler=type(pipe.scheduler).__name__,
+        iterations=len(timesteps),
+        steps=study.steps,
+        height=study.size,
+        width=study.size,
+        guidance_scale=study.guidance_scale,
+        generator_device=study.generator_device,
+    )
     checked: dict[tuple[str, str], tuple[dict, dict | None]] = {}
     jobs = []
     for block in work_plan(study):
@@ -76,37 +86,75 @@ def prepare(study: Study, pipe, model: str, *, revision=None, variant=None) -> l
         if (block.variant, block.prompt) not in checked:
             arguments = steering_arguments(block.tokens, study.steering.get(block.variant, {}), config)
             try:
-                plan = plan_run(pipe, block.prompt, seeds=[0], config=config, num_inference_steps=study.steps, height=study.size,
-                                width=study.size, guidance_scale=study.guidance_scale, record=study.record,
-                                generator_device=study.generator_device, **arguments)  # fmt: skip
+                plan = plan_run(
+                    pipe,
+                    block.prompt,
+                    seeds=[0],
+                    config=config,
+                    num_inference_steps=study.steps,
+                    height=study.size,
+                    width=study.size,
+                    guidance_scale=study.guidance_scale,
+                    record=study.record,
+                    generator_device=study.generator_device,
+                    **arguments,
+                )
             except AnelabError as error:
-                raise AnelabError(f"study {study.name!r}, variant {block.variant!r}, prompt {block.prompt!r}: {error}") from None
+                raise AnelabError(
+                    f"study {study.name!r}, variant {block.variant!r}, prompt {block.prompt!r}: {error}"
+                ) from None
             record = None
             if plan.record is not None:
-                record = {"resolutions": sorted({layer.res for layer in plan.record.layers}), "steps": list(plan.record.steps),
-                          "tokens": sorted(plan.record.tokens)}  # fmt: skip
+                record = {
+                    "resolutions": sorted({layer.res for layer in plan.record.layers}),
+                    "steps": list(plan.record.steps),
+                    "tokens": sorted(plan.record.tokens),
+                }
             checked[block.variant, block.prompt] = (arguments, record)
         arguments, record = checked[block.variant, block.prompt]
         identity = block_identity(prompt=block.prompt, seeds=block.seeds, config=config, **arguments, **common)
-        jobs.append(Job(block, identity, block_key(identity), [image_key(identity, s) for s in block.seeds], arguments, record))
+        jobs.append(
+            Job(block, identity, block_key(identity), [image_key(identity, s) for s in block.seeds], arguments, record)
+        )
     return jobs
 
 
 def write_view(out: Path, study: Study, jobs: list[Job], *, model: str, store: Store) -> None:
     """``OUT/study.json`` (spec, model, store, provenance) and ``OUT/keys.parquet`` (variant, prompt,
     category, seed, tokens, key), rewritten only when they change (several shards may write the same view)."""
-    rows = [{"variant": j.block.variant, "prompt": j.block.prompt, "category": j.block.category, "seed": seed,
-             "tokens": ",".join(map(str, j.block.tokens)), "key": key}
-            for j in jobs for seed, key in zip(j.block.seeds, j.keys)]  # fmt: skip
+    rows = [
+        {
+            "variant": j.block.variant,
+            "prompt": j.block.prompt,
+            "category": j.block.category,
+            "seed": seed,
+            "tokens": ",".join(map(str, j.block.tokens)),
+            "key": key,
+        }
+        for j in jobs
+        for seed, key in zip(j.block.seeds, j.keys)
+    ]
     keys = pd.DataFrame(rows, columns=["variant", "prompt", "category", "seed", "tokens", "key"])
-    view = {"study": study.spec(), "name": study.name, "scale": study.scale, "model": str(model), "store": str(store.root.resolve()),
-            "source": study.source, "versions": _versions(), "descriptions": {v: study.describe(v) for v in study.variants}}  # fmt: skip
+    view = {
+        "study": study.spec(),
+        "name": study.name,
+        "scale": study.scale,
+        "model": str(model),
+        "store": str(store.root.resolve()),
+        "source": study.source,
+        "versions": _versions(),
+        "descriptions": {v: study.describe(v) for v in study.variants},
+    }
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / f".{VIEW}.lock"):
         old = json.loads((out / VIEW).read_text()) if (out / VIEW).is_file() else None
         if old is not None and old.get("study") != json.loads(json.dumps(view["study"])):
-            print(f"note: {out} showed study {old.get('name')!r} with another spec; it now shows this one (the store keeps both)")
-        if old is None or {k: old.get(k) for k in ("study", "model", "store")} != json.loads(json.dumps({k: view[k] for k in ("study", "model", "store")})):
+            print(
+                f"note: {out} showed study {old.get('name')!r} with another spec; it now shows this one (the store keeps both)"
+            )
+        if old is None or {k: old.get(k) for k in ("study", "model", "store")} != json.loads(
+            json.dumps({k: view[k] for k in ("study", "model", "store")})
+        ):
             view["scorers"] = {}
             write_json(view, out / VIEW)
             write_parquet(keys, out / KEYS)
@@ -115,9 +163,18 @@ def write_view(out: Path, study: Study, jobs: list[Job], *, model: str, store: S
 
 
 def run_sweep(
-    study: Study, pipe, out: str | Path | None, *, model: str, store: Store | str | None = None, shard: tuple[int, int] = (0, 1),
-    chunk_blocks: int = 8, progress: bool = True, revision: str | None = None, variant: str | None = None,
-) -> dict:  # fmt: skip
+    study: Study,
+    pipe,
+    out: str | Path | None,
+    *,
+    model: str,
+    store: Store | str | None = None,
+    shard: tuple[int, int] = (0, 1),
+    chunk_blocks: int = 8,
+    progress: bool = True,
+    revision: str | None = None,
+    variant: str | None = None,
+) -> dict:
     """Generate every block of ``study`` (this shard's and process's share) that the store lacks; write the view
     in ``out`` (None: none). The study is first fitted to the model (:func:`fit_study`: sizes and resolutions
     scaled to its native side; variants whose resolution it lacks are dropped, with a note, and the view's spec
@@ -133,27 +190,45 @@ def run_sweep(
     fitted = fit_study(study, pipe)
     if fitted is not study:
         new = {k: v for k, v in fitted.dropped.items() if k not in study.dropped}
-        print(f"note: {study.name} on this model: {fitted.size} px" + (f" (written for SD 1.x at {study.full_size or study.size} px)" if study.scaled else "")
-              + "".join(f"; variant {k} dropped: {v}" for k, v in new.items()) + "".join(f"; {n}" for n in fitted.notes[len(study.notes):]))  # fmt: skip
+        print(
+            f"note: {study.name} on this model: {fitted.size} px"
+            + (f" (written for SD 1.x at {study.full_size or study.size} px)" if study.scaled else "")
+            + "".join(f"; variant {k} dropped: {v}" for k, v in new.items())
+            + "".join(f"; {n}" for n in fitted.notes[len(study.notes) :])
+        )
         study = fitted
     if study.calibrate and "thresholds" not in study.calibrate:
         from .calibration import resolve_calibration
 
-        study, thresholds = resolve_calibration(study, pipe, store=store, model=model, revision=revision, variant=variant, progress=progress)
-        print(f"note: {study.name}: thresholds calibrated from {study.calibrate['from']}'s plain-SD statistics: "
-              + "; ".join(f"{v} {t}" for v, t in study.calibrate["thresholds"].items()))  # fmt: skip
+        study, thresholds = resolve_calibration(
+            study, pipe, store=store, model=model, revision=revision, variant=variant, progress=progress
+        )
+        print(
+            f"note: {study.name}: thresholds calibrated from {study.calibrate['from']}'s plain-SD statistics: "
+            + "; ".join(f"{v} {t}" for v, t in study.calibrate["thresholds"].items())
+        )
     jobs = prepare(study, pipe, model, revision=revision, variant=variant)
     if out is not None:  # out=None: into the store only (e.g. a calibration source)
         write_view(out, study, jobs, model=model, store=store)
     mine = my_share(jobs, shard)
     seen = store.rows_files()
     todo = missing(store, mine)
-    summary = dict(images=0, already=sum(len(j.keys) for j in mine) - sum(len(j.keys) for j in todo), waited=0, writes=0, generate_seconds=0.0)
+    summary = dict(
+        images=0,
+        already=sum(len(j.keys) for j in mine) - sum(len(j.keys) for j in todo),
+        waited=0,
+        writes=0,
+        generate_seconds=0.0,
+    )
     start = time.perf_counter()
     index, count = shard
     process = process_share()[0]
-    bar = tqdm(total=sum(len(j.keys) for j in todo), desc=f"{study.name} {index}/{count}" + (f" p{process}" if process else ""),
-               unit="img", disable=not progress)  # fmt: skip
+    bar = tqdm(
+        total=sum(len(j.keys) for j in todo),
+        desc=f"{study.name} {index}/{count}" + (f" p{process}" if process else ""),
+        unit="img",
+        disable=not progress,
+    )
     writer = _Writer(store, chunk_blocks, summary)
     deferred = []
     finished: dict[str, str] = {}  # key → recorded, of what other processes wrote since the plan was read
@@ -176,8 +251,10 @@ def run_sweep(
         _make(job, lock, study, pipe, store, writer, bar)
     if deferred:
         holders = sorted({store.holder(j.block_key) for j in deferred})
-        print(f"note: {len(deferred)} block(s) of this work are being generated by another process ({'; '.join(holders[:3])}); "
-              "waiting for it, then using its results")  # fmt: skip
+        print(
+            f"note: {len(deferred)} block(s) of this work are being generated by another process ({'; '.join(holders[:3])}); "
+            "waiting for it, then using its results"
+        )
         writer.flush()
         for job in deferred:
             lock = store.wait_lock(job.block_key)
@@ -207,9 +284,20 @@ def _make(job: Job, lock, study: Study, pipe, store: Store, writer: "_Writer", b
     record = _union_record(job, store, study.record)
     config = study.variants[job.block.variant]
     bar.set_postfix_str(f"{job.block.variant}: {job.block.prompt[:40]}", refresh=False)
-    result = generate(pipe, job.block.prompt, seeds=list(job.block.seeds), config=config, num_inference_steps=study.steps,
-                      guidance_scale=study.guidance_scale, height=study.size, width=study.size, record=record,
-                      generator_device=study.generator_device, progress=False, **job.arguments)  # fmt: skip
+    result = generate(
+        pipe,
+        job.block.prompt,
+        seeds=list(job.block.seeds),
+        config=config,
+        num_inference_steps=study.steps,
+        guidance_scale=study.guidance_scale,
+        height=study.size,
+        width=study.size,
+        record=record,
+        generator_device=study.generator_device,
+        progress=False,
+        **job.arguments,
+    )
     save_images(result.images, [store.image(k) for k in job.keys])
     writer.add(job, result, lock)
     bar.update(len(job.keys))
@@ -228,7 +316,9 @@ def _union_record(job: Job, store: Store, requested: Record | None) -> Record | 
     for entry in earlier:
         for k, v in entry.items():
             wanted[k] |= set(v)
-    tokens = sorted(wanted["tokens"]) if wanted["tokens"] == set(job.record["tokens"]) else "prompt"  # "prompt" holds every token
+    tokens = (
+        sorted(wanted["tokens"]) if wanted["tokens"] == set(job.record["tokens"]) else "prompt"
+    )  # "prompt" holds every token
     return Record(resolutions=sorted(wanted["resolutions"]), steps=sorted(wanted["steps"]), tokens=tokens, maps=False)
 
 
@@ -262,15 +352,29 @@ def _frames(job: Job, result) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
     """Rows (one per image, with its guidance counts), trace and statistics of one block, keyed."""
     key_of = dict(zip(job.block.seeds, job.keys))
     pairs = guidance_pairs(result.trace)
-    counts = pairs.groupby("seed").agg(pairs=("step", "size"), triggered=("triggered", "sum"), reached=("succeeded", "sum"),
-                                       refinement_rounds=("refinement_iterations", "sum"))  # fmt: skip
+    counts = pairs.groupby("seed").agg(
+        pairs=("step", "size"),
+        triggered=("triggered", "sum"),
+        reached=("succeeded", "sum"),
+        refinement_rounds=("refinement_iterations", "sum"),
+    )
     recorded = "null"
     if result.attention is not None:  # what was actually recorded (resolved from the Record)
         cache = result.attention
-        recorded = json.dumps({"resolutions": cache.resolutions, "steps": cache.steps, "tokens": sorted(int(t) for t in cache.tokens)})
-    rows = pd.DataFrame({"key": job.keys, "prompt": job.block.prompt, "seed": list(job.block.seeds), "batch": ",".join(map(str, job.block.seeds)),
-                         "seconds": result.seconds_per_image, "recorded": recorded,
-                         "identity": json.dumps(job.identity, sort_keys=True)})  # fmt: skip
+        recorded = json.dumps(
+            {"resolutions": cache.resolutions, "steps": cache.steps, "tokens": sorted(int(t) for t in cache.tokens)}
+        )
+    rows = pd.DataFrame(
+        {
+            "key": job.keys,
+            "prompt": job.block.prompt,
+            "seed": list(job.block.seeds),
+            "batch": ",".join(map(str, job.block.seeds)),
+            "seconds": result.seconds_per_image,
+            "recorded": recorded,
+            "identity": json.dumps(job.identity, sort_keys=True),
+        }
+    )
     rows = rows.join(counts, on="seed").fillna({"pairs": 0, "triggered": 0, "reached": 0, "refinement_rounds": 0})
     rows = rows.astype({"pairs": int, "triggered": int, "reached": int, "refinement_rounds": int})
     trace = result.trace.assign(key=result.trace.seed.map(key_of), prompt=job.block.prompt)
@@ -285,11 +389,16 @@ def _versions() -> dict:
     import torch
     import transformers
 
-    from .. import __version__
-
-    return {"anelab": __version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "torch": torch.__version__, "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
+    return {
+        "anelab": __version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def describe(summary: dict, study: Study, out: Path) -> str:
@@ -298,11 +407,15 @@ def describe(summary: dict, study: Study, out: Path) -> str:
     rate = images / seconds * 60 if seconds and images else 0.0
     overhead = 1 - summary["generate_seconds"] / seconds if seconds and images else 0.0
     waited = f", {summary['waited']} made by another process" if summary.get("waited") else ""
-    return (f"{study.name}: {images} image(s) made, {summary['already']} already in the store{waited}, {summary['writes']} write(s) "
-            f"-> view {out} ({rate:.1f} images/min, runner overhead {overhead:.1%})")  # fmt: skip
+    return (
+        f"{study.name}: {images} image(s) made, {summary['already']} already in the store{waited}, {summary['writes']} write(s) "
+        f"-> view {out} ({rate:.1f} images/min, runner overhead {overhead:.1%})"
+    )
 
 
-def stored_generate(pipe, prompt: str, *, model: str, store: Store | str | None = None, revision=None, variant=None, **kwargs):
+def stored_generate(
+    pipe, prompt: str, *, model: str, store: Store | str | None = None, revision=None, variant=None, **kwargs
+):
     """:func:`generate` through the store (``anelab generate``): the images and trace of these exact arguments
     come from the store when it has them, else they are generated and kept there. Returns
     ``(images, trace, seconds_per_image, reused)``."""
@@ -311,26 +424,52 @@ def stored_generate(pipe, prompt: str, *, model: str, store: Store | str | None 
     store = store if isinstance(store, Store) else Store(store)
     store.prepare()
     plan = plan_run(pipe, prompt, **kwargs)
-    arguments = {"tokens": [plan.token_words[plan.measured.index(i)] for i in plan.token_indices],
-                 "suppress": [plan.token_words[plan.measured.index(i)] for i in plan.suppress_indices],
-                 "layout": {plan.token_words[plan.measured.index(i)]: p for i, p in plan.layout.items()}}  # fmt: skip
-    identity = block_identity(model=model_identity(model, revision, variant), dtype=str(pipe.unet.dtype), device=pipe.unet.device.type,
-                              scheduler=type(pipe.scheduler).__name__, iterations=len(plan.timesteps), prompt=prompt, seeds=plan.seeds,
-                              steps=kwargs.get("num_inference_steps", 50), height=plan.height, width=plan.width,
-                              guidance_scale=plan.guidance_scale, config=plan.config, generator_device=plan.generator_device,
-                              **arguments)  # fmt: skip
-    job = Job(Block("generate", prompt, "custom", tuple(arguments["tokens"]), tuple(plan.seeds)), identity, block_key(identity),
-              [image_key(identity, s) for s in plan.seeds], arguments, None)  # fmt: skip
+    arguments = {
+        "tokens": [plan.token_words[plan.measured.index(i)] for i in plan.token_indices],
+        "suppress": [plan.token_words[plan.measured.index(i)] for i in plan.suppress_indices],
+        "layout": {plan.token_words[plan.measured.index(i)]: p for i, p in plan.layout.items()},
+    }
+    identity = block_identity(
+        model=model_identity(model, revision, variant),
+        dtype=str(pipe.unet.dtype),
+        device=pipe.unet.device.type,
+        scheduler=type(pipe.scheduler).__name__,
+        iterations=len(plan.timesteps),
+        prompt=prompt,
+        seeds=plan.seeds,
+        steps=kwargs.get("num_inference_steps", 50),
+        height=plan.height,
+        width=plan.width,
+        guidance_scale=plan.guidance_scale,
+        config=plan.config,
+        generator_device=plan.generator_device,
+        **arguments,
+    )
+    job = Job(
+        Block("generate", prompt, "custom", tuple(arguments["tokens"]), tuple(plan.seeds)),
+        identity,
+        block_key(identity),
+        [image_key(identity, s) for s in plan.seeds],
+        arguments,
+        None,
+    )
     lock = store.wait_lock(job.block_key)
     try:
         if not missing(store, [job]):
             rows = store.latest_rows(job.keys, columns=["seconds"]).set_index("key").loc[job.keys]
-            trace = store.entries("trace", rows.reset_index()).drop(columns=["key", "write", "written", "prompt"], errors="ignore")
+            trace = store.entries("trace", rows.reset_index()).drop(
+                columns=["key", "write", "written", "prompt"], errors="ignore"
+            )
             images = []
             for key in job.keys:
                 with Image.open(store.image(key)) as opened:
                     images.append(opened.copy())
-            return images, trace.sort_values(["seed", "step", "token_index"], ignore_index=True), float(rows.seconds.mean()), True
+            return (
+                images,
+                trace.sort_values(["seed", "step", "token_index"], ignore_index=True),
+                float(rows.seconds.mean()),
+                True,
+            )
         result = generate(pipe, prompt, progress=True, **kwargs)
         save_images(result.images, [store.image(k) for k in job.keys])
         store.write(*_frames(job, result))

@@ -18,8 +18,15 @@ from .results import load_view
 from .runner import VIEW
 
 
-def score_run(out: str | Path, scorers: Scorers, *, shard: tuple[int, int] = (0, 1), batch_size: int = 16, chunk: int = 64,
-              progress: bool = True) -> dict:  # fmt: skip
+def score_run(
+    out: str | Path,
+    scorers: Scorers,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    batch_size: int = 16,
+    chunk: int = 64,
+    progress: bool = True,
+) -> dict:
     """Score every image of the study in ``out`` (this shard's share: every N-th distinct key) with every scorer
     of ``scorers`` that has not scored it yet.
 
@@ -27,7 +34,9 @@ def score_run(out: str | Path, scorers: Scorers, *, shard: tuple[int, int] = (0,
     out = Path(out)
     view, keys, store = load_view(out)
     rows = store.latest_rows(set(keys.key), columns=["prompt"])
-    images = keys.drop_duplicates("key").merge(rows[["key", "prompt"]].rename(columns={"prompt": "stored_prompt"}), on="key")
+    images = keys.drop_duplicates("key").merge(
+        rows[["key", "prompt"]].rename(columns={"prompt": "stored_prompt"}), on="key"
+    )
     images = images.iloc[shard[0] :: shard[1]].reset_index(drop=True)
     counts, notices = {}, []
     for kind, model in scorers.names().items():
@@ -58,4 +67,3 @@ def score_run(out: str | Path, scorers: Scorers, *, shard: tuple[int, int] = (0,
 def scored_summary(result: dict) -> str:
     parts = [f"{kind}: {c['scored']} scored, {c['already']} already" for kind, c in result["counts"].items()]
     return "; ".join(parts) or "nothing to score"
-

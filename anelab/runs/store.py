@@ -35,7 +35,8 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import AnelabError
-from ..io import write_parquet
+from ..io import write_json, write_parquet
+from ..testing import TINY_MODELS
 
 FORMAT = "anelab-store/1"
 STORE_ENV = "ANELAB_STORE"
@@ -52,7 +53,6 @@ def default_root() -> Path:
 def model_identity(model, revision: str | None = None, variant: str | None = None) -> str:
     """What names the weights: ``tiny/<version>`` (``tiny-sd2/<version>``, ``tiny-xl/<version>``),
     ``<hub id>@<revision>[:<variant>]`` or ``dir:<absolute path>``."""
-    from ..testing import TINY_MODELS
 
     if not isinstance(model, (str, os.PathLike)):
         name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -67,20 +67,49 @@ def model_identity(model, revision: str | None = None, variant: str | None = Non
     return f"{model}@{revision or 'main'}" + (f":{variant}" if variant else "")
 
 
-def block_identity(*, model: str, dtype: str, device: str, scheduler: str, iterations: int, prompt: str, tokens, suppress, layout,
-                   seeds, steps: int, height: int, width: int, guidance_scale: float, config, generator_device: str) -> dict:  # fmt: skip
+def block_identity(
+    *,
+    model: str,
+    dtype: str,
+    device: str,
+    scheduler: str,
+    iterations: int,
+    prompt: str,
+    tokens,
+    suppress,
+    layout,
+    seeds,
+    steps: int,
+    height: int,
+    width: int,
+    guidance_scale: float,
+    config,
+    generator_device: str,
+) -> dict:
     """Everything of one generate call that changes its images' bytes (the recording does not: it only observes).
     ``iterations``: the scheduler's loop length for ``steps`` (the step sizes are taken over it, so a callable
     schedule is keyed by what it computes)."""
-    guidance = None if config is None else config.to_dict() | {"step_sizes": [float(a) for a in config.step_sizes(iterations)]}
+    guidance = (
+        None if config is None else config.to_dict() | {"step_sizes": [float(a) for a in config.step_sizes(iterations)]}
+    )
     return {
-        "format": FORMAT, "model": model, "dtype": str(dtype).removeprefix("torch."), "device": device, "scheduler": scheduler,
+        "format": FORMAT,
+        "model": model,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+        "scheduler": scheduler,
         "prompt": prompt,
-        "tokens": [str(t) for t in tokens], "suppress": [str(t) for t in suppress],
-        "layout": {str(k): [float(v) for v in p] for k, p in (layout or {}).items()}, "seeds": [int(s) for s in seeds],
-        "steps": int(steps), "height": int(height), "width": int(width), "guidance_scale": float(guidance_scale),
-        "config": guidance, "generator_device": generator_device,
-    }  # fmt: skip
+        "tokens": [str(t) for t in tokens],
+        "suppress": [str(t) for t in suppress],
+        "layout": {str(k): [float(v) for v in p] for k, p in (layout or {}).items()},
+        "seeds": [int(s) for s in seeds],
+        "steps": int(steps),
+        "height": int(height),
+        "width": int(width),
+        "guidance_scale": float(guidance_scale),
+        "config": guidance,
+        "generator_device": generator_device,
+    }
 
 
 def _digest(data) -> str:
@@ -127,12 +156,12 @@ class Store:
         """Create the store's folders (a new store) and check that it is one."""
         marker = self.root / "STORE.json"
         if self.root.exists() and any(self.root.iterdir()) and not marker.is_file():
-            raise AnelabError(f"{self.root} is not empty and is not a run store (no STORE.json); choose another --store")
+            raise AnelabError(
+                f"{self.root} is not empty and is not a run store (no STORE.json); choose another --store"
+            )
         for kind in (*TABLES, *SCORER_KINDS):
             self._table_dir(kind).mkdir(parents=True, exist_ok=True)
         if not marker.is_file():
-            from ..io import write_json
-
             write_json({"format": FORMAT}, marker)
 
     # -- locks ---------------------------------------------------------------------------------
@@ -147,7 +176,9 @@ class Store:
             lock.acquire(timeout=0)
         except Timeout:
             return None
-        path.with_suffix(".owner").write_text(f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}")
+        path.with_suffix(".owner").write_text(
+            f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}"
+        )
         return lock
 
     def wait_lock(self, block: str, timeout: float = -1):
@@ -194,7 +225,9 @@ class Store:
         frames = []
         for name in new:
             try:
-                frames.append(pq.read_table(self._table_dir("rows") / name, columns=["key", *(columns or [])]).to_pandas())
+                frames.append(
+                    pq.read_table(self._table_dir("rows") / name, columns=["key", *(columns or [])]).to_pandas()
+                )
             except Exception:  # damaged or just moved aside: the full read handles it
                 continue
             seen.add(name)
@@ -292,5 +325,8 @@ class Store:
                     os.replace(file, target)
                     moved.append(str(target))
             self._schemas.pop(file, None)
-        warnings.warn(f"damaged store file {path} ({type(error).__name__}: {str(error).splitlines()[0][:120]}) moved to {aside}; "
-                      "its images will be generated again", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"damaged store file {path} ({type(error).__name__}: {str(error).splitlines()[0][:120]}) moved to {aside}; "
+            "its images will be generated again",
+            stacklevel=3,
+        )

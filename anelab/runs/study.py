@@ -28,6 +28,8 @@ import yaml
 from ..checks import is_int, is_number
 from ..config import GuidanceConfig
 from ..errors import AnelabError
+from ..models import SD1_SIZE, Architecture
+from ..pipeline import layout_point
 from ..prompts import CATEGORIES, load_prompts
 from ..recording import Record
 from ..resources import study_files
@@ -55,14 +57,19 @@ TOP_KEYS = {
 #: guidance fields. ``smoke`` also shrinks the image to the smallest side that has every resolution read.
 SCALES = {
     "smoke": dict(prompts=1, seeds=1, steps=4, batch=1, base={"max_refinement_steps": 3}),
-    "quick": dict(prompts=4, seeds=4, batch=4),  # ~48 images per variant: every variant, about one GPU-hour for the whole report
+    "quick": dict(
+        prompts=4, seeds=4, batch=4
+    ),  # ~48 images per variant: every variant, about one GPU-hour for the whole report
     "full": {},
 }
 SLICE_KEYS = ("variants", "categories", "prompts", "seeds")
 CONFIG_FIELDS = [f.name for f in dataclasses.fields(GuidanceConfig)]
 #: Variant keys that pick what is steered, by index into each prompt's subject tokens (STUDIES.md 05).
-STEERING_KEYS = {"excite": "subject indices to excite (default: all)", "suppress": "subject indices to suppress",
-                 "layout": "{subject index: [x, y]} target points"}  # fmt: skip
+STEERING_KEYS = {
+    "excite": "subject indices to excite (default: all)",
+    "suppress": "subject indices to suppress",
+    "layout": "{subject index: [x, y]} target points",
+}
 RECORD_FIELDS = ["resolutions", "steps", "tokens", "maps"]
 
 
@@ -79,21 +86,30 @@ class Study:
     batch: int
     variants: dict[str, GuidanceConfig | None]  # None = plain Stable Diffusion
     record: Record | None
-    steering: dict[str, dict] = dataclasses.field(default_factory=dict)  # variant -> excite/suppress/layout by subject index
+    steering: dict[str, dict] = dataclasses.field(
+        default_factory=dict
+    )  # variant -> excite/suppress/layout by subject index
     source: str = ""
     notes: list[str] = dataclasses.field(default_factory=list)
     generator_device: str = "cpu"
     scale: str = "full"
-    calibrate: dict | None = None  # {from, variant, quantile, variants}: thresholds taken from another study's plain-SD statistics
+    calibrate: dict | None = (
+        None  # {from, variant, quantile, variants}: thresholds taken from another study's plain-SD statistics
+    )
     scaled: bool = True  # size and resolutions written for SD 1.x at 512 px (fit_study scales them to the model); False: the model's own
-    dropped: dict[str, str] = dataclasses.field(default_factory=dict)  # variant -> why this model cannot run it (fit_study)
+    dropped: dict[str, str] = dataclasses.field(
+        default_factory=dict
+    )  # variant -> why this model cannot run it (fit_study)
     full_size: int | None = None  # the side before a smoke slice shrank it (None: size)
 
     def spec(self) -> dict:
         """Everything that defines the results, as plain JSON (what the spec hash covers)."""
         return {
             "name": self.name,
-            "prompts": [{"prompt": p, "category": c, "tokens": list(t)} for p, c, t in self.prompts[["prompt", "category", "tokens"]].itertuples(index=False)],
+            "prompts": [
+                {"prompt": p, "category": c, "tokens": list(t)}
+                for p, c, t in self.prompts[["prompt", "category", "tokens"]].itertuples(index=False)
+            ],
             "seeds": self.seeds,
             "steps": self.steps,
             "size": self.size,
@@ -115,11 +131,20 @@ class Study:
         if config is None:
             return "plain SD (no guidance)"
         default = GuidanceConfig()
-        parts = [f"res {config.attention_res}", "thresholds " + (", ".join(f"{k}:{v:.3g}" for k, v in config.thresholds.items()) or "none")]
+        parts = [
+            f"res {config.attention_res}",
+            "thresholds " + (", ".join(f"{k}:{v:.3g}" for k, v in config.thresholds.items()) or "none"),
+        ]
         if config.scale_factor != default.scale_factor:
             parts.append(f"α {config.scale_factor:g}")
         if config.step_schedule != default.step_schedule or config.scale_range != default.scale_range:
-            schedule = config.step_schedule if isinstance(config.step_schedule, str) else "table " + " ".join(f"{i}:{v:g}" for i, v in config.step_schedule) if isinstance(config.step_schedule, tuple) else getattr(config.step_schedule, "__name__", "callable")
+            schedule = (
+                config.step_schedule
+                if isinstance(config.step_schedule, str)
+                else "table " + " ".join(f"{i}:{v:g}" for i, v in config.step_schedule)
+                if isinstance(config.step_schedule, tuple)
+                else getattr(config.step_schedule, "__name__", "callable")
+            )
             parts.append(f"schedule {schedule} over r {config.scale_range[0]:g}→{config.scale_range[1]:g}")
         if not config.smooth:
             parts.append("no smoothing")
@@ -130,7 +155,9 @@ class Study:
         steer = self.steering.get(variant, {})
         for key in ("excite", "suppress"):
             if key in steer:
-                parts.append(f"{key} subject{'s' if len(steer[key]) != 1 else ''} {', '.join(map(str, steer[key])) or 'none'}")
+                parts.append(
+                    f"{key} subject{'s' if len(steer[key]) != 1 else ''} {', '.join(map(str, steer[key])) or 'none'}"
+                )
         for index, point in steer.get("layout", {}).items():
             parts.append(f"subject {index} → ({point[0]:g}, {point[1]:g})")
         return ", ".join(parts)
@@ -181,9 +208,16 @@ def study_path(name_or_path: str | Path):
 
 
 def load_study(
-    source: str | Path | Mapping, *, scale: str = "full", prompts: int | None = None, seeds: int | None = None,
-    steps: int | None = None, batch: int | None = None, size: int | None = None, base: Mapping | None = None,
-) -> Study:  # fmt: skip
+    source: str | Path | Mapping,
+    *,
+    scale: str = "full",
+    prompts: int | None = None,
+    seeds: int | None = None,
+    steps: int | None = None,
+    batch: int | None = None,
+    size: int | None = None,
+    base: Mapping | None = None,
+) -> Study:
     """Read and validate a study (a YAML path, a study name, or a dict) at a ``scale`` of :data:`SCALES`
     (and the file's own ``smoke``/``quick`` slice), then apply explicit overrides, which win.
 
@@ -250,7 +284,9 @@ def load_study(
         if overrides is not None and any(k in STEERING_KEYS for k in overrides):
             steering[str(name)] = _steering(overrides, ("variants", str(name)), fail)
             overrides = {k: v for k, v in overrides.items() if k not in STEERING_KEYS}
-        variants[str(name)] = None if overrides is None else _config(base_fields, overrides, ("variants", str(name)), fail)
+        variants[str(name)] = (
+            None if overrides is None else _config(base_fields, overrides, ("variants", str(name)), fail)
+        )
     record = _record(data.get("record"), fail)
     generator = data.get("generator_device", "cpu")
     if generator not in ("cpu", "cuda"):
@@ -266,7 +302,10 @@ def load_study(
 
     # the scale, then explicit overrides (CLI / notebook parameters)
     given = dict(prompts=prompts, seeds=seeds, steps=steps, batch=batch, base=base)
-    scaled = {**SCALES[scale], **{k: v for k, v in slices.get(scale, {}).items() if k not in ("variants", "categories")}}
+    scaled = {
+        **SCALES[scale],
+        **{k: v for k, v in slices.get(scale, {}).items() if k not in ("variants", "categories")},
+    }
     prompts, seeds, steps, batch, base = (scaled.get(k) if given[k] is None else given[k] for k in given)
     if "categories" in slices.get(scale, {}) and "category" in table:
         table = table[table.category.isin(slices[scale]["categories"])].reset_index(drop=True)
@@ -275,7 +314,11 @@ def load_study(
         steering = {k: v for k, v in steering.items() if k in variants}
     notes = []
     if prompts is not None:
-        table = table.groupby("category", sort=False).head(prompts).reset_index(drop=True) if "category" in table else table.head(prompts)
+        table = (
+            table.groupby("category", sort=False).head(prompts).reset_index(drop=True)
+            if "category" in table
+            else table.head(prompts)
+        )
     if seeds is not None:
         seed_list = seed_list[:seeds]
     if batch is not None:
@@ -292,12 +335,27 @@ def load_study(
         notes.append(f"steps {n_steps} -> {steps}: threshold steps and max_iter_to_alter rescaled proportionally")
         n_steps = steps
     return Study(
-        name=data["name"], prompts=table, seeds=seed_list, steps=n_steps, size=side, guidance_scale=float(cfg_scale),
-        batch=batch_size, variants=variants, record=record, steering=steering, source=label, notes=notes,
-        generator_device=generator, scale=scale,
-        calibrate=None if calibrate is None else {**calibrate, "variants": [v for v in calibrate["variants"] if v in variants]},
-        scaled=sd1_units, dropped={str(k): str(v) for k, v in dropped.items()}, full_size=full_side,
-    )  # fmt: skip
+        name=data["name"],
+        prompts=table,
+        seeds=seed_list,
+        steps=n_steps,
+        size=side,
+        guidance_scale=float(cfg_scale),
+        batch=batch_size,
+        variants=variants,
+        record=record,
+        steering=steering,
+        source=label,
+        notes=notes,
+        generator_device=generator,
+        scale=scale,
+        calibrate=None
+        if calibrate is None
+        else {**calibrate, "variants": [v for v in calibrate["variants"] if v in variants]},
+        scaled=sd1_units,
+        dropped={str(k): str(v) for k, v in dropped.items()},
+        full_size=full_side,
+    )
 
 
 def fit_study(study: Study, model) -> Study:
@@ -311,7 +369,6 @@ def fit_study(study: Study, model) -> Study:
     with a note. A smoke slice (shrunk below its written side) takes, from its own side up, the first side at
     which the model has every resolution the study reads. The result is in the model's own units
     (``scaled=False``), so fitting twice changes nothing; on SD 1.x the study is returned unchanged."""
-    from ..models import SD1_SIZE, Architecture
 
     arch = model if isinstance(model, Architecture) else Architecture.of(model)
     factor = arch.native / SD1_SIZE if study.scaled else 1.0
@@ -327,21 +384,31 @@ def fit_study(study: Study, model) -> Study:
     for name, config in study.variants.items():
         res = None if config is None else moved(config.attention_res)
         if config is None or res in have:
-            variants[name] = config if config is None or res == config.attention_res else config.replace(attention_res=res)
+            variants[name] = (
+                config if config is None or res == config.attention_res else config.replace(attention_res=res)
+            )
             continue
         scaled = f" (x{factor:g} = {config.attention_res * factor:g})" if factor != 1 else ""
-        dropped[name] = f"attention_res {config.attention_res}{scaled}: this model has cross-attention at {have} at {side_full} px"
+        dropped[name] = (
+            f"attention_res {config.attention_res}{scaled}: this model has cross-attention at {have} at {side_full} px"
+        )
     record = study.record
     if record is not None and record.resolutions is not None:
         kept = sorted({moved(r) for r in record.resolutions} & set(have))
         lost = [r for r in record.resolutions if moved(r) not in have]
         if lost:
-            notes.append(f"recorded resolution(s) {sorted(lost)} dropped: this model has cross-attention at {have} at {side_full} px")
+            notes.append(
+                f"recorded resolution(s) {sorted(lost)} dropped: this model has cross-attention at {have} at {side_full} px"
+            )
         if tuple(sorted(kept, reverse=True)) != tuple(record.resolutions):
             record = dataclasses.replace(record, resolutions=kept) if kept else None
     side = side_full
-    if study.size != written and not (record is not None and record.resolutions is None):  # a smoke slice: from its own side up
-        needed = {c.attention_res for c in variants.values() if c is not None} | set(record.resolutions if record else ())
+    if study.size != written and not (
+        record is not None and record.resolutions is None
+    ):  # a smoke slice: from its own side up
+        needed = {c.attention_res for c in variants.values() if c is not None} | set(
+            record.resolutions if record else ()
+        )
         start = _multiple_of_8(study.size * factor)
         candidates = [start, *range(-(-start // 64) * 64, side_full, 64), side_full]
         side = next(s for s in candidates if needed <= set(arch.resolutions(s)))
@@ -352,9 +419,17 @@ def fit_study(study: Study, model) -> Study:
         chosen = [v for v in calibrate["variants"] if v in variants]
         calibrate = {**calibrate, "variants": chosen} if chosen else None
     return dataclasses.replace(
-        study, size=side, variants=variants, record=record, steering={k: v for k, v in study.steering.items() if k in variants},
-        calibrate=calibrate, notes=notes, dropped=dropped, scaled=False, full_size=side_full,
-    )  # fmt: skip
+        study,
+        size=side,
+        variants=variants,
+        record=record,
+        steering={k: v for k, v in study.steering.items() if k in variants},
+        calibrate=calibrate,
+        notes=notes,
+        dropped=dropped,
+        scaled=False,
+        full_size=side_full,
+    )
 
 
 def _multiple_of_8(value: float) -> int:
@@ -375,7 +450,12 @@ def _calibrate(spec, variants: Mapping, fail) -> dict | None:
     chosen = spec["variants"]
     if not isinstance(chosen, list) or not chosen or any(variants.get(v) is None for v in chosen):
         fail(("calibrate", "variants"), f"must list guided variants of this study, got {chosen!r}")
-    return {"from": str(spec["from"]), "variant": str(spec.get("variant", "sd")), "quantile": float(quantile), "variants": list(chosen)}
+    return {
+        "from": str(spec["from"]),
+        "variant": str(spec.get("variant", "sd")),
+        "quantile": float(quantile),
+        "variants": list(chosen),
+    }
 
 
 def _slice(spec, name: str, variants: Mapping, fail) -> dict:
@@ -391,7 +471,11 @@ def _slice(spec, name: str, variants: Mapping, fail) -> dict:
             fail((name, "variants"), f"must list variants of this study ({list(variants)}), got {chosen!r}")
         out["variants"] = list(chosen)
     if "categories" in spec:
-        if not isinstance(spec["categories"], list) or not spec["categories"] or any(c not in (*CATEGORIES, "custom") for c in spec["categories"]):
+        if (
+            not isinstance(spec["categories"], list)
+            or not spec["categories"]
+            or any(c not in (*CATEGORIES, "custom") for c in spec["categories"])
+        ):
             fail((name, "categories"), f"must be a list drawn from {list(CATEGORIES)}, got {spec['categories']!r}")
         out["categories"] = list(spec["categories"])
     for key in ("prompts", "seeds"):
@@ -402,7 +486,9 @@ def _slice(spec, name: str, variants: Mapping, fail) -> dict:
     return out
 
 
-def smallest_size(variants: Mapping[str, GuidanceConfig | None], record: Record | None, size: int, floor: int = 128) -> int:
+def smallest_size(
+    variants: Mapping[str, GuidanceConfig | None], record: Record | None, size: int, floor: int = 128
+) -> int:
     """The smallest image side, at most ``size`` and at least ``floor``, whose top attention resolution
     (side / 8 on SD 1.x and the tiny model) covers every ``attention_res`` of the variants and every
     recorded resolution (``Record(resolutions=None)`` records all: ``size`` stays)."""
@@ -418,7 +504,10 @@ def _prompts(spec, fail) -> pd.DataFrame:
         if unknown:
             fail(("prompts", sorted(unknown)[0]), "unknown key; allowed: set, categories, limit")
         if spec.get("set", "ane") != "ane":
-            fail(("prompts", "set"), f"only the 'ane' prompt set is built in, got {spec.get('set')!r}; or give a list of {{prompt, tokens}}")
+            fail(
+                ("prompts", "set"),
+                f"only the 'ane' prompt set is built in, got {spec.get('set')!r}; or give a list of {{prompt, tokens}}",
+            )
         categories = spec.get("categories") or list(CATEGORIES)
         if not isinstance(categories, list) or any(c not in CATEGORIES for c in categories):
             fail(("prompts", "categories"), f"must be a list drawn from {list(CATEGORIES)}, got {categories!r}")
@@ -430,7 +519,10 @@ def _prompts(spec, fail) -> pd.DataFrame:
         rows = []
         for k, item in enumerate(spec):
             if not isinstance(item, Mapping) or set(item) - {"prompt", "tokens", "category"} or "prompt" not in item:
-                fail(("prompts",), f"item {k} must be {{prompt: text, tokens: [words], category: optional}}, got {item!r}")
+                fail(
+                    ("prompts",),
+                    f"item {k} must be {{prompt: text, tokens: [words], category: optional}}, got {item!r}",
+                )
             tokens = item.get("tokens", [])
             if not isinstance(tokens, list) or not all(isinstance(t, (str, int)) for t in tokens):
                 fail(("prompts",), f"item {k}: tokens must be a list of words, got {tokens!r}")
@@ -452,8 +544,6 @@ def _steering(spec, path, fail) -> dict:
                 fail((*path, key), f"must be a list of subject indices (0 = the prompt's first subject), got {value!r}")
             out[key] = list(value)
     if "layout" in spec:
-        from ..pipeline import layout_point  # the one check of a layout point
-
         value = spec["layout"]
         if not isinstance(value, Mapping) or not all(is_int(i) and i >= 0 for i in value):
             fail((*path, "layout"), f"must map subject indices to [x, y] points in [0, 1], got {value!r}")
@@ -495,7 +585,10 @@ def _record(spec, fail) -> Record | None:
         if key not in RECORD_FIELDS:
             fail(("record", key), f"unknown key; allowed: {', '.join(RECORD_FIELDS)}")
     if spec.get("maps", False):
-        fail(("record", "maps"), "sweeps keep token statistics only; set maps: false (record maps of chosen images with anelab.generate)")
+        fail(
+            ("record", "maps"),
+            "sweeps keep token statistics only; set maps: false (record maps of chosen images with anelab.generate)",
+        )
     fields = {k: v for k, v in spec.items() if k != "maps"}
     try:
         return Record(**fields, maps=False)
