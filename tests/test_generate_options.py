@@ -168,6 +168,34 @@ def test_each_steering_knob_changes_the_result(tiny_pipe, steered_default, chang
     assert _relative_difference(out.latents, steered_default.latents) > 1e-2
 
 
+def test_the_two_stage_layout_update_moves_by_the_kl_first_then_by_a_and_e(tiny_pipe, steered_default):
+    """layout_update="two_stage" (the original study): the KL gradient moves the latent first and the A&E objective is
+    measured at L + δ, so the objective it descends holds no layout term, each regular step costs one more guided
+    forward, and the result differs from the joint update's by far more than float noise."""
+    calls = []
+    handle = tiny_pipe.unet.register_forward_pre_hook(
+        lambda m, a, k: calls.append((a[0] if a else k["sample"]).shape[0]), with_kwargs=True
+    )
+    try:
+        two = anelab.generate(tiny_pipe, PROMPT, config=BASE.replace(layout_update="two_stage"), **STEERING, **FAST)
+    finally:
+        handle.remove()
+    rows = two.trace.drop_duplicates(["seed", "step"])
+    np.testing.assert_allclose(rows.objective, rows.loss + rows.suppress_loss.fillna(0), rtol=1e-6)  # no layout term
+    assert two.trace.layout_kl.notna().any()  # the KL is still measured and traced
+    joint_rows = steered_default.trace.drop_duplicates(["seed", "step"])
+    assert (
+        joint_rows.objective - joint_rows.loss - joint_rows.suppress_loss.fillna(0)
+    ).abs().max() > 1e-3  # joint: it is there
+    assert _relative_difference(two.latents, steered_default.latents) > 1e-2
+    regular = BASE.last_update_iteration(5)
+    assert (
+        sum(1 for n in calls if n == 2) >= 2 * regular
+    )  # guided forwards (batch 2): a measure and an A&E measure per step
+    with pytest.raises(anelab.AnelabError, match="layout_update must be one of"):
+        BASE.replace(layout_update="sequential")
+
+
 # -- the CLI -------------------------------------------------------------------------------------
 def _cli(out, *options):
     with pytest.raises(SystemExit) as done:
