@@ -374,8 +374,12 @@ def report(
     if generate_only:
         from .loading import load_pipeline
         from .metrics import Scorers
+        from .runs.plan import process_share
         from .runs.protocol import generate_report
 
+        launched = process_share()[2]  # under accelerate launch: this process's own GPU
+        if launched is not None and (device.type != "cuda" or device.index is None):
+            device = resolve_device(launched)
         pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
         scorers = Scorers(
             "tiny" if tiny else "openai/clip-vit-base-patch16",

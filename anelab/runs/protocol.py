@@ -225,7 +225,7 @@ def generate_report(
             variant=variant,
         )
         print(describe(summary, study, out))
-        if scorers is not None:
-            score_run(out, scorers, shard=shard, progress=progress)
-        done.append({"study": name, **summary})
+        if scorers is not None:  # this shard's (and accelerate process's) share of the study, whoever generated it
+            score_run(out, scorers, only=summary["keys"], progress=progress)
+        done.append({"study": name, **{k: v for k, v in summary.items() if k != "keys"}})
     return done

@@ -214,6 +214,7 @@ def run_sweep(
     seen = store.rows_files()
     todo = missing(store, mine)
     summary = dict(
+        keys=[k for j in mine for k in j.keys],  # this shard's and process's images (for scoring its share)
         images=0,
         already=sum(len(j.keys) for j in mine) - sum(len(j.keys) for j in todo),
         waited=0,

@@ -22,13 +22,13 @@ def score_run(
     out: str | Path,
     scorers: Scorers,
     *,
-    shard: tuple[int, int] = (0, 1),
+    only=None,
     batch_size: int = 16,
     chunk: int = 64,
     progress: bool = True,
 ) -> dict:
-    """Score every image of the study in ``out`` (this shard's share: every N-th distinct key) with every scorer
-    of ``scorers`` that has not scored it yet.
+    """Score every image of the study in ``out`` (or ``only`` those keys: a shard's own share, which
+    :func:`run_sweep` returns) with every scorer of ``scorers`` that has not scored it yet.
 
     Returns counts per scorer (``{"clip": {"scored": n, "already": m}, ...}``) and the notices."""
     out = Path(out)
@@ -37,7 +37,8 @@ def score_run(
     images = keys.drop_duplicates("key").merge(
         rows[["key", "prompt"]].rename(columns={"prompt": "stored_prompt"}), on="key"
     )
-    images = images.iloc[shard[0] :: shard[1]].reset_index(drop=True)
+    if only is not None:
+        images = images[images.key.isin(set(only))].reset_index(drop=True)
     counts, notices = {}, []
     for kind, model in scorers.names().items():
         have = set(store.scores(kind, model, set(images.key)).key) if len(images) else set()
