@@ -1,10 +1,13 @@
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("MPLBACKEND", "agg")
+# the default run store is runs/store under the working directory: tests never share one with a user or an earlier session
+os.environ["ANELAB_STORE"] = tempfile.mkdtemp(prefix="anelab-test-store-")
 
 
 @pytest.fixture(scope="session")
