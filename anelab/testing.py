@@ -113,7 +113,7 @@ def tiny_parts(name: str):
 def tiny_pipeline(seed: int = 0, cross_attention_gain: float = CROSS_ATTENTION_GAIN):
     """Random SD-1.x-shaped ``StableDiffusionPipeline`` on CPU, fp32, built offline."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -142,25 +142,8 @@ def tiny_pipeline(seed: int = 0, cross_attention_gain: float = CROSS_ATTENTION_G
             sample_size=64,
             scaling_factor=0.18215,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-                projection_dim=32,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-        with torch.no_grad():
-            for name, module in unet.named_modules():
-                if name.endswith("attn2"):
-                    module.to_q.weight.mul_(cross_attention_gain)
-                    module.to_k.weight.mul_(cross_attention_gain)
+        text_encoder = CLIPTextModel(_text_config(tokenizer))
+        _responsive(unet, cross_attention_gain)
     pipe = StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
@@ -447,7 +430,7 @@ def sd14_sized_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype
     """Random-weight pipeline with SD-1.4's real UNet (860M parameters), VAE and CLIP ViT-L text encoder
     sizes, built offline (for speed and memory benchmarks; its images are noise). Uses the tiny tokenizer."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]), torch.device(device):
@@ -468,16 +451,8 @@ def sd14_sized_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype
             up_block_types=("UpDecoderBlock2D",) * 4,
         )
         text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
+            _text_config(
+                tokenizer, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
             )
         )
     pipe = StableDiffusionPipeline(
