@@ -112,7 +112,7 @@ def tiny_parts(name: str):
 
 def tiny_pipeline(seed: int = 0, cross_attention_gain: float = CROSS_ATTENTION_GAIN):
     """Random SD-1.x-shaped ``StableDiffusionPipeline`` on CPU, fp32, built offline."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tokenizer = tiny_tokenizer()
@@ -130,18 +130,7 @@ def tiny_pipeline(seed: int = 0, cross_attention_gain: float = CROSS_ATTENTION_G
             attention_head_dim=2,  # SD-1.x naming: number of heads
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(8, 16, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=64,
-            scaling_factor=0.18215,
-        )
+        vae = _tiny_vae(scaling_factor=0.18215)
         text_encoder = CLIPTextModel(_text_config(tokenizer))
         _responsive(unet, cross_attention_gain)
     pipe = StableDiffusionPipeline(
