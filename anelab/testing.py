@@ -206,19 +206,15 @@ def _tiny_vae(scaling_factor: float, force_upcast: bool = True):
 def _text_config(tokenizer, hidden_act: str = "quick_gelu", **overrides):
     from transformers import CLIPTextConfig
 
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
         max_position_embeddings=77,
-        projection_dim=32,
         hidden_act=hidden_act,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **overrides,
+        **(sizes | overrides),
     )
 
 
