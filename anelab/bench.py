@@ -28,6 +28,7 @@ from .config import GuidanceConfig
 from .errors import AnelabError
 from .io import atomic_path
 from .loading import load_pipeline
+from .memory import HeldForBackward
 from .pipeline import generate
 from .recording import Record
 from .testing import sd14_sized_pipeline
@@ -252,6 +253,9 @@ def run_bench(
                 generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, **common).latents
             ),
             "ae_defaults": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common).latents,
+            "ae_low_memory": lambda: (
+                generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, low_memory=True, **common).latents
+            ),
         }
         if fast_differs:  # the fast path against the eager one, on the same work
             programs["sd_eager"] = lambda: (
@@ -260,13 +264,31 @@ def run_bench(
             programs["ae_no_refinement_eager"] = lambda: (
                 generate(pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, fast=False, **common).latents
             )
+            programs["ae_low_memory_eager"] = lambda: (
+                generate(
+                    pipe, PROMPT, TOKENS, seeds=[0], config=no_refinement, fast=False, low_memory=True, **common
+                ).latents
+            )
         b = _alternate(programs, repeats, w.device, w.warmup)
         latents = {k: b[k].pop("result").double() for k in programs}
+        held = {
+            mode: _held_for_backward(pipe, no_refinement, low_memory=mode == "low_memory", **common)
+            for mode in ("default", "low_memory")
+        }
         sd_seconds = b["sd"]["seconds"]
+        # a replayed CUDA graph allocates nothing, so the allocator's peak sees activations on the eager path only
+        peak = {
+            k: b[f"{k}_eager" if fast_differs else k]["peak_bytes"] for k in ("sd", "ae_no_refinement", "ae_low_memory")
+        }
         results["b_vs_plain_sd"] = b | {
+            "held_for_backward_bytes": held,
+            "held_ratio_low_memory": held["low_memory"] / max(held["default"], 1),
+            "low_memory_time_ratio": b["ae_low_memory"]["seconds"] / b["ae_no_refinement"]["seconds"],
+            "memory_ratio_low_memory": peak["ae_low_memory"] / max(peak["sd"], 1),
+            "low_memory_latent_difference": _relative(latents["ae_low_memory"], latents["ae_no_refinement"]),
             "ratio_no_refinement": b["ae_no_refinement"]["seconds"] / sd_seconds,
             "ratio_defaults": b["ae_defaults"]["seconds"] / sd_seconds,
-            "memory_ratio_no_refinement": b["ae_no_refinement"]["peak_bytes"] / max(b["sd"]["peak_bytes"], 1),
+            "memory_ratio_no_refinement": peak["ae_no_refinement"] / max(peak["sd"], 1),
             "sd_vs_diffusers": sd_seconds / b["diffusers_sd"]["seconds"],
             "ae_no_refinement_vs_diffusers": b["ae_no_refinement"]["seconds"] / b["diffusers_sd"]["seconds"],
             "sd_latent_difference_vs_diffusers": _relative(latents["sd"], latents["diffusers_sd"]),
@@ -275,6 +297,8 @@ def run_bench(
             results["b_vs_plain_sd"] |= {
                 "fast_sd_latent_difference": _relative(latents["sd"], latents["sd_eager"]),
                 "fast_ae_latent_difference": _relative(latents["ae_no_refinement"], latents["ae_no_refinement_eager"]),
+                "fast_sd_time_ratio": b["sd"]["seconds"] / b["sd_eager"]["seconds"],
+                "fast_ae_time_ratio": b["ae_no_refinement"]["seconds"] / b["ae_no_refinement_eager"]["seconds"],
             }
 
     if "c" in comparisons:
@@ -310,6 +334,13 @@ def run_bench(
         _drop_results(d)
         results["d_recording"] = d | {"ratio": d["record_all"]["seconds"] / d["no_recording"]["seconds"]}
     return _write(results, results_dir)
+
+
+def _held_for_backward(pipe, config, low_memory: bool, **common) -> int:
+    """Peak bytes autograd holds for A&E's backward over one run (:class:`anelab.memory.HeldForBackward`)."""
+    with HeldForBackward(exclude=pipe.unet.parameters()) as held:  # eager: a replayed graph runs no autograd
+        generate(pipe, PROMPT, TOKENS, seeds=[0], config=config, low_memory=low_memory, fast=False, **common)
+    return held.peak
 
 
 def _plain_diffusers(pipe):
@@ -421,12 +452,30 @@ def table(results: dict) -> str:
                 f"{b['ratio_defaults']:.2f}x SD",
             ),
         ]
+        if "ae_low_memory" in b:
+            held = b["held_for_backward_bytes"]
+            rows.append(
+                (
+                    "(b) A&E no refinement, --low-memory",
+                    b["ae_low_memory"]["seconds"],
+                    b["ae_low_memory"]["peak_bytes"] / mib,
+                    f"{b['low_memory_time_ratio']:.2f}x the time; held for the backward {held['default'] / mib:.0f} -> "
+                    f"{held['low_memory'] / mib:.0f} MiB ({b['held_ratio_low_memory']:.2f}x)"
+                    + (f"; memory {b['memory_ratio_low_memory']:.2f}x SD (target <= 1.5)" if gpu else "")
+                    + f"; latents {b['low_memory_latent_difference']:.1e} rel.",
+                )
+            )
         for key, label in (
             ("sd_eager", "(b) anelab plain SD, eager (fast path off)"),
             ("ae_no_refinement_eager", "(b) A&E no refinement, eager"),
+            ("ae_low_memory_eager", "(b) A&E no refinement, --low-memory, eager"),
         ):
             if key in b:
-                note = f"fast path latents differ by {b['fast_sd_latent_difference' if key == 'sd_eager' else 'fast_ae_latent_difference']:.1e} rel."
+                difference = {
+                    "sd_eager": "fast_sd_latent_difference",
+                    "ae_no_refinement_eager": "fast_ae_latent_difference",
+                }
+                note = f"fast path latents differ by {b[difference[key]]:.1e} rel." if key in difference else ""
                 rows.append((label, b[key]["seconds"], b[key]["peak_bytes"] / mib, note))
     if "c_batching" in results:
         c = results["c_batching"]

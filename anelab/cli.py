@@ -42,6 +42,17 @@ GENERATOR = typer.Option(
 STORE = typer.Option(
     None, help="The run store (default $ANELAB_STORE, else runs/store): every image is generated once, whoever asks."
 )
+LOW_MEMORY = typer.Option(
+    False,
+    "--low-memory",
+    help="Hold about a third of A&E's backward activations and recompute the rest: same images, more time "
+    "(sets $ANELAB_LOW_MEMORY for this run and its notebooks).",
+)
+
+
+def _low_memory(flag: bool) -> None:
+    if flag:
+        os.environ["ANELAB_LOW_MEMORY"] = "1"
 
 
 def _version(value: bool):
@@ -98,8 +109,10 @@ def generate(
     revision: Optional[str] = REVISION,
     variant: Optional[str] = VARIANT,
     store: Optional[Path] = STORE,
+    low_memory: bool = LOW_MEMORY,
 ):
     """Generate images for one prompt and seeds, with A&E guidance unless --plain (through the run store)."""
+    _low_memory(low_memory)
     from .checks import require_number, require_seeds
     from .config import DEFAULT_MAX_ITER_TO_ALTER, DEFAULT_STEPS, DEFAULT_THRESHOLDS, GuidanceConfig, parse_thresholds
     from .io import ensure_writable
@@ -207,6 +220,7 @@ def sweep(
         help="smoke / quick / full: the study's protocol or a slice of it (--size is the image side).",
     ),
     store: Optional[Path] = STORE,
+    low_memory: bool = LOW_MEMORY,
 ):
     """Run a study into the run store: every (variant, prompt, seed) the store lacks; OUT holds the study's view.
     Resumable, shardable (--shard, SLURM arrays), accelerate-aware; writers of one store coordinate through locks."""
@@ -216,6 +230,7 @@ def sweep(
     from .runs.plan import parse_shard, process_share
     from .runs.runner import describe
 
+    _low_memory(low_memory)
     spec = load_study(study, scale=scale, prompts=prompts, seeds=seeds, steps=steps, batch=batch, size=size)
     share = parse_shard(shard)
     device, dtype = resolve_device(device or process_share()[2]), resolve_dtype(dtype)
@@ -333,6 +348,7 @@ def report(
     ),
     revision: Optional[str] = REVISION,
     variant: Optional[str] = VARIANT,
+    low_memory: bool = LOW_MEMORY,
 ):
     """Execute every notebook with papermill into OUT (ipynb + html) and write OUT/index.html; or plan it (--plan),
     or fill the store with one shard of its images (--generate-only --shard I/N) on many GPUs first."""
@@ -342,6 +358,8 @@ def report(
     from .runs.plan import parse_shard
     from .runs.study import SCALES
     from .testing import TINY_MODELS
+
+    _low_memory(low_memory)
 
     names = match_notebooks(only)
     tiny = model in TINY_MODELS

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import math
 import re
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -191,12 +192,15 @@ class CaptureProcessor:
         return out
 
 
+_HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @contextlib.contextmanager
 def attention_capture(unet, layers: Iterable[Layer | str]):
     """Install capture processors on ``layers`` (every other layer keeps its own); restore on exit."""
     wanted = {layer.name if isinstance(layer, Layer) else layer for layer in layers}
     original = unet.attn_processors
-    hooks = AttentionHooks()
+    hooks = _HOOKS.setdefault(unet, AttentionHooks())  # one per UNet: a CUDA graph captured through it stays valid
     unet.set_attn_processor(
         {
             key: CaptureProcessor(key.removesuffix(".processor"), hooks, proc)

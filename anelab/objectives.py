@@ -30,6 +30,15 @@ def gaussian_kernel(kernel_size: int = 3, sigma: float = 0.5, convention: str = 
     return kernel / kernel.sum()
 
 
+@functools.lru_cache(maxsize=32)
+def _kernel_on(
+    kernel_size: int, sigma: float, convention: str, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`gaussian_kernel` as conv2d weights [1, 1, k, k] on ``device``, copied there once (a CUDA graph
+    cannot copy from the host)."""
+    return gaussian_kernel(kernel_size, sigma, convention).to(device, dtype)[None, None]
+
+
 def smooth(maps: torch.Tensor, kernel_size: int = 3, sigma: float = 0.5, convention: str = "legacy") -> torch.Tensor:
     """Gaussian-smooth maps [..., h, w] with reflect padding ``kernel_size // 2`` (§1.4)."""
     *lead, h, w = maps.shape
@@ -38,7 +47,7 @@ def smooth(maps: torch.Tensor, kernel_size: int = 3, sigma: float = 0.5, convent
         raise ValueError(
             f"kernel_size {kernel_size} is too large for {h}x{w} attention maps (reflect padding needs < {min(h, w)})"
         )
-    weight = gaussian_kernel(kernel_size, sigma, convention).to(maps.device, maps.dtype)[None, None]
+    weight = _kernel_on(kernel_size, sigma, convention, maps.device, maps.dtype)
     x = F.pad(maps.reshape(-1, 1, h, w), (pad, pad, pad, pad), mode="reflect")
     return F.conv2d(x, weight).reshape(*lead, h, w)
 
@@ -54,8 +63,7 @@ def renormalise(
 ) -> torch.Tensor:
     """Drop ``<sot>``, softmax(×temperature) over ``columns``, pick tokens: [B,h,w,S] → [B,T,h,w] (§1.3)."""
     probs = torch.softmax(maps[..., columns] * temperature, dim=-1)
-    picked = probs[..., [i - columns.start for i in token_indices]]  # [B, h, w, T]
-    return picked.permute(0, 3, 1, 2)
+    return torch.stack([probs[..., i - columns.start] for i in token_indices], dim=1)  # views, no index tensor
 
 
 def token_maps(maps: torch.Tensor, token_indices: list[int], eot_index: int, config: GuidanceConfig) -> torch.Tensor:

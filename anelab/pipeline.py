@@ -5,9 +5,9 @@ Reading order: :func:`generate` validates everything into a :class:`RunPlan` (:f
 
 1. :meth:`_Sampler.guide` — only on iterations that can change the latent
    (``i < max_iter_to_alter`` or ``i`` a threshold step):
-   a. :meth:`_Sampler.measure`: conditional-only UNet forward at the current latent (no CFG),
-      stopped after the last layer at ``attention_res``; smoothed max attention per subject token and
-      the loss ``max_s (1 − m_s)``;
+   a. :meth:`_Sampler.measure` (:class:`_Measurer`): conditional-only UNet forward at the current latent
+      (no CFG), stopped after the last layer at ``attention_res``; smoothed max attention per subject
+      token and the loss ``max_s (1 − m_s)``;
    b. at a threshold step, :meth:`_Sampler.refine` for the samples below it (§1.8);
    c. one regular step ``z ← z − α_i ∇L`` while ``i < max_iter_to_alter`` (skipped where L = 0).
 2. :meth:`_Sampler.denoise` — the usual CFG prediction on the *updated* latent and the scheduler step.
@@ -21,11 +21,14 @@ from :class:`anelab.models.Conditioning`.
 Every seed in the batch carries its own refinement state; seed ``s`` starts from the noise of
 ``torch.Generator(generator_device).manual_seed(s)`` exactly as a single-seed run does. The trace of
 each guided step stays on the device (:class:`anelab.trace.TraceLog`) and the NaN check of the latents
-is read once at the end: no host synchronisation per step beyond the refinement decisions.
+is read once at the end: no host synchronisation per step beyond the refinement decisions. On CUDA
+the CFG forward and the measurement with its gradient are replayed from CUDA graphs (:mod:`anelab.fast`);
+``low_memory`` recomputes the measurement's unread blocks in its backward (:mod:`anelab.memory`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -38,12 +41,11 @@ from tqdm import tqdm  # text bars everywhere: a notebook widget bar leaves "mod
 
 from . import fast as fast_path
 from . import hooks as hk
-from . import models
+from . import memory, models
 from .cache import AttentionCache
 from .checks import is_int, is_number, require_number, require_seeds
 from .config import GuidanceConfig
 from .errors import AnelabError
-from .fast import GraphedForward
 from .objectives import excite_loss, gaussian_target, layout_kl, suppress_loss, token_maps
 from .recording import Record, Recorder, RecordPlan, plan_record
 from .tokens import eot_index, prompt_tokens, resolve_tokens
@@ -98,7 +100,8 @@ class RunPlan:
     normaliser: GuidanceConfig  # config (or the defaults) with the softmax columns this model uses (§1.3, models.softmax_tokens)
     record: RecordPlan | None  # what to record of the CFG forward
     generator_device: str = "cpu"
-    fast: bool = False  # CUDA graphs for the CFG forward (anelab.fast)
+    fast: bool = False  # CUDA graphs for the CFG forward and the guided step (anelab.fast)
+    low_memory: bool = False  # checkpoint the guided forward's unread blocks (anelab.memory)
 
 
 def generate(
@@ -118,6 +121,7 @@ def generate(
     record: Record | None = None,
     generator_device: str = "cpu",
     fast: bool | None = None,
+    low_memory: bool | None = None,
     progress: bool = True,
 ) -> GuidedOutput:
     """Sample ``prompt`` for every seed at once; A&E-guided on ``tokens`` unless ``config`` is None.
@@ -129,8 +133,9 @@ def generate(
     ``out.attention``. ``generator_device="cuda"`` draws each seed's noise with
     ``torch.Generator("cuda")`` as the official code does (the paper's images); the default CPU
     generator gives the same noise on every machine. ``fast`` (default: on CUDA) replays the CFG forward
-    from a CUDA graph at every step whose attention nobody reads (:mod:`anelab.fast`; same results). See
-    the module docstring for the loop.
+    and A&E's measurement with its gradient from CUDA graphs (:mod:`anelab.fast`; same results).
+    ``low_memory=True`` holds about a third of the activations for A&E's backward and recomputes the
+    rest (:mod:`anelab.memory`; same results, more time; None: ``$ANELAB_LOW_MEMORY``). See the module docstring for the loop.
     """
     plan = plan_run(
         pipe,
@@ -148,12 +153,20 @@ def generate(
         record=record,
         generator_device=generator_device,
         fast=fast,
+        low_memory=low_memory,
     )
     recorder = Recorder(plan.record, prompt, plan.seeds) if plan.record else None
     hooked = plan.guidance_layers + (plan.record.layers if plan.record else [])
+    graphs = fast_path.graph_cache(pipe.unet) if plan.fast else None  # before the capture processors go in
+    saving = memory.checkpointed(pipe.unet, [layer.name for layer in plan.guidance_layers])
     start = time.perf_counter()
-    with torch.no_grad(), _frozen(pipe.unet), hk.attention_capture(pipe.unet, hooked) as hooks:
-        sampler = _Sampler(pipe, plan, hooks, recorder)
+    with (
+        torch.no_grad(),
+        _frozen(pipe.unet),
+        hk.attention_capture(pipe.unet, hooked) as hooks,
+        saving if plan.low_memory else contextlib.nullcontext(),
+    ):
+        sampler = _Sampler(pipe, plan, hooks, recorder, graphs)
         latents = sampler.run(num_inference_steps, progress)
         images = None if output_type == "latent" else _decode(pipe, latents, output_type)
     seconds = time.perf_counter() - start
@@ -212,6 +225,17 @@ class _Measure:
             out = out | (self.suppressed.amax(dim=-1) > max(bound, 1.0 - threshold))
         return out
 
+    def outputs(self) -> dict[str, torch.Tensor | None]:
+        """The measurement with its gradient as plain tensors: what a captured graph of it returns."""
+        self.gradient()
+        return {f: getattr(self, f) for f in self.FIELDS} | {"grad": self.grad, "nonfinite": self.nonfinite}
+
+    @classmethod
+    def from_outputs(cls, out: dict) -> "_Measure":
+        measure = cls(None, **{f: out[f] for f in cls.FIELDS}, grad=out["grad"])
+        measure.nonfinite = out["nonfinite"]
+        return measure
+
     def detached(self, grad: torch.Tensor | None) -> "_Measure":
         copy = {f: None if getattr(self, f) is None else getattr(self, f).detach().clone() for f in self.FIELDS}
         return _Measure(None, **copy, grad=grad)
@@ -225,10 +249,72 @@ class _Measure:
             self.grad[rows] = other.grad[which]
 
 
+class _Measurer:
+    """A&E's measurement (§1.6): the conditional-only UNet forward at a latent ``z`` (already scaled as
+    the UNet's input), stopped after the last ``attention_res`` layer; the smoothed max attention of
+    every measured token and the objectives (:class:`_Measure`).
+
+    It holds only what is fixed for a run's guidance set-up (the UNet, the hooks, the plan), so a CUDA
+    graph captured through it can be replayed by later runs with the same :meth:`key`; the latent, the
+    timestep, the text conditioning and the layout targets are its inputs."""
+
+    def __init__(self, unet, hooks: hk.AttentionHooks, plan: RunPlan):
+        self.unet, self.hooks, self.plan, self.config = unet, hooks, plan, plan.config
+
+    def key(self) -> tuple:
+        """Everything :meth:`__call__` reads besides its inputs (a graph of it is valid for this key only)."""
+        plan, cfg, norm = self.plan, self.config, self.plan.normaliser
+        return (
+            tuple(layer.name for layer in plan.guidance_layers),
+            tuple(plan.measured),
+            len(plan.token_indices),
+            len(plan.suppress_indices),
+            tuple(plan.measured.index(i) for i in plan.layout),
+            plan.eot,
+            (norm.softmax_tokens, norm.temperature, norm.smooth, norm.kernel_size, norm.sigma, norm.sigma_convention),
+            (cfg.suppress_scale, cfg.suppress_bound, cfg.layout_scale, cfg.layout_update),
+            plan.low_memory,
+        )
+
+    def __call__(self, z: torch.Tensor, t, unet_kwargs: dict, layout_targets: torch.Tensor | None) -> _Measure:
+        leaf = z.detach().requires_grad_(True)
+        mean = hk.MeanAttention()
+        plan, cfg, layers = self.plan, self.config, self.plan.guidance_layers
+        with torch.enable_grad():
+            with self.hooks.reading({layer.name: mean for layer in layers}, stop_after=layers[-1].name):
+                self.unet(leaf, t, **unet_kwargs)
+            maps = token_maps(mean.maps(layers[0].shape), plan.measured, plan.eot, plan.normaliser)  # [B, T, h, w]
+            m = maps.flatten(2).amax(dim=-1)
+            n_excite, n_suppress = len(plan.token_indices), len(plan.suppress_indices)
+            loss = excite_loss(m[:, :n_excite]) if n_excite else m.new_zeros(len(m))
+            objective, suppressed, kl = loss, None, None
+            if n_suppress:
+                suppressed = m[:, n_excite : n_excite + n_suppress]
+                objective = objective + cfg.suppress_scale * suppress_loss(suppressed, cfg.suppress_bound)
+            if plan.layout:
+                picked = torch.stack([maps[:, plan.measured.index(i)] for i in plan.layout], dim=1)
+                kl = layout_kl(picked, layout_targets)
+                if cfg.layout_update == "joint":  # two_stage: the KL moves the latent first, in its own step
+                    objective = objective + cfg.layout_scale * kl.sum(dim=-1)
+            return _Measure(leaf, m, loss, objective, suppressed, kl)
+
+    def graphable(self, static: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """:meth:`__call__` and the gradient, as a function of a graph's static inputs."""
+        kwargs = fast_path.nested(static, skip=("z", "t", "layout_targets"))
+        return self(static["z"], static["t"], kwargs, static.get("layout_targets")).outputs()
+
+
 class _Sampler:
     """The denoising loop of one :func:`generate` call (module docstring)."""
 
-    def __init__(self, pipe, plan: RunPlan, hooks: hk.AttentionHooks, recorder: Recorder | None = None):
+    def __init__(
+        self,
+        pipe,
+        plan: RunPlan,
+        hooks: hk.AttentionHooks,
+        recorder: Recorder | None = None,
+        graphs: fast_path.GraphCache | None = None,
+    ):
         self.pipe, self.plan, self.hooks, self.unet, self.recorder = pipe, plan, hooks, pipe.unet, recorder
         self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # stateful: own copy
         self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
@@ -242,7 +328,11 @@ class _Sampler:
             seeds=plan.seeds, measured=plan.measured, roles=plan.roles, words=plan.token_words, layout=list(plan.layout)
         )
         self.broken_at = None  # per sample: first loop index whose latent was not finite (-1: none)
-        self.graphed = GraphedForward(self.unet) if plan.fast else None
+        self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=self.device)  # guided steps with a NaN gradient
+        self.measurer = _Measurer(self.unet, hooks, plan) if plan.config else None
+        self.layout_targets = None if plan.layout_targets is None else plan.layout_targets.to(self.device)
+        self.graphs = graphs  # the fast path's CUDA graphs (None: eager)
+        self.capture = self.device.type == "cuda"  # elsewhere StaticGraph runs its function (the tests' stand-in)
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, num_inference_steps: int, progress: bool) -> torch.Tensor:
@@ -252,6 +342,10 @@ class _Sampler:
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
         z = self.initial_latents()
+        steps = self.scheduler.timesteps
+        self.host_timesteps = (
+            steps if steps.is_meta else steps.cpu()
+        )  # what the scheduler's step reads: no GPU round trip
         self.broken_at = torch.full((len(z),), -1, dtype=torch.long, device=z.device)
         label = "A&E" if self.config else "SD"
         for i, t in enumerate(tqdm(self.scheduler.timesteps, desc=label, disable=not progress, leave=False)):
@@ -282,28 +376,30 @@ class _Sampler:
         n = len(z)
         sinks = self.recorder.sinks(i) if self.recorder else {}
         with self.hooks.reading(sinks, observe=slice(n, 2 * n) if self.cfg else slice(0, n)):
+            x = self.scheduler.scale_model_input(torch.cat([z, z]) if self.cfg else z, t)
+            eps = self.predict(x, t, self.conditioning.unet_kwargs(n, cfg=self.cfg), graphed=not sinks)
             if self.cfg:
-                x = self.scheduler.scale_model_input(torch.cat([z, z]), t)
-                forward = (
-                    self.graphed if self.graphed is not None and not sinks else self.eager
-                )  # recorded steps run eagerly
-                uncond, cond = forward(x, t, **self.conditioning.unet_kwargs(n, cfg=True)).chunk(2)
+                uncond, cond = eps.chunk(2)
                 eps = uncond + self.plan.guidance_scale * (cond - uncond)
-            else:
-                eps = self.unet(
-                    self.scheduler.scale_model_input(z, t), t, **self.conditioning.unet_kwargs(n, cfg=False)
-                ).sample
         if sinks:
             self.recorder.end_step(i, t)
-        z = self.scheduler.step(eps, t, z).prev_sample
+        z = self.scheduler.step(eps, self.host_timesteps[i], z).prev_sample
         broken = ~torch.isfinite(z).flatten(1).all(dim=1)  # noted on the device; read once, at the end
         self.broken_at = torch.where(broken & (self.broken_at < 0), i, self.broken_at)
         return z
 
     def check_finite(self) -> None:
-        """A latent that became NaN/inf would decode to black or noise: say which seeds and where."""
+        """A latent that became NaN/inf would decode to black or noise: say which seeds and where. Warn
+        once if some guided step had a non-finite gradient (those samples were not moved there)."""
         if self.broken_at.device.type == "meta":  # shapes only: there are no values to check
             return
+        steps = int(self.nonfinite_steps)
+        if steps:
+            warnings.warn(
+                f"non-finite A&E gradient at {steps} guided step(s): the affected samples were not moved there "
+                "(see trace.nonfinite)",
+                stacklevel=3,
+            )
         first = self.broken_at.tolist()
         if any(k >= 0 for k in first):
             seeds = [s for s, k in zip(self.plan.seeds, first) if k >= 0]
@@ -313,33 +409,35 @@ class _Sampler:
                 "overflow; run in float32 (dtype=torch.float32) or with a smaller scale_factor"
             )
 
-    def eager(self, x: torch.Tensor, t, **unet_kwargs) -> torch.Tensor:
-        return self.unet(x, t, **unet_kwargs).sample
+    def predict(self, x: torch.Tensor, t, unet_kwargs: dict, graphed: bool) -> torch.Tensor:
+        """The UNet's noise prediction; on the fast path replayed from a CUDA graph unless ``graphed`` is
+        False (a recorded step: the recorder's processors must run)."""
+        if self.graphs is None or not graphed:
+            return self.unet(x, t, **unet_kwargs).sample
+        inputs = {"x": x, "t": torch.as_tensor(t, device=x.device), **fast_path.flat(unet_kwargs)}
+        unet = self.unet
+
+        def forward(static):
+            return {"eps": unet(static["x"], static["t"], **fast_path.nested(static, skip=("x", "t"))).sample}
+
+        graph = self.graphs.get("CFG forward", None, forward, inputs, self.capture)
+        return forward(inputs)["eps"] if graph is None else graph(inputs)["eps"]
 
     # -- Attend-and-Excite ---------------------------------------------------------------------
     def measure(self, z: torch.Tensor, t) -> _Measure:
-        """Conditional-only forward at ``z`` (§1.6; ``z`` already scaled as the UNet's input), stopped after the last ``attention_res`` layer."""
-        leaf = z.detach().requires_grad_(True)
-        mean = hk.MeanAttention()
-        plan, cfg, layers = self.plan, self.config, self.plan.guidance_layers
-        with torch.enable_grad():
-            with self.hooks.reading({layer.name: mean for layer in layers}, stop_after=layers[-1].name):
-                self.unet(leaf, t, **self.conditioning.unet_kwargs(len(leaf), cfg=False))
-            maps = token_maps(mean.maps(layers[0].shape), plan.measured, plan.eot, plan.normaliser)  # [B, T, h, w]
-            m = maps.flatten(2).amax(dim=-1)
-            n_excite, n_suppress = len(plan.token_indices), len(plan.suppress_indices)
-            loss = excite_loss(m[:, :n_excite]) if n_excite else m.new_zeros(len(m))
-            objective, suppressed, kl = loss, None, None
-            if n_suppress:
-                suppressed = m[:, n_excite : n_excite + n_suppress]
-                objective = objective + cfg.suppress_scale * suppress_loss(suppressed, cfg.suppress_bound)
-            if plan.layout:
-                kl = layout_kl(maps[:, [plan.measured.index(i) for i in plan.layout]], plan.layout_targets)
-                if (
-                    cfg.layout_update == "joint"
-                ):  # two_stage: the KL moves the latent first, in its own step (layout_step)
-                    objective = objective + cfg.layout_scale * kl.sum(dim=-1)
-            return _Measure(leaf, m, loss, objective, suppressed, kl)
+        """A&E's measurement at ``z`` (:class:`_Measurer`); on the fast path replayed, with its gradient,
+        from a CUDA graph of this batch size."""
+        unet_kwargs = self.conditioning.unet_kwargs(len(z), cfg=False)
+        two_stage = self.plan.layout and self.config.layout_update == "two_stage"  # two gradients of one forward
+        if self.graphs is None or two_stage:
+            return self.measurer(z, t, unet_kwargs, self.layout_targets)
+        inputs = {"z": z, "t": torch.as_tensor(t, device=z.device), **fast_path.flat(unet_kwargs)}
+        if self.layout_targets is not None:
+            inputs["layout_targets"] = self.layout_targets
+        graph = self.graphs.get("guided step", self.measurer.key(), self.measurer.graphable, inputs, self.capture)
+        if graph is None:
+            return self.measurer(z, t, unet_kwargs, self.layout_targets)
+        return _Measure.from_outputs(graph(inputs))
 
     def layout_step(self, z: torch.Tensor, t, alpha: float, at: _Measure | None) -> torch.Tensor:
         """The original study's first stage (§0x7): δ = −α·layout_scale·∇KL(A ‖ N(G, σ²)), taken at ``z``
@@ -371,14 +469,15 @@ class _Sampler:
             updated = torch.ones_like(updated)
         if regular:
             move = end.objective != 0  # no update when the loss is exactly 0 (§1.5)
-            if move.any():
+            if end.grad is not None or move.any():  # a replayed graph brings the gradient: no need to ask the GPU
                 grad = self.gradient(end)
                 move = move & ~self.nonfinite
                 z = torch.where(move[:, None, None, None], z - alpha * grad, z)
             updated = updated | move
+        self.nonfinite_steps += self.nonfinite.any()
         self.log(
             step=i,
-            timestep=int(t),
+            timestep=self.plan.timesteps[i],  # t itself is on the device: int(t) would wait for the GPU
             step_size=alpha,
             threshold=np.nan if threshold is None else threshold,
             first=first,
@@ -428,12 +527,12 @@ class _Sampler:
     def gradient(self, measure: _Measure, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``measure.gradient()``, noting the samples (batch ``rows``) whose gradient was not finite."""
         grad = measure.gradient()
-        if measure.nonfinite is not None and measure.nonfinite.any():
-            self.nonfinite[measure.nonfinite if rows is None else rows[measure.nonfinite]] = True
-            warnings.warn(
-                "non-finite A&E gradient: the affected samples were not moved at this step (see trace.nonfinite)",
-                stacklevel=2,
-            )
+        if measure.nonfinite is None:  # a copy whose gradient was noted where it was computed
+            pass
+        elif rows is None:
+            self.nonfinite |= measure.nonfinite
+        else:
+            self.nonfinite[rows] |= measure.nonfinite  # on the device (rows is a device tensor): no host sync
         return grad
 
     def log(
@@ -493,6 +592,7 @@ def plan_run(
     record: Record | None = None,
     generator_device: str = "cpu",
     fast: bool | None = None,
+    low_memory: bool | None = None,
 ) -> RunPlan:
     """Check every argument of :func:`generate` against ``pipe`` and decide the run, before any
     denoising (each failure is one clear :class:`AnelabError`). The one pre-flight check: the study
@@ -516,6 +616,7 @@ def plan_run(
         raise AnelabError(
             f"fast=True replays CUDA graphs and needs the pipeline on a CUDA GPU; it is on {pipe.unet.device} (leave fast=None)"
         )
+    low_memory = memory.requested(low_memory)
     if config is not None and not isinstance(config, GuidanceConfig):
         raise AnelabError(f"config must be a GuidanceConfig or None (plain SD), got {type(config).__name__}")
     scale = getattr(pipe, "vae_scale_factor", 8)
@@ -600,6 +701,7 @@ def plan_run(
         record=record,
         generator_device=generator_device,
         fast=fast_path.available(pipe.unet.device) if fast is None else bool(fast),
+        low_memory=low_memory,
     )
 
 

@@ -87,8 +87,14 @@ def main() -> None:
         f"max |diff| {(batch - singles).abs().max().item():.2e}",
     )
 
-    # 4. fast path (CUDA graph of the CFG forward) against eager, plain SD and A&E without refinement
-    for label, config in (("plain SD", None), ("A&E, no refinement", anelab.GuidanceConfig(thresholds={}))):
+    # 4. fast path (CUDA graphs of the CFG forward and of the guided step) against eager: plain SD, A&E without
+    # refinement, A&E at the defaults (refinement at threshold steps), and the low-memory guided backward
+    refining = anelab.GuidanceConfig()
+    for label, config in (
+        ("plain SD", None),
+        ("A&E, no refinement", anelab.GuidanceConfig(thresholds={})),
+        ("A&E, defaults", refining),
+    ):
         kwargs = dict(seeds=[0], config=config, output_type="latent", progress=False)
         times = {}
         latents = {}
@@ -103,6 +109,46 @@ def main() -> None:
             f"fast path == eager ({label})",
             difference < 1e-2,
             f"rel. diff {difference:.1e}; {times[True]:.2f} s fast vs {times[False]:.2f} s eager",
+        )
+    graphs = big.unet.__dict__.get("_anelab_graphs")
+    kinds = sorted({key[0] for key in graphs.graphs}) if graphs else []
+    check(
+        "CUDA graphs captured for the CFG forward and the guided step",
+        kinds == ["CFG forward", "guided step"] and not graphs.failed,
+        f"kinds {kinds}, failed {sorted(k[0] for k in graphs.failed) if graphs else '-'}",
+    )
+    traces = {
+        f: anelab.generate(big, "a cat and a dog", ["cat", "dog"], seeds=[0], config=refining, fast=f, progress=False)
+        .trace.drop_duplicates(["seed", "step"])
+        .set_index("step")
+        for f in (True, False)
+    }
+    decisions = ["triggered", "refinement_iterations"]
+    check(
+        "fast path: the same refinement decisions as eager (defaults)",
+        traces[True][decisions].equals(traces[False][decisions]),
+        f"iterations per threshold step {traces[True].refinement_iterations[traces[True].triggered].to_dict()}",
+    )
+    for low in (False, True):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        out = anelab.generate(
+            big,
+            "a cat and a dog",
+            ["cat", "dog"],
+            seeds=[0],
+            config=anelab.GuidanceConfig(thresholds={}),
+            low_memory=low,
+            output_type="latent",
+            progress=False,
+        )
+        torch.cuda.synchronize()
+        print(
+            f"     low_memory={low}: {time.perf_counter() - start:.2f} s, "
+            f"peak {(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MiB above the weights",
+            flush=True,
         )
 
     if "--bench" in sys.argv:

@@ -22,7 +22,7 @@ def test_bench_measures_every_comparison_and_writes_json(tmp_path):
     assert saved == results
     for key, programs in {
         "a_vs_diffusers_port": ("anelab", "diffusers_port"),
-        "b_vs_plain_sd": ("sd", "ae_no_refinement", "ae_defaults"),
+        "b_vs_plain_sd": ("sd", "ae_no_refinement", "ae_defaults", "ae_low_memory"),
         "c_batching": ("batch_of_8", "8_single_runs"),
         "d_recording": ("no_recording", "record_all"),
     }.items():
@@ -43,9 +43,13 @@ def test_bench_measures_every_comparison_and_writes_json(tmp_path):
     )
     assert a["relative_latent_difference"] < 1e-4  # same work as diffusers' port: float noise only
     assert b["sd_latent_difference_vs_diffusers"] < 1e-4  # plain SD: diffusers' own pipeline, float noise only
+    held = b["held_for_backward_bytes"]
+    assert 0 < held["low_memory"] < held["default"]  # 0.60x here, where 16x16 is the top resolution (0.35x below it)
+    assert b["held_ratio_low_memory"] == pytest.approx(held["low_memory"] / held["default"])
+    assert b["low_memory_latent_difference"] < 1e-6  # recomputation: the same numbers
     printed = table(results)
     assert (
-        printed.count("\n") == 12
+        printed.count("\n") == 13
         and "(a) diffusers A&E port" in printed
         and "(b) diffusers StableDiffusionPipeline" in printed
     )
@@ -56,6 +60,7 @@ def test_bench_measures_every_comparison_and_writes_json(tmp_path):
         f"{b['sd_vs_diffusers']:.2f}x diffusers",
         f"{c['throughput_gain']:.2f}x throughput",
         f"{d['ratio']:.2f}x (target <= 1.15",
+        f"({b['held_ratio_low_memory']:.2f}x)",
         f"max |latent diff| {a['max_abs_latent_difference']:.2e}",
         "medians of runs (a 1, b 1, c 1, d 1)",
     ):
@@ -103,3 +108,13 @@ def test_a_partial_run_keeps_the_other_comparisons_of_the_same_workload_only(tmp
         comparisons="b",
     )
     assert list(other) == ["workload", "device", "b_vs_plain_sd"]  # a different workload replaces the file
+
+
+def test_the_sd14_size_pipeline_has_sd14s_sizes():
+    """The GPU bench's model, built on the meta device (shapes only, no memory): SD-1.4's UNet and CLIP ViT-L sizes."""
+    from anelab.testing import sd14_sized_pipeline
+
+    pipe = sd14_sized_pipeline(device="meta", dtype=torch.float16)
+    assert sum(p.numel() for p in pipe.unet.parameters()) == 859_520_964  # SD-1.4's UNet
+    assert pipe.text_encoder.config.hidden_size == 768 and pipe.text_encoder.config.num_hidden_layers == 12
+    assert pipe.unet.dtype == torch.float16 and pipe.unet.device.type == "meta"

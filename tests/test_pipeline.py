@@ -177,6 +177,7 @@ class _ScriptedSampler(_Sampler):
     def __init__(self, losses, config):
         self.losses, self.calls, self.config = list(losses), [], config
         self.last_update = config.last_update_iteration(51)
+        self.nonfinite_steps = torch.zeros((), dtype=torch.long)
 
     def measure(self, z, t):
         self.calls.append(z.clone())
@@ -219,7 +220,7 @@ def test_below_threshold_no_refinement():
 
 def test_zero_loss_means_no_regular_update():
     sampler = _ScriptedSampler([0.0], GuidanceConfig(thresholds={}))
-    sampler.plan = type("P", (), {"step_sizes": np.ones(51)})()
+    sampler.plan = type("P", (), {"step_sizes": np.ones(51), "timesteps": list(range(51))})()
     z = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
     assert sampler.guide(z, 0, 0).item() == 0.0
     assert not sampler.logged["updated"].item()

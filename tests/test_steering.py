@@ -85,7 +85,8 @@ class _ScriptedSuppression(_Sampler):
 
     def __init__(self, maxima, config):
         self.maxima, self.config, self.last_update = list(maxima), config, 0
-        self.plan = type("P", (), {"step_sizes": np.ones(51)})()
+        self.plan = type("P", (), {"step_sizes": np.ones(51), "timesteps": list(range(51))})()
+        self.nonfinite_steps = torch.zeros((), dtype=torch.long)
 
     def measure(self, z, t):
         m = torch.tensor([[self.maxima.pop(0)]], dtype=torch.float64)  # [B=1, U=1]
