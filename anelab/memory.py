@@ -72,7 +72,10 @@ def checkpointed(unet, read: Iterable[str]):
 class HeldForBackward:
     """Context: the peak memory of the tensors autograd holds for a backward while the block runs (each
     storage counted once; ``exclude``: tensors not to count, e.g. the model's parameters). Device-independent:
-    on the CPU it measures what the GPU's allocator would hold for the same graph. ``peak`` in bytes."""
+    on the CPU it measures what the GPU's allocator would hold for the same graph. ``peak`` in bytes.
+
+    A checkpoint's inputs are counted (``torch.utils.checkpoint`` saves them through autograd); what its
+    backward recomputes, one block at a time, is not: that is working memory of the backward, not held."""
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()):
         self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
