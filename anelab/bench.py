@@ -471,11 +471,13 @@ def table(results: dict) -> str:
             ("ae_low_memory_eager", "(b) A&E no refinement, --low-memory, eager"),
         ):
             if key in b:
-                difference = {
-                    "sd_eager": "fast_sd_latent_difference",
-                    "ae_no_refinement_eager": "fast_ae_latent_difference",
-                }
-                note = f"fast path latents differ by {b[difference[key]]:.1e} rel." if key in difference else ""
+                which = {"sd_eager": "sd", "ae_no_refinement_eager": "ae"}.get(key)
+                note = (
+                    f"fast path: {b[f'fast_{which}_time_ratio']:.2f}x this time, latents differ by "
+                    f"{b[f'fast_{which}_latent_difference']:.1e} rel."
+                    if which
+                    else ""
+                )
                 rows.append((label, b[key]["seconds"], b[key]["peak_bytes"] / mib, note))
     if "c_batching" in results:
         c = results["c_batching"]
@@ -504,6 +506,6 @@ def table(results: dict) -> str:
     head = f"workload {w['name']}: {results['device']}, {w['size']} px, {w['steps']} steps, {w['dtype']}, medians of runs ({runs})"
     if not w["device"].startswith("cuda"):
         head += "\n(peak MiB on the CPU: process RSS growth, sampled; the allocator reuses freed memory, so small runs read ~0)"
-    lines = [head, f"{'program':40s} {'s/run':>8s} {'peak MiB':>9s}  note"]
-    lines += [f"{name:40s} {sec:8.2f} {mem:9.0f}  {note}" for name, sec, mem, note in rows]
+    lines = [head, f"{'program':44s} {'s/run':>8s} {'peak MiB':>9s}  note"]
+    lines += [f"{name:44s} {sec:8.2f} {mem:9.0f}  {note}" for name, sec, mem, note in rows]
     return "\n".join(lines)

@@ -185,10 +185,11 @@ class CaptureProcessor:
                 attention_probs(attn, hidden_states[rows], context, mask, None if temb is None else temb[rows]),
             )
             return out
+        if self.name == self.hooks.stop_after:  # nothing reads this layer's output: its probabilities only
+            sink(self.name, attention_probs(attn, hidden_states, encoder_hidden_states, attention_mask, temb))
+            raise StopForward
         out, probs = explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         sink(self.name, probs)
-        if self.name == self.hooks.stop_after:
-            raise StopForward
         return out
 
 

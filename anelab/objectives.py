@@ -30,7 +30,7 @@ def gaussian_kernel(kernel_size: int = 3, sigma: float = 0.5, convention: str = 
     return kernel / kernel.sum()
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=None)  # never evicted: a CUDA graph that smooths reads this tensor's memory
 def _kernel_on(
     kernel_size: int, sigma: float, convention: str, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:

@@ -426,10 +426,10 @@ class _Sampler:
     # -- Attend-and-Excite ---------------------------------------------------------------------
     def measure(self, z: torch.Tensor, t) -> _Measure:
         """A&E's measurement at ``z`` (:class:`_Measurer`); on the fast path replayed, with its gradient,
-        from a CUDA graph of this batch size."""
+        from a CUDA graph of the run's batch (refinement's subsets and the two-stage layout run eagerly)."""
         unet_kwargs = self.conditioning.unet_kwargs(len(z), cfg=False)
         two_stage = self.plan.layout and self.config.layout_update == "two_stage"  # two gradients of one forward
-        if self.graphs is None or two_stage:
+        if self.graphs is None or two_stage or len(z) != len(self.plan.seeds):
             return self.measurer(z, t, unet_kwargs, self.layout_targets)
         inputs = {"z": z, "t": torch.as_tensor(t, device=z.device), **fast_path.flat(unet_kwargs)}
         if self.layout_targets is not None:

@@ -94,25 +94,45 @@ def test_suppression_layout_and_recording_on_the_fast_path(stand_in):
 def test_a_changed_unet_drops_the_graphs(stand_in):
     from diffusers.models.attention_processor import AttnProcessor
 
-    anelab.generate(stand_in, PROMPT, TOKENS, config=None, **RUN)
-    assert _cache(stand_in).graphs
-    stand_in.unet.set_attn_processor(AttnProcessor())  # other kernels: a captured graph would be stale
-    fast.graph_cache(stand_in.unet)
-    assert not _cache(stand_in).graphs
+    def changed(unet) -> bool:
+        anelab.generate(stand_in, PROMPT, TOKENS, config=None, **RUN)
+        assert _cache(stand_in).graphs
+        before = fast.fingerprint(unet)
+        yield
+        assert fast.fingerprint(unet) != before
+        fast.graph_cache(unet)
+        assert not _cache(stand_in).graphs
+
+    unet = stand_in.unet
+    for change in (
+        lambda: unet.set_attn_processor(AttnProcessor()),  # other kernels
+        lambda: unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4),  # settings read in the forward
+        lambda: unet.train(),
+        lambda: setattr(torch.backends.cudnn, "benchmark", not torch.backends.cudnn.benchmark),  # kernel choice
+        lambda: unet.to(torch.float64).to(torch.float32),  # the same values, stored elsewhere
+    ):
+        steps = changed(unet)
+        next(steps)
+        change()
+        next(steps, None)
+    unet.eval()
+    torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
 
 
-def test_a_failed_capture_warns_once_and_the_run_goes_on_eagerly(stand_in, monkeypatch):
+def test_a_failed_capture_warns_once_and_turns_graphs_off_for_that_unet(stand_in, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(fast, "StaticGraph", fail)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: "stream")
     cache = fast.GraphCache()
-    with pytest.warns(UserWarning, match="CUDA graph capture of the guided step failed .*it runs eagerly"):
+    with pytest.warns(UserWarning, match="CUDA graph capture of the guided step failed .*this UNet runs eagerly"):
         assert cache.get("guided step", (), fail, {"z": torch.zeros(1)}, capture=True) is None
+    assert cache.pool is None and "stream is capturing" in cache.broken  # the pool may be mid-capture: dropped
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once: the failure is remembered
-        assert cache.get("guided step", (), fail, {"z": torch.zeros(1)}, capture=True) is None
+        warnings.simplefilter("error")  # once: no other capture is tried on this UNet
+        assert cache.get("CFG forward", None, fail, {"x": torch.zeros(2)}, capture=True) is None
     with pytest.raises(RuntimeError, match="stream is capturing"):  # the CPU stand-in never hides an error
         cache.get("guided step", (), fail, {"z": torch.zeros(2)}, capture=False)
     # a run whose graphs all failed is the eager run

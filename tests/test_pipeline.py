@@ -252,8 +252,8 @@ def test_only_the_guidance_layers_materialise_attention_and_the_guided_forward_s
     import anelab.hooks as hk
 
     seen = []
-    real = hk.explicit_attention
-    monkeypatch.setattr(hk, "explicit_attention", lambda attn, *a, **k: seen.append(attn) or real(attn, *a, **k))
+    real = hk._probs  # where any probability is materialised (the stop layer: its probabilities only)
+    monkeypatch.setattr(hk, "_probs", lambda attn, *a, **k: seen.append(attn) or real(attn, *a, **k))
     last_block_calls = []
     handle = tiny_pipe.unet.up_blocks[3].register_forward_hook(lambda *args: last_block_calls.append(1))
     try:
