@@ -191,7 +191,7 @@ def test_low_memory_gives_the_same_images_and_holds_a_fraction_for_the_backward(
         held[low] = h.peak
         assert h.current == 0  # everything held was released with its graph
     _same(runs[True], runs[False])
-    assert held[True] < 0.6 * held[False]  # measured: 0.35x at 8x8 guidance on the tiny UNet
+    assert held[True] < 0.6 * held[False]  # measured: 0.29x at 8x8 guidance on the tiny UNet
     assert not any(getattr(m, "gradient_checkpointing", False) for m in tiny_pipe.unet.modules())  # restored
 
 
