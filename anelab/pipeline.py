@@ -375,12 +375,13 @@ class _Sampler:
         watches the conditional rows of this forward at recorded steps."""
         n = len(z)
         sinks = self.recorder.sinks(i) if self.recorder else {}
-        with self.hooks.reading(sinks, observe=slice(n, 2 * n) if self.cfg else slice(0, n)):
-            x = self.scheduler.scale_model_input(torch.cat([z, z]) if self.cfg else z, t)
-            eps = self.predict(x, t, self.conditioning.unet_kwargs(n, cfg=self.cfg), graphed=not sinks)
-            if self.cfg:
-                uncond, cond = eps.chunk(2)
-                eps = uncond + self.plan.guidance_scale * (cond - uncond)
+        x = self.scheduler.scale_model_input(torch.cat([z, z]) if self.cfg else z, t)
+        eps, probs = self.predict(x, t, self.conditioning.unet_kwargs(n, cfg=self.cfg), list(sinks))
+        for name, p in probs.items():  # in the order the layers ran
+            sinks[name](name, p)
+        if self.cfg:
+            uncond, cond = eps.chunk(2)
+            eps = uncond + self.plan.guidance_scale * (cond - uncond)
         if sinks:
             self.recorder.end_step(i, t)
         z = self.scheduler.step(eps, self.host_timesteps[i], z).prev_sample
@@ -409,19 +410,26 @@ class _Sampler:
                 "overflow; run in float32 (dtype=torch.float32) or with a smaller scale_factor"
             )
 
-    def predict(self, x: torch.Tensor, t, unet_kwargs: dict, graphed: bool) -> torch.Tensor:
-        """The UNet's noise prediction; on the fast path replayed from a CUDA graph unless ``graphed`` is
-        False (a recorded step: the recorder's processors must run)."""
-        if self.graphs is None or not graphed:
-            return self.unet(x, t, **unet_kwargs).sample
-        inputs = {"x": x, "t": torch.as_tensor(t, device=x.device), **fast_path.flat(unet_kwargs)}
-        unet = self.unet
+    def predict(self, x: torch.Tensor, t, unet_kwargs: dict, read: list[str]) -> tuple[torch.Tensor, dict]:
+        """The UNet's noise prediction and the attention probabilities of the ``read`` layers in the
+        conditional rows (the recorder's), each layer's output staying its own processor's; on the fast
+        path replayed from a CUDA graph (one for unrecorded steps, one for recorded ones)."""
+        rows = slice(len(x) // 2, len(x)) if self.cfg else slice(0, len(x))
+        hooks, unet = self.hooks, self.unet
 
         def forward(static):
-            return {"eps": unet(static["x"], static["t"], **fast_path.nested(static, skip=("x", "t"))).sample}
+            probs = {}
+            with hooks.reading({name: probs.__setitem__ for name in read}, observe=rows):
+                eps = unet(static["x"], static["t"], **fast_path.nested(static, skip=("x", "t"))).sample
+            return {"eps": eps} | {f"probs:{name}": p for name, p in probs.items()}
 
-        graph = self.graphs.get("CFG forward", None, forward, inputs, self.capture)
-        return forward(inputs)["eps"] if graph is None else graph(inputs)["eps"]
+        inputs = {"x": x, "t": torch.as_tensor(t, device=x.device), **fast_path.flat(unet_kwargs)}
+        graph = None
+        if self.graphs is not None:
+            key = (tuple(read), rows.start, rows.stop) if read else None
+            graph = self.graphs.get("CFG forward", key, forward, inputs, self.capture)
+        out = forward(inputs) if graph is None else graph(inputs)
+        return out.pop("eps"), {k.removeprefix("probs:"): v for k, v in out.items()}
 
     # -- Attend-and-Excite ---------------------------------------------------------------------
     def measure(self, z: torch.Tensor, t) -> _Measure:

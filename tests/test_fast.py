@@ -86,6 +86,8 @@ def test_suppression_layout_and_recording_on_the_fast_path(stand_in):
     _same(runs[None], runs[False])
     a, b = runs[None].attention, runs[False].attention
     assert len(a) == len(b) > 0 and all(torch.equal(a[key], b[key]) for key in a.keys())
+    recorded = [key for key in _cache(stand_in).graphs if key[0] == "CFG forward" and key[1]]
+    assert len(recorded) == 1  # the recorded steps' forward, with the 8x8 layers' probabilities as outputs
     two_stage = config.replace(layout_update="two_stage")  # two gradients of one forward: runs eagerly
     runs = {f: anelab.generate(stand_in, PROMPT, ["cat"], config=two_stage, fast=f, **common) for f in (None, False)}
     _same(runs[None], runs[False])
