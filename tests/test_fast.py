@@ -63,6 +63,16 @@ def test_the_fast_path_gives_the_eager_results_and_keeps_its_graphs_between_runs
     assert len(_cache(stand_in).graphs) == len(graphs) + 2  # batch 1: one new CFG and one new guided-step graph
 
 
+@pytest.mark.parametrize("model", ["tiny-sd2", "tiny-xl"])
+def test_the_fast_path_on_sd2_and_sdxl(model, monkeypatch):
+    """SDXL's pooled text embeddings and size ids are nested UNet inputs: they go through the graphs as static tensors too."""
+    monkeypatch.setattr(fast, "available", lambda device: True)
+    pipe = load_pipeline(model)
+    runs = {f: anelab.generate(pipe, PROMPT, TOKENS, seeds=[0], config=REFINING, fast=f, **RUN) for f in (None, False)}
+    _same(runs[None], runs[False])
+    assert sorted(key[0] for key in _cache(pipe).graphs) == ["CFG forward", "guided step"]
+
+
 def test_a_different_guidance_setup_gets_its_own_graph(stand_in):
     anelab.generate(stand_in, PROMPT, TOKENS, seeds=[0], config=REFINING, **RUN)
     before = set(_cache(stand_in).graphs)
