@@ -19,10 +19,11 @@ and a quarter of the kernel time is cuDNN converting fp16 NCHW tensors to NHWC a
 
 At recorded steps the CFG forward's graph also outputs the recorded layers' probabilities (observed
 beside each layer's own output); the recorder processes them after the replay. What cannot be a graph
-stays eager: refinement's data-dependent loop control (which samples go on is decided on the host, at threshold steps only) and its forwards on
-part of the batch (a capture costs four passes; a subset's size is used a few times at most), and the
-two-stage layout update (two gradients of one forward). On by default when the UNet is on CUDA
-(``generate(..., fast=None)``), off on the CPU, where neither part helps.
+stays eager: refinement's data-dependent loop control (which samples go on is decided on the host, at
+threshold steps only) and its forwards on part of the batch (a capture costs four passes; a subset's
+size is used a few times at most), and the two-stage layout update (two gradients of one forward).
+On by default when the UNet is on CUDA (``generate(..., fast=None)``), off on the CPU, where neither
+part helps.
 
 On the CPU, ``StaticGraph(capture=False)`` runs the same function on the same static tensors at every
 call instead of replaying a graph. The tests use it to check the path's plumbing (static inputs, cache
