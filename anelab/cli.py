@@ -45,7 +45,7 @@ STORE = typer.Option(
 LOW_MEMORY = typer.Option(
     False,
     "--low-memory",
-    help="Hold about a third of A&E's backward activations and recompute the rest: same images, more time "
+    help="Hold about a quarter of A&E's backward activations and recompute the rest: same images, more time "
     "(sets $ANELAB_LOW_MEMORY for this run and its notebooks).",
 )
 

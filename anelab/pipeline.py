@@ -134,8 +134,9 @@ def generate(
     ``torch.Generator("cuda")`` as the official code does (the paper's images); the default CPU
     generator gives the same noise on every machine. ``fast`` (default: on CUDA) replays the CFG forward
     and A&E's measurement with its gradient from CUDA graphs (:mod:`anelab.fast`; same results).
-    ``low_memory=True`` holds about a third of the activations for A&E's backward and recomputes the
-    rest (:mod:`anelab.memory`; same results, more time; None: ``$ANELAB_LOW_MEMORY``). See the module docstring for the loop.
+    ``low_memory=True`` holds about a quarter of the activations for A&E's backward and recomputes
+    the rest (:mod:`anelab.memory`; same results, more time; None: ``$ANELAB_LOW_MEMORY``). See the
+    module docstring for the loop.
     """
     plan = plan_run(
         pipe,
@@ -158,13 +159,14 @@ def generate(
     recorder = Recorder(plan.record, prompt, plan.seeds) if plan.record else None
     hooked = plan.guidance_layers + (plan.record.layers if plan.record else [])
     graphs = fast_path.graph_cache(pipe.unet) if plan.fast else None  # before the capture processors go in
-    saving = memory.checkpointed(pipe.unet, [layer.name for layer in plan.guidance_layers])
     start = time.perf_counter()
     with (
         torch.no_grad(),
         _frozen(pipe.unet),
         hk.attention_capture(pipe.unet, hooked) as hooks,
-        saving if plan.low_memory else contextlib.nullcontext(),
+        memory.checkpointed(pipe.unet, [layer.name for layer in plan.guidance_layers])
+        if plan.low_memory
+        else contextlib.nullcontext(),
     ):
         sampler = _Sampler(pipe, plan, hooks, recorder, graphs)
         latents = sampler.run(num_inference_steps, progress)
@@ -535,12 +537,11 @@ class _Sampler:
     def gradient(self, measure: _Measure, rows: torch.Tensor | None = None) -> torch.Tensor:
         """``measure.gradient()``, noting the samples (batch ``rows``) whose gradient was not finite."""
         grad = measure.gradient()
-        if measure.nonfinite is None:  # a copy whose gradient was noted where it was computed
-            pass
-        elif rows is None:
-            self.nonfinite |= measure.nonfinite
-        else:
-            self.nonfinite[rows] |= measure.nonfinite  # on the device (rows is a device tensor): no host sync
+        if measure.nonfinite is not None:  # None: a copy whose gradient was noted where it was computed
+            if rows is None:
+                self.nonfinite |= measure.nonfinite
+            else:
+                self.nonfinite[rows] |= measure.nonfinite  # on the device (rows is a device tensor): no host sync
         return grad
 
     def log(

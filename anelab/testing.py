@@ -112,7 +112,7 @@ def tiny_parts(name: str):
 
 def tiny_pipeline(seed: int = 0, cross_attention_gain: float = CROSS_ATTENTION_GAIN):
     """Random SD-1.x-shaped ``StableDiffusionPipeline`` on CPU, fp32, built offline."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tokenizer = tiny_tokenizer()
@@ -133,18 +133,7 @@ def tiny_pipeline(seed: int = 0, cross_attention_gain: float = CROSS_ATTENTION_G
         vae = _tiny_vae(scaling_factor=0.18215)
         text_encoder = CLIPTextModel(_text_config(tokenizer))
         _responsive(unet, cross_attention_gain)
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=PNDMScheduler.from_config(SD14_PNDM_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _sd_pipeline(unet, vae, text_encoder, tokenizer, PNDMScheduler.from_config(SD14_PNDM_CONFIG))
 
 
 #: Scheduler configurations of the real checkpoints (scheduler/scheduler_config.json on the Hub).
@@ -203,6 +192,24 @@ def _tiny_vae(scaling_factor: float, force_upcast: bool = True):
     )
 
 
+def _sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
+    """A ``StableDiffusionPipeline`` of these parts in eval mode, without safety checker or progress bar."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _text_config(tokenizer, hidden_act: str = "quick_gelu", **overrides):
     from transformers import CLIPTextConfig
 
@@ -241,7 +248,7 @@ def tiny_sd2_pipeline(
     upcast attention, with ``"epsilon"`` 2.1-base's PNDM. ``sample_size`` 64 gives 512 px by default
     (``96``: SD 2.1's 768 px).
     """
-    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     if prediction_type not in ("v_prediction", "epsilon"):
@@ -272,18 +279,7 @@ def tiny_sd2_pipeline(
         scheduler = DDIMScheduler.from_config(SD21_DDIM_CONFIG)
     else:
         scheduler = PNDMScheduler.from_config(SD14_PNDM_CONFIG)
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _sd_pipeline(unet, vae, text_encoder, tokenizer, scheduler)
 
 
 def tiny_xl_pipeline(seed: int = 0, sample_size: int = 64, cross_attention_gain: float = CROSS_ATTENTION_GAIN):
@@ -414,7 +410,7 @@ def tiny_blip(seed: int = 0):
 def sd14_sized_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Random-weight pipeline with SD-1.4's real UNet (860M parameters), VAE and CLIP ViT-L text encoder
     sizes, built offline (for speed and memory benchmarks; its images are noise). Uses the tiny tokenizer."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tokenizer = tiny_tokenizer()
@@ -440,23 +436,13 @@ def sd14_sized_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype
                 tokenizer, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
             )
         )
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=PNDMScheduler.from_config(SD14_PNDM_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = _sd_pipeline(unet, vae, text_encoder, tokenizer, PNDMScheduler.from_config(SD14_PNDM_CONFIG))
     for module in (
         pipe.unet,
         pipe.vae,
         pipe.text_encoder,
     ):  # module by module: the pipeline-level cast warns about fp32 modules
         module.to(dtype=dtype).requires_grad_(False)
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
