@@ -24,7 +24,7 @@ app = typer.Typer(
 )
 
 #: Options that take several values after one flag (``--tokens cat dog``), as in the README.
-MULTI_VALUE_OPTIONS = ("--tokens", "--seeds", "--suppress", "--only", "--workload", "--layout")
+MULTI_VALUE_OPTIONS = ("--tokens", "--seeds", "--suppress", "--only", "--workload", "--layout", "--subjects")
 
 MODEL = typer.Option(
     "tiny",
@@ -76,24 +76,38 @@ def _root(
 def generate(
     prompt: str = typer.Option(..., help="Text prompt, e.g. 'a cat and a dog'."),
     tokens: list[str] = typer.Option([], help="Subject words or CLIP positions to excite: --tokens cat dog"),
+    subjects: list[str] = typer.Option(
+        [],
+        help="Subjects with their modifiers (binding methods): --subjects apple=red bowl=blue,shiny (a bare word: none)",
+    ),
     seeds: list[int] = typer.Option([0], help="Seeds, run as one batch: --seeds 0 1 2"),
     model: str = MODEL,
     out: Path = typer.Option(
         ..., help="Output directory: OUT/<prompt>/<seed>.png, OUT/prompts.json, OUT/trace.parquet (every run kept)."
     ),
+    method: str = typer.Option(
+        "attend_and_excite", help="Guidance method (anelab.methods.names(): attend_and_excite, divide_and_bind, ...)."
+    ),
+    settings: list[str] = typer.Option(
+        [],
+        "--set",
+        help="A setting of the method, key=value (YAML value): --set mode=tv_bind --set 'thresholds={0: 0.1}'",
+    ),
     steps: int = typer.Option(50, min=1, help="Inference steps (PNDM 50 steps = 51 loop iterations)."),
     attention_res: Optional[int] = typer.Option(
         None,
         min=1,
-        help="Attention resolution the loss reads (default: 16 on SD 1.x; on other models the same fraction of their native side, e.g. 32 on SDXL).",
+        help="Attention resolution the loss reads (default: the method's, 16 on SD 1.x; on other models the same fraction of their native side, e.g. 32 on SDXL).",
     ),
     thresholds: Optional[str] = typer.Option(
         None,
-        help="Refinement thresholds 'loop index:min attention,...' ('' = none). Default: 0:0.05,10:0.5,20:0.8 at 50 steps, rescaled to --steps.",
+        help="Refinement thresholds 'loop index:min attention,...' ('' = none). Default: the method's (A&E 0:0.05,10:0.5,20:0.8) at 50 steps, rescaled to --steps.",
     ),
-    scale_factor: float = typer.Option(20.0, help="Base step size."),
+    scale_factor: Optional[float] = typer.Option(None, help="Base step size (default: the method's, 20)."),
     max_iter_to_alter: Optional[int] = typer.Option(
-        None, min=0, help="Regular updates while loop index < this. Default: 25 at 50 steps, rescaled to --steps."
+        None,
+        min=0,
+        help="Regular updates while loop index < this. Default: the method's (25) at 50 steps, rescaled to --steps.",
     ),
     suppress: list[str] = typer.Option([], help="Words whose attention to push down: --suppress dog"),
     layout: list[str] = typer.Option(
@@ -111,18 +125,19 @@ def generate(
     store: Optional[Path] = STORE,
     low_memory: bool = LOW_MEMORY,
 ):
-    """Generate images for one prompt and seeds, with A&E guidance unless --plain (through the run store)."""
+    """Generate images for one prompt and seeds, guided by --method unless --plain (through the run store)."""
     _low_memory(low_memory)
     from .checks import require_number, require_seeds
-    from .config import DEFAULT_MAX_ITER_TO_ALTER, DEFAULT_STEPS, DEFAULT_THRESHOLDS, GuidanceConfig, parse_thresholds
+    from .config import DEFAULT_STEPS, parse_thresholds
     from .io import ensure_writable
     from .loading import load_parts, load_pipeline, resolve_device, resolve_dtype
-    from .pipeline import GENERATOR_DEVICES
-    from .tokens import resolve_tokens
+    from .pipeline import GENERATOR_DEVICES, Request
+    from .subjects import gather, resolve
 
     # 1. everything that needs no model
     require_number("--guidance-scale", guidance_scale)
-    require_number("--scale-factor", scale_factor, minimum=0)
+    if scale_factor is not None:
+        require_number("--scale-factor", scale_factor, minimum=0)
     require_seeds(seeds)
     if generator_device not in GENERATOR_DEVICES:
         raise AnelabError(f"--generator-device must be one of {', '.join(GENERATOR_DEVICES)}, got {generator_device!r}")
@@ -131,52 +146,36 @@ def generate(
         resolve_device("cuda")
     token_args = [int(t) if t.isdigit() else t for t in tokens]
     targets = dict(_layout_point(text) for text in layout)
-    config = None
+    named = [_subject(text) for text in subjects] if subjects else None
+    chosen = None
     if not plain:
-        config = GuidanceConfig(
-            attention_res=attention_res or 16,  # None: scaled to the model below, once it is loaded
-            thresholds=DEFAULT_THRESHOLDS if thresholds is None else parse_thresholds(thresholds),
-            scale_factor=scale_factor,
-            max_iter_to_alter=DEFAULT_MAX_ITER_TO_ALTER if max_iter_to_alter is None else max_iter_to_alter,
+        given = {
+            "attention_res": attention_res,
+            "thresholds": None if thresholds is None else parse_thresholds(thresholds),
+            "scale_factor": scale_factor,
+            "max_iter_to_alter": max_iter_to_alter,
+        }
+        chosen = _method(method, {k: v for k, v in given.items() if v is not None} | _settings(settings))
+        written = {"thresholds", "max_iter_to_alter"} & (
+            {k for k, v in given.items() if v is not None} | {s.split("=")[0] for s in settings}
         )
-        if thresholds is None and max_iter_to_alter is None and steps != DEFAULT_STEPS:
-            config = config.rescaled(DEFAULT_STEPS, steps)
+        if not written and steps != DEFAULT_STEPS:
+            chosen = chosen.rescaled(DEFAULT_STEPS, steps)
+            shown = ", ".join(
+                f"{k} {getattr(chosen, k)}" for k in ("thresholds", "max_iter_to_alter") if hasattr(chosen, k)
+            )
             typer.echo(
-                f"note: default thresholds and max_iter_to_alter rescaled from {DEFAULT_STEPS} to {steps} steps: "
-                f"thresholds {config.thresholds}, max_iter_to_alter {config.max_iter_to_alter}",
+                f"note: default thresholds and max_iter_to_alter rescaled from {DEFAULT_STEPS} to {steps} steps: {shown}",
                 err=True,
             )
-    ensure_writable(out)
-    if store is not None:
-        ensure_writable(store, "--store")
-    # 2. what needs the tokenizer and the scheduler only (not the weights)
-    tokenizer, scheduler = load_parts(model, revision=revision)
-    for words in (token_args, suppress, list(targets)):
-        resolve_tokens(tokenizer, prompt, words)
-    if config is not None:
-        scheduler.set_timesteps(steps)
-        config.check_schedule(len(scheduler.timesteps))
-    # 3. the model (or the store, when it already has these images)
-    from .outputs import save_generation
-    from .runs.runner import stored_generate
-
-    pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
-    if config is not None and attention_res is None:
-        from .models import scaled_resolution
-
-        config = config.replace(
-            attention_res=scaled_resolution(pipe, 16)
-        )  # 16 on SD 1.x and 2.1-base, 24 on SD 2.1, 32 on SDXL
-    images, trace, seconds, reused = stored_generate(
-        pipe,
+    elif settings or method != "attend_and_excite":
+        raise AnelabError("--plain is Stable Diffusion without guidance: it takes no --method or --set")
+    request = Request.of(
         prompt,
-        model=model,
-        store=store,
-        revision=revision,
-        variant=variant,
-        tokens=token_args,
-        seeds=seeds,
-        config=config,
+        token_args,
+        seeds,
+        chosen,
+        subjects=named,
         suppress=suppress,
         layout=targets,
         num_inference_steps=steps,
@@ -185,11 +184,70 @@ def generate(
         width=width,
         generator_device=generator_device,
     )
+    ensure_writable(out)
+    if store is not None:
+        ensure_writable(store, "--store")
+    # 2. what needs the tokenizer and the scheduler only (not the weights)
+    tokenizer, scheduler = load_parts(model, revision=revision)
+    resolve(tokenizer, prompt, gather(tokens=token_args, subjects=named, suppress=suppress, layout=targets))
+    if chosen is not None:
+        scheduler.set_timesteps(steps)
+        chosen.check_schedule(len(scheduler.timesteps))
+    # 3. the model (or the store, when it already has these images)
+    import dataclasses
+
+    from .outputs import save_generation
+    from .runs.runner import stored_generate
+
+    pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
+    if chosen is not None and attention_res is None and not any(s.startswith("attention_res=") for s in settings):
+        from .models import SD1_SIZE, native_size
+
+        fitted = chosen.at_scale(native_size(pipe) / SD1_SIZE)  # 16 on SD 1.x and 2.1-base, 24 on SD 2.1, 32 on SDXL
+        request = dataclasses.replace(request, method=fitted or chosen)
+    images, trace, seconds, reused = stored_generate(
+        pipe, request, model=model, store=store, revision=revision, variant=variant
+    )
     paths, run = save_generation(
-        out, prompt=prompt, seeds=require_seeds(seeds), images=images, trace=trace, config=config, model=model
+        out, prompt=prompt, seeds=require_seeds(seeds), images=images, trace=trace, config=request.method, model=model
     )
     how = "from the run store" if reused else f"{seconds:.2f} s/image"
     typer.echo(f"wrote {len(paths)} image(s) to {paths[0].parent} and run {run} to {out / 'trace.parquet'} ({how})")
+
+
+def _method(name: str, settings: dict):
+    """``anelab.methods.get(name, **settings)``, naming the CLI flag of a setting the method lacks."""
+    from . import methods
+
+    if name not in methods.REGISTRY:
+        raise AnelabError(f"unknown --method {name!r}; the methods are {', '.join(methods.names())}")
+    return methods.get(name, **settings)
+
+
+def _settings(texts: list[str]) -> dict:
+    """``["mode=tv_bind", "thresholds={0: 0.1}"]`` → ``{"mode": "tv_bind", "thresholds": {0: 0.1}}`` (YAML values)."""
+    import yaml
+
+    out = {}
+    for text in texts:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise AnelabError(f"--set must look like key=value (e.g. --set mode=tv_bind), got {text!r}")
+        if key.strip() in out:
+            raise AnelabError(f"--set {key.strip()} is given twice")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise AnelabError(f"--set {key.strip()}: {value!r} is not a YAML value") from None
+    return out
+
+
+def _subject(text: str):
+    """``"apple=red,shiny"`` → ``("apple", ["red", "shiny"])``; ``"apple"`` → ``("apple", [])``."""
+    noun, _, modifiers = text.partition("=")
+    if not noun.strip():
+        raise AnelabError(f"--subjects must look like noun=modifier,modifier (e.g. apple=red), got {text!r}")
+    return noun.strip(), [m.strip() for m in modifiers.split(",") if m.strip()]
 
 
 @app.command()

@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-_NAME = re.compile(r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$")
+_NAME = re.compile(
+    r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn([12])$"
+)
 _PLACE = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
 _PLACE_ORDER = {"down": 0, "mid": 1, "up": 2}
 
@@ -46,12 +48,22 @@ class Layer:
         return self.shape[1]
 
     def sort_key(self) -> tuple:
-        block, attention, transformer = (int(x or 0) for x in _NAME.match(self.name).groups()[1:])
-        return (_PLACE_ORDER[self.place], block, attention, transformer)
+        block, attention, transformer, which = (int(x or 0) for x in _NAME.match(self.name).groups()[1:])
+        return (_PLACE_ORDER[self.place], block, attention, transformer, which)  # attn1 runs before attn2
 
 
 def cross_attention_layers(unet, latent_height: int, latent_width: int) -> list[Layer]:
     """Every cross-attention layer of a UNet2DConditionModel, in execution order, with its grid size."""
+    return attention_layers(unet, latent_height, latent_width, cross=True)
+
+
+def self_attention_layers(unet, latent_height: int, latent_width: int) -> list[Layer]:
+    """Every self-attention layer (``attn1``) of the UNet's transformer blocks, in execution order, with its grid size."""
+    return attention_layers(unet, latent_height, latent_width, cross=False)
+
+
+def attention_layers(unet, latent_height: int, latent_width: int, cross: bool = True) -> list[Layer]:
+    """The cross-attention (``attn2``) or self-attention (``attn1``) layers, in execution order, with their grid size."""
     sizes, (h, w) = [], (latent_height, latent_width)
     for block in unet.down_blocks:
         sizes.append((h, w))
@@ -62,7 +74,7 @@ def cross_attention_layers(unet, latent_height: int, latent_width: int) -> list[
     for key in unet.attn_processors:
         name = key.removesuffix(".processor")
         match = _NAME.match(name)
-        if not match or not getattr(unet.get_submodule(name), "is_cross_attention", False):
+        if not match or getattr(unet.get_submodule(name), "is_cross_attention", False) != cross:
             continue
         kind, block = match.group(1), int(match.group(2) or 0)
         shape = (h, w) if kind == "mid_block" else sizes[block] if kind == "down_blocks" else sizes[n - 1 - block]

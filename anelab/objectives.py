@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .config import GuidanceConfig
+if TYPE_CHECKING:  # any method with A&E's token-map settings (anelab.methods.base.TokenSoftmax)
+    from .methods.base import TokenSoftmax as GuidanceConfig
 
 
 @functools.lru_cache(maxsize=32)

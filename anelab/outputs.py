@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import methods
 from .errors import AnelabError
 from .io import file_lock, save_images, write_parquet
 from .names import prompt_folder, remember_prompts
@@ -38,7 +39,7 @@ def save_generation(
         "run": run,
         "prompt": prompt,
         "seeds": ",".join(map(str, seeds)),
-        "config": "null" if config is None else json.dumps(config.to_dict(), sort_keys=True),
+        "config": json.dumps(methods.spec(config), sort_keys=True),
         "model": str(model),
     }
     trace = trace.assign(**labels)[RUN_COLUMNS + [c for c in trace.columns if c not in RUN_COLUMNS]]

@@ -1,29 +1,30 @@
-"""`generate`: Stable Diffusion with Attend-and-Excite guidance, batched over seeds.
+"""`generate`: Stable Diffusion with attention guidance — Attend-and-Excite or any method of :mod:`anelab.methods` —
+batched over seeds.
 
-Reading order: :func:`generate` validates everything into a :class:`RunPlan` (:func:`plan_run`), then
-:meth:`_Sampler.run` is the denoising loop. Each loop iteration ``i`` does (reference §1.7):
+Reading order: :func:`generate` gathers its arguments into one :class:`Request`, :func:`plan_run` checks it
+against the pipeline into a :class:`RunPlan`, then :meth:`_Sampler.run` is the denoising loop. The sampler
+knows a method only through its protocol (:mod:`anelab.methods.base`); each loop iteration ``i`` does:
 
-1. :meth:`_Sampler.guide` — only on iterations that can change the latent
-   (``i < max_iter_to_alter`` or ``i`` a threshold step):
-   a. :meth:`_Sampler.measure` (:class:`_Measurer`): conditional-only UNet forward at the current latent
-      (no CFG), stopped after the last layer at ``attention_res``; smoothed max attention per subject
-      token and the loss ``max_s (1 − m_s)``;
-   b. at a threshold step, :meth:`_Sampler.refine` for the samples below it (§1.8);
-   c. one regular step ``z ← z − α_i ∇L`` while ``i < max_iter_to_alter`` (skipped where L = 0).
+1. :meth:`_Sampler.guide` — only on iterations where the method can change the latent
+   (:meth:`~anelab.methods.base.Method.guided`: a regular update or a refinement step):
+   a. :meth:`_Sampler.measure` (:class:`anelab.measure.Measurer`): conditional-only UNet forward at the
+      current latent (no CFG), stopped after the last layer the method reads; the method's terms;
+   b. at a refinement step, :meth:`_Sampler.refine` for the samples that violate its threshold (§1.8);
+   c. one regular step ``z ← z − α_i ∇L`` where the method updates at ``i`` (skipped where L = 0).
 2. :meth:`_Sampler.denoise` — the usual CFG prediction on the *updated* latent and the scheduler step.
 
-Guidance works on the latent as the UNet sees it, ``scheduler.scale_model_input(z)``: the identity for
-the PNDM and DDIM schedulers of SD 1.x and 2.x (so this is the official code's update, §1.6), ``z/√(σ²+1)``
-for SDXL's Euler, whose step ``α_i`` then acts on the UNet's input as it does on SD 1.x. What the UNet
-takes besides latent and timestep (text embeddings; SDXL's pooled embeddings and size/crop ids) comes
-from :class:`anelab.models.Conditioning`.
+A method that acts on the initial noise (InitNO) does so before step 0 (``optimise_noise``). Guidance works on
+the latent as the UNet sees it, ``scheduler.scale_model_input(z)``: the identity for the PNDM and DDIM
+schedulers of SD 1.x and 2.x (so this is the official code's update, §1.6), ``z/√(σ²+1)`` for SDXL's Euler,
+whose step ``α_i`` then acts on the UNet's input as it does on SD 1.x. What the UNet takes besides latent and
+timestep comes from :class:`anelab.models.Conditioning`.
 
 Every seed in the batch carries its own refinement state; seed ``s`` starts from the noise of
-``torch.Generator(generator_device).manual_seed(s)`` exactly as a single-seed run does. The trace of
-each guided step stays on the device (:class:`anelab.trace.TraceLog`) and the NaN check of the latents
-is read once at the end: no host synchronisation per step beyond the refinement decisions. On CUDA
-the CFG forward and the measurement with its gradient are replayed from CUDA graphs (:mod:`anelab.fast`);
-``low_memory`` recomputes the measurement's unread blocks in its backward (:mod:`anelab.memory`).
+``torch.Generator(generator_device).manual_seed(s)`` exactly as a single-seed run does. The trace of each
+guided step stays on the device (:class:`anelab.trace.TraceLog`) and the NaN check of the latents is read once
+at the end: no host synchronisation per step beyond the refinement decisions. On CUDA the CFG forward and the
+measurement with its gradient are replayed from CUDA graphs (:mod:`anelab.fast`); ``low_memory`` recomputes
+the measurement's unread blocks in its backward (:mod:`anelab.memory`).
 """
 
 from __future__ import annotations
@@ -41,17 +42,19 @@ from tqdm import tqdm  # text bars everywhere: a notebook widget bar leaves "mod
 
 from . import fast as fast_path
 from . import hooks as hk
-from . import memory, models
+from . import memory, methods, models
 from .cache import AttentionCache
-from .checks import is_int, is_number, require_number, require_seeds
-from .config import GuidanceConfig
+from .checks import is_int, require_number, require_seeds
 from .errors import AnelabError
-from .objectives import excite_loss, gaussian_target, layout_kl, suppress_loss, token_maps
+from .measure import Measure, Measurer
+from .methods.base import Method, TokenSoftmax
+from .objectives import gaussian_target
 from .recording import Record, Recorder, RecordPlan, plan_record
-from .tokens import eot_index, prompt_tokens, resolve_tokens
+from .subjects import Subject, SubjectPositions, gather, layout_point, resolve
+from .tokens import eot_index, prompt_tokens
 from .trace import TRACE_COLUMNS, TraceLog
 
-__all__ = ["GuidedOutput", "RunPlan", "TRACE_COLUMNS", "generate", "plan_run"]
+__all__ = ["GuidedOutput", "Request", "RunPlan", "TRACE_COLUMNS", "generate", "layout_point", "plan_run", "sample"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 GENERATOR_DEVICES = ("cpu", "cuda")  # where each seed's initial noise is drawn (the official code: "cuda")
@@ -63,45 +66,116 @@ class GuidedOutput:
 
     images: list | np.ndarray | torch.Tensor | None
     latents: torch.Tensor  # [n_seeds, 4, h/8, w/8], final
-    trace: pd.DataFrame  # one row per (seed, guided step, token), columns TRACE_COLUMNS
+    trace: pd.DataFrame  # one row per (seed, guided step, token), columns TRACE_COLUMNS (+ the method's terms)
     attention: AttentionCache | None = None  # when record= was given
     seeds: list[int] = dataclasses.field(default_factory=list)
     prompt: str = ""
     token_indices: list[int] = dataclasses.field(default_factory=list)
     timesteps: list[int] = dataclasses.field(default_factory=list)
     seconds: float = 0.0  # wall time of sampling + decoding, all seeds
+    method: str | None = None  # the method's name (None: plain SD)
+    noise: pd.DataFrame | None = None  # a method's initial-noise optimisation, one row per seed (InitNO)
 
     @property
     def seconds_per_image(self) -> float:
         return self.seconds / max(len(self.seeds), 1)
 
 
-@dataclasses.dataclass
-class RunPlan:
-    """Everything :func:`generate` decided before denoising starts (:func:`plan_run` builds it)."""
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One :func:`generate` call's arguments as a single value: what the study runner builds per block and
+    :func:`plan_run` checks. ``method`` None is plain Stable Diffusion."""
 
     prompt: str
-    token_indices: list[int]  # excited
-    suppress_indices: list[int]
-    layout: dict[int, tuple[float, float]]  # position -> target point (x, y)
-    measured: list[int]  # excited, then suppressed, then layout-only positions: the columns of m
+    subjects: tuple[Subject, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    method: Method | None = None
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    output_type: str = "pil"
+    record: Record | None = None
+    generator_device: str = "cpu"
+    fast: bool | None = None
+    low_memory: bool | None = None
+    progress: bool = True
+
+    @classmethod
+    def of(
+        cls,
+        prompt: str,
+        tokens: Sequence[str | int] = (),
+        seeds: Sequence[int] = (0,),
+        config: Method | None = None,
+        *,
+        subjects=None,
+        method=None,
+        suppress=(),
+        layout: Mapping | None = None,
+        **options,
+    ) -> "Request":
+        """A request from :func:`generate`'s arguments: ``tokens``/``subjects``/``suppress``/``layout`` become one
+        subjects value, ``config``/``method`` one method (:func:`anelab.methods.resolve`)."""
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise AnelabError(f"generate() got unknown argument(s) {unknown}")
+        items = gather(tokens=tokens, subjects=subjects, suppress=suppress, layout=layout)
+        chosen = methods.resolve(method, config)
+        if chosen is None and any(s.role != "excite" or s.target is not None for s in items):
+            raise AnelabError("suppress= and layout= need a GuidanceConfig (config=None is plain Stable Diffusion)")
+        return cls(prompt=prompt, subjects=items, seeds=tuple(require_seeds(seeds)), method=chosen, **options)
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """Everything :func:`plan_run` decided before denoising starts."""
+
+    request: Request
+    prompt: str
+    subjects: SubjectPositions  # resolved
+    words: dict[int, str]  # the prompt's tokens by position (<eot> included)
+    token_indices: list[int]  # excited nouns
+    measured: list[int]  # the trace's token columns (the method's choice: A&E excited, suppressed, layout-only)
     roles: list[str]  # per measured position
     token_words: list[str]  # per measured position
     layout_targets: torch.Tensor | None  # [L, h, w] target densities on the guidance grid, layout order
     eot: int
     seeds: list[int]
-    config: GuidanceConfig | None
+    method: Method | None  # as requested (its settings are the store identity)
+    active: Method | None  # the method as it computes on this model (softmax columns resolved)
     guidance_scale: float
     height: int
     width: int
     timesteps: list[int]
     step_sizes: np.ndarray
-    guidance_layers: list[hk.Layer]  # those at config.attention_res, execution order
-    normaliser: GuidanceConfig  # config (or the defaults) with the softmax columns this model uses (§1.3, models.softmax_tokens)
+    read_layers: dict[tuple[str, int], list[hk.Layer]]  # ("cross"|"self", res) -> layers, execution order
+    stop_layer: str | None  # the last layer a measurement reads
+    columns: str  # what softmax_tokens="legacy" means on this model (models.softmax_tokens)
+    normaliser: TokenSoftmax  # the token maps of the trace's max_attention and of the recording
     record: RecordPlan | None  # what to record of the CFG forward
     generator_device: str = "cpu"
     fast: bool = False  # CUDA graphs for the CFG forward and the guided step (anelab.fast)
     low_memory: bool = False  # checkpoint the guided forward's unread blocks (anelab.memory)
+
+    def named_subjects(self) -> tuple[Subject, ...]:
+        """The subjects in the prompt's own words (what the store identity of ``anelab generate`` names)."""
+        return tuple(
+            Subject(self.words[s.noun], tuple(self.words[m] for m in s.modifiers), s.role, s.target)
+            for s in self.subjects
+        )
+
+    @property
+    def config(self) -> Method | None:
+        """The method's settings (``GuidanceConfig`` for A&E): the name earlier code knows."""
+        return self.method
+
+    @property
+    def guidance_layers(self) -> list[hk.Layer]:
+        """The layers of the method's main cross-attention resolution."""
+        if self.active is None:
+            return []
+        return self.read_layers[("cross", self.active.reads().cross[0])]
 
 
 def generate(
@@ -109,8 +183,10 @@ def generate(
     prompt: str,
     tokens: Sequence[str | int] = (),
     seeds: Sequence[int] = (0,),
-    config: GuidanceConfig | None = None,
+    config: Method | None = None,
     *,
+    subjects=None,
+    method=None,
     suppress: Sequence[str | int] = (),
     layout: Mapping[str | int, tuple[float, float]] | None = None,
     num_inference_steps: int = 50,
@@ -124,26 +200,28 @@ def generate(
     low_memory: bool | None = None,
     progress: bool = True,
 ) -> GuidedOutput:
-    """Sample ``prompt`` for every seed at once; A&E-guided on ``tokens`` unless ``config`` is None.
+    """Sample ``prompt`` for every seed at once; guided on ``tokens`` (or ``subjects``) unless no method is given.
 
-    ``tokens`` are words of the prompt or CLIP positions (``<sot>`` = 0). ``config=None`` is plain
+    ``tokens`` are words of the prompt or CLIP positions (``<sot>`` = 0); ``subjects=[("apple", ["red"]), "bowl"]``
+    names nouns with their modifiers (what binding methods read; :mod:`anelab.subjects`). ``config`` is a
+    method's settings — a :class:`GuidanceConfig` is Attend-and-Excite — and ``method="syngen"`` (or
+    ``anelab.methods.get("syngen", ...)``) picks another method of :func:`anelab.methods.names`; neither is plain
     Stable Diffusion with the same seeds. ``suppress=["dog"]`` pushes those tokens' attention down;
-    ``layout={"cat": (x, y)}`` pulls a token's attention towards a point (x right, y down, in [0, 1]).
+    ``layout={"cat": (x, y)}`` pulls a token's attention towards a point (x right, y down, in [0, 1]) (both A&E).
     ``record=Record(...)`` keeps cross-attention maps and token statistics of the CFG forward in
-    ``out.attention``. ``generator_device="cuda"`` draws each seed's noise with
-    ``torch.Generator("cuda")`` as the official code does (the paper's images); the default CPU
-    generator gives the same noise on every machine. ``fast`` (default: on CUDA) replays the CFG forward
-    and A&E's measurement with its gradient from CUDA graphs (:mod:`anelab.fast`; same results).
-    ``low_memory=True`` holds about a quarter of the activations for A&E's backward and recomputes
-    the rest (:mod:`anelab.memory`; same results, more time; None: ``$ANELAB_LOW_MEMORY``). See the
-    module docstring for the loop.
+    ``out.attention``. ``generator_device="cuda"`` draws each seed's noise with ``torch.Generator("cuda")`` as
+    the official code does; the default CPU generator gives the same noise on every machine. ``fast`` (default:
+    on CUDA) replays the CFG forward and the measurement with its gradient from CUDA graphs (:mod:`anelab.fast`;
+    same results). ``low_memory=True`` holds about a quarter of the activations for the guided backward and
+    recomputes the rest (:mod:`anelab.memory`; None: ``$ANELAB_LOW_MEMORY``). See the module docstring.
     """
-    plan = plan_run(
-        pipe,
+    request = Request.of(
         prompt,
-        tokens=tokens,
-        seeds=seeds,
-        config=config,
+        tokens,
+        seeds,
+        config,
+        subjects=subjects,
+        method=method,
         suppress=suppress,
         layout=layout,
         num_inference_steps=num_inference_steps,
@@ -155,33 +233,39 @@ def generate(
         generator_device=generator_device,
         fast=fast,
         low_memory=low_memory,
+        progress=progress,
     )
-    recorder = Recorder(plan.record, prompt, plan.seeds) if plan.record else None
-    hooked = plan.guidance_layers + (plan.record.layers if plan.record else [])
+    return sample(pipe, request)
+
+
+def sample(pipe, request: Request) -> GuidedOutput:
+    """Run one :class:`Request` (what :func:`generate` and the study runner call)."""
+    plan = plan_run(pipe, request)
+    recorder = Recorder(plan.record, plan.prompt, plan.seeds) if plan.record else None
+    read = [layer for layers in plan.read_layers.values() for layer in layers]
+    hooked = read + (plan.record.layers if plan.record else [])
     graphs = fast_path.graph_cache(pipe.unet) if plan.fast else None  # before the capture processors go in
     start = time.perf_counter()
     with (
         torch.no_grad(),
         _frozen(pipe.unet),
         hk.attention_capture(pipe.unet, hooked) as hooks,
-        memory.checkpointed(pipe.unet, [layer.name for layer in plan.guidance_layers])
-        if plan.low_memory
-        else contextlib.nullcontext(),
+        memory.checkpointed(pipe.unet, [layer.name for layer in read]) if plan.low_memory else contextlib.nullcontext(),
     ):
         sampler = _Sampler(pipe, plan, hooks, recorder, graphs)
-        latents = sampler.run(num_inference_steps, progress)
-        images = None if output_type == "latent" else _decode(pipe, latents, output_type)
+        latents = sampler.run(request.num_inference_steps, request.progress)
+        images = None if request.output_type == "latent" else _decode(pipe, latents, request.output_type)
     seconds = time.perf_counter() - start
     attention = None
     if recorder:
         meta = {
-            "config": None if config is None else config.to_dict(),
-            "record": record.to_dict(),
+            "config": None if plan.method is None else plan.method.to_dict(),
+            "record": request.record.to_dict(),
             "guidance_scale": plan.guidance_scale,
             "height": plan.height,
             "width": plan.width,
-            "num_inference_steps": int(num_inference_steps),
-        }
+            "num_inference_steps": int(request.num_inference_steps),
+        } | ({"method": plan.method.name} if plan.method is not None and plan.method.name != methods.AE else {})
         attention = recorder.cache(meta)
     return GuidedOutput(
         images=images,
@@ -189,121 +273,13 @@ def generate(
         trace=sampler.traces.frame(),
         attention=attention,
         seeds=plan.seeds,
-        prompt=prompt,
+        prompt=plan.prompt,
         token_indices=plan.token_indices,
         timesteps=plan.timesteps,
         seconds=seconds,
+        method=None if plan.method is None else plan.method.name,
+        noise=sampler.noise,
     )
-
-
-class _Measure:
-    """One conditional-only forward at a latent ``leaf``: smoothed max attention ``m`` [B,T] of the
-    measured tokens, the excite ``loss`` [B], the ``suppressed`` tokens' maxima [B,U], the layout
-    ``kl`` [B,L] and the ``objective`` [B] the update descends; ``grad`` once :meth:`gradient` ran."""
-
-    FIELDS = ("m", "loss", "objective", "suppressed", "kl")
-
-    def __init__(self, leaf, m, loss, objective=None, suppressed=None, kl=None, grad=None):
-        self.leaf, self.m, self.loss, self.suppressed, self.kl, self.grad = leaf, m, loss, suppressed, kl, grad
-        self.nonfinite = None
-        self.objective = loss if objective is None else objective  # excite only: the objective *is* the loss
-
-    def gradient(self) -> torch.Tensor:
-        """∇_z objective per sample (samples are independent in the UNet, so ∇ of the sum splits).
-
-        fp16 safety: a sample whose objective or gradient is NaN/inf gets a zero gradient (its latent
-        is not moved) and is flagged in ``nonfinite``; the trace reports it."""
-        if self.grad is None:
-            with torch.enable_grad():
-                grad = torch.autograd.grad(self.objective.sum(), self.leaf)[0]
-            self.nonfinite = ~torch.isfinite(grad).flatten(1).all(dim=1) | ~torch.isfinite(self.objective.detach())
-            self.grad = torch.where(self.nonfinite[:, None, None, None], torch.zeros_like(grad), grad)
-        return self.grad
-
-    def violates(self, threshold: float, bound: float) -> torch.Tensor:
-        """[B] bool: an excited token is below ``threshold`` or a suppressed one above ``max(bound, 1 − threshold)``."""
-        out = self.loss > max(0.0, 1.0 - threshold)
-        if self.suppressed is not None:
-            out = out | (self.suppressed.amax(dim=-1) > max(bound, 1.0 - threshold))
-        return out
-
-    def outputs(self) -> dict[str, torch.Tensor | None]:
-        """The measurement with its gradient as plain tensors: what a captured graph of it returns."""
-        self.gradient()
-        return {f: getattr(self, f) for f in self.FIELDS} | {"grad": self.grad, "nonfinite": self.nonfinite}
-
-    @classmethod
-    def from_outputs(cls, out: dict) -> "_Measure":
-        measure = cls(None, **{f: out[f] for f in cls.FIELDS}, grad=out["grad"])
-        measure.nonfinite = out["nonfinite"]
-        return measure
-
-    def detached(self, grad: torch.Tensor | None) -> "_Measure":
-        copy = {f: None if getattr(self, f) is None else getattr(self, f).detach().clone() for f in self.FIELDS}
-        return _Measure(None, **copy, grad=grad)
-
-    def put(self, rows: torch.Tensor, other: "_Measure", which: torch.Tensor) -> None:
-        """Rows ``rows`` of this (detached) measure take ``other``'s rows ``which`` (its gradient too, if kept)."""
-        for f in self.FIELDS:
-            if getattr(self, f) is not None:
-                getattr(self, f)[rows] = getattr(other, f).detach()[which]
-        if self.grad is not None:
-            self.grad[rows] = other.grad[which]
-
-
-class _Measurer:
-    """A&E's measurement (§1.6): the conditional-only UNet forward at a latent ``z`` (already scaled as
-    the UNet's input), stopped after the last ``attention_res`` layer; the smoothed max attention of
-    every measured token and the objectives (:class:`_Measure`).
-
-    It holds only what is fixed for a run's guidance set-up (the UNet, the hooks, the plan), so a CUDA
-    graph captured through it can be replayed by later runs with the same :meth:`key`; the latent, the
-    timestep, the text conditioning and the layout targets are its inputs."""
-
-    def __init__(self, unet, hooks: hk.AttentionHooks, plan: RunPlan):
-        self.unet, self.hooks, self.plan, self.config = unet, hooks, plan, plan.config
-
-    def key(self) -> tuple:
-        """Everything :meth:`__call__` reads besides its inputs (a graph of it is valid for this key only)."""
-        plan, cfg, norm = self.plan, self.config, self.plan.normaliser
-        return (
-            tuple(layer.name for layer in plan.guidance_layers),
-            tuple(plan.measured),
-            len(plan.token_indices),
-            len(plan.suppress_indices),
-            tuple(plan.measured.index(i) for i in plan.layout),
-            plan.eot,
-            (norm.softmax_tokens, norm.temperature, norm.smooth, norm.kernel_size, norm.sigma, norm.sigma_convention),
-            (cfg.suppress_scale, cfg.suppress_bound, cfg.layout_scale, cfg.layout_update),
-            plan.low_memory,
-        )
-
-    def __call__(self, z: torch.Tensor, t, unet_kwargs: dict, layout_targets: torch.Tensor | None) -> _Measure:
-        leaf = z.detach().requires_grad_(True)
-        mean = hk.MeanAttention()
-        plan, cfg, layers = self.plan, self.config, self.plan.guidance_layers
-        with torch.enable_grad():
-            with self.hooks.reading({layer.name: mean for layer in layers}, stop_after=layers[-1].name):
-                self.unet(leaf, t, **unet_kwargs)
-            maps = token_maps(mean.maps(layers[0].shape), plan.measured, plan.eot, plan.normaliser)  # [B, T, h, w]
-            m = maps.flatten(2).amax(dim=-1)
-            n_excite, n_suppress = len(plan.token_indices), len(plan.suppress_indices)
-            loss = excite_loss(m[:, :n_excite]) if n_excite else m.new_zeros(len(m))
-            objective, suppressed, kl = loss, None, None
-            if n_suppress:
-                suppressed = m[:, n_excite : n_excite + n_suppress]
-                objective = objective + cfg.suppress_scale * suppress_loss(suppressed, cfg.suppress_bound)
-            if plan.layout:
-                picked = torch.stack([maps[:, plan.measured.index(i)] for i in plan.layout], dim=1)
-                kl = layout_kl(picked, layout_targets)
-                if cfg.layout_update == "joint":  # two_stage: the KL moves the latent first, in its own step
-                    objective = objective + cfg.layout_scale * kl.sum(dim=-1)
-            return _Measure(leaf, m, loss, objective, suppressed, kl)
-
-    def graphable(self, static: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-        """:meth:`__call__` and the gradient, as a function of a graph's static inputs."""
-        kwargs = fast_path.nested(static, skip=("z", "t", "layout_targets"))
-        return self(static["z"], static["t"], kwargs, static.get("layout_targets")).outputs()
 
 
 class _Sampler:
@@ -324,17 +300,18 @@ class _Sampler:
         self.conditioning = models.Conditioning.encode(
             pipe, plan.prompt, height=plan.height, width=plan.width, cfg=self.cfg, device=self.device, dtype=self.dtype
         )
-        self.config = plan.config
-        self.last_update = plan.config.last_update_iteration(len(plan.timesteps)) if plan.config else 0
+        self.method = plan.active
         self.traces = TraceLog(
-            seeds=plan.seeds, measured=plan.measured, roles=plan.roles, words=plan.token_words, layout=list(plan.layout)
+            seeds=plan.seeds, measured=plan.measured, roles=plan.roles, words=plan.token_words, method=plan.active
         )
         self.broken_at = None  # per sample: first loop index whose latent was not finite (-1: none)
         self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=self.device)  # guided steps with a NaN gradient
-        self.measurer = _Measurer(self.unet, hooks, plan) if plan.config else None
+        self.measurer = Measurer(self.unet, hooks, plan) if plan.active else None
         self.layout_targets = None if plan.layout_targets is None else plan.layout_targets.to(self.device)
         self.graphs = graphs  # the fast path's CUDA graphs (None: eager)
         self.capture = self.device.type == "cuda"  # elsewhere StaticGraph runs its function (the tests' stand-in)
+        self.state = None  # what the method carries from one measurement to the next (terms["state"])
+        self.noise = None  # the method's initial-noise report
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, num_inference_steps: int, progress: bool) -> torch.Tensor:
@@ -349,9 +326,12 @@ class _Sampler:
             steps if steps.is_meta else steps.cpu()
         )  # what the scheduler's step reads: no GPU round trip
         self.broken_at = torch.full((len(z),), -1, dtype=torch.long, device=z.device)
-        label = "A&E" if self.config else "SD"
+        n = len(self.plan.timesteps)
+        if self.method is not None and hasattr(self.method, "optimise_noise"):
+            z, self.noise = self.method.optimise_noise(_NoiseContext(self, z))
+        label = "SD" if self.method is None else self.method.label
         for i, t in enumerate(tqdm(self.scheduler.timesteps, desc=label, disable=not progress, leave=False)):
-            if self.config is not None and (i < self.last_update or i in self.config.thresholds):
+            if self.method is not None and self.method.guided(i, n):
                 scale = float(self.scheduler.scale_model_input(torch.ones(()), t))  # the UNet's input is z * scale
                 z = self.guide(z, i, t) if scale == 1.0 else self.guide(z * scale, i, t) / scale
             z = self.denoise(z, i, t)
@@ -361,15 +341,20 @@ class _Sampler:
     def initial_latents(self) -> torch.Tensor:
         """Each seed's noise from its own generator on ``plan.generator_device``, drawn as diffusers'
         ``randn_tensor`` draws it, so a batch equals single-seed runs and the official code's noise."""
+        self.generators = [torch.Generator(self._noise_device()).manual_seed(s) for s in self.plan.seeds]
+        return self.draw_noise(self.generators)
+
+    def _noise_device(self) -> torch.device:
+        on_gpu = self.plan.generator_device == "cuda"
+        return self.device if on_gpu and self.device.type == "cuda" else torch.device(self.plan.generator_device)
+
+    def draw_noise(self, generators) -> torch.Tensor:
+        """One noise latent per generator (continuing its stream), times the scheduler's ``init_noise_sigma``."""
         from diffusers.utils.torch_utils import randn_tensor
 
         shape = (1, self.unet.config.in_channels, self.plan.height // 8, self.plan.width // 8)
-        on_gpu = self.plan.generator_device == "cuda"
-        where = self.device if on_gpu and self.device.type == "cuda" else torch.device(self.plan.generator_device)
-        noise = [
-            randn_tensor(shape, generator=torch.Generator(where).manual_seed(s), device=where, dtype=self.dtype)
-            for s in self.plan.seeds
-        ]
+        where = self._noise_device()
+        noise = [randn_tensor(shape, generator=g, device=where, dtype=self.dtype) for g in generators]
         return torch.cat(noise).to(self.device) * self.scheduler.init_noise_sigma
 
     def denoise(self, z: torch.Tensor, i: int, t) -> torch.Tensor:
@@ -398,8 +383,9 @@ class _Sampler:
             return
         steps = int(self.nonfinite_steps)
         if steps:
+            label = self.method.label if self.method is not None else "guidance"
             warnings.warn(
-                f"non-finite A&E gradient at {steps} guided step(s): the affected samples were not moved there "
+                f"non-finite {label} gradient at {steps} guided step(s): the affected samples were not moved there "
                 "(see trace.nonfinite)",
                 stacklevel=3,
             )
@@ -433,110 +419,136 @@ class _Sampler:
         out = forward(inputs) if graph is None else graph(inputs)
         return out.pop("eps"), {k.removeprefix("probs:"): v for k, v in out.items()}
 
-    # -- Attend-and-Excite ---------------------------------------------------------------------
-    def measure(self, z: torch.Tensor, t) -> _Measure:
-        """A&E's measurement at ``z`` (:class:`_Measurer`); on the fast path replayed, with its gradient,
-        from a CUDA graph of the run's batch (refinement's subsets and the two-stage layout run eagerly)."""
+    # -- guidance ------------------------------------------------------------------------------
+    def measure(self, z: torch.Tensor, t, i: int, rows: torch.Tensor | None = None, term: str = "loss") -> Measure:
+        """The method's measurement at ``z`` (the batch's ``rows``; None: all), carrying its state from the measurement
+        before (:class:`anelab.measure.Measurer`); on the fast path replayed, with ∇ of ``term``, from a CUDA graph of
+        the run's batch (refinement's subsets and a method's staged updates run eagerly)."""
         unet_kwargs = self.conditioning.unet_kwargs(len(z), cfg=False)
-        two_stage = self.plan.layout and self.config.layout_update == "two_stage"  # two gradients of one forward
-        if self.graphs is None or two_stage or len(z) != len(self.plan.seeds):
-            return self.measurer(z, t, unet_kwargs, self.layout_targets)
-        inputs = {"z": z, "t": torch.as_tensor(t, device=z.device), **fast_path.flat(unet_kwargs)}
-        if self.layout_targets is not None:
-            inputs["layout_targets"] = self.layout_targets
-        graph = self.graphs.get("guided step", self.measurer.key(), self.measurer.graphable, inputs, self.capture)
+        previous = self.state if rows is None or self.state is None else _rows(self.state, rows)
+        eager = self.graphs is None or len(self.method.stages(self.plan.subjects)) > 1 or rows is not None
+        eager = eager or self.method.refine_term != "loss"  # two gradients of one forward
+        graph = None
+        if not eager:
+            inputs = {"z": z, "t": torch.as_tensor(t, device=z.device), **fast_path.flat(unet_kwargs)}
+            if self.layout_targets is not None:
+                inputs["targets"] = self.layout_targets
+            if previous is not None:
+                inputs |= fast_path.flat({"state": previous})
+            fn = self.measurer.graphable(term, i)
+            graph = self.graphs.get("guided step", self.measurer.key(term, i), fn, inputs, self.capture)
         if graph is None:
-            return self.measurer(z, t, unet_kwargs, self.layout_targets)
-        return _Measure.from_outputs(graph(inputs))
-
-    def layout_step(self, z: torch.Tensor, t, alpha: float, at: _Measure | None) -> torch.Tensor:
-        """The original study's first stage (§0x7): δ = −α·layout_scale·∇KL(A ‖ N(G, σ²)), taken at ``z``
-        (``at``: a measurement of ``z`` whose graph is alive, else a new one). Returns ``z + δ``."""
-        at = at if at is not None and at.leaf is not None else self.measure(z, t)
-        with torch.enable_grad():
-            grad = torch.autograd.grad(self.config.layout_scale * at.kl.sum(), at.leaf, retain_graph=True)[0]
-        finite = torch.isfinite(grad).flatten(1).all(dim=1)
-        self.nonfinite |= ~finite
-        return z - alpha * torch.where(finite[:, None, None, None], grad, torch.zeros_like(grad))
+            measure = self.measurer(z, t, unet_kwargs, step=i, previous=previous, targets=self.layout_targets)
+        else:
+            measure = Measure.from_outputs(graph(inputs))
+        if measure.state is not None:  # the next measurement of these rows starts from this one's state
+            if rows is None or self.state is None:
+                self.state = _map_detached(measure.state)
+            else:
+                _put_rows(self.state, rows, measure.state)
+        return measure
 
     def guide(self, z: torch.Tensor, i: int, t) -> torch.Tensor:
-        """A&E at loop index ``i``: measure, refine at a threshold step, one regular update (§1.7)."""
+        """The method at loop index ``i``: measure, refine at a refinement step, one regular update."""
+        method, n = self.method, len(self.plan.timesteps)
         alpha = float(self.plan.step_sizes[i])
-        regular = i < self.last_update
-        first = end = self.measure(z, t)
+        regular = method.updates(i, n)
+        refinement = method.refinement(i)
         self.nonfinite = torch.zeros(len(z), dtype=torch.bool, device=z.device)
+        first = end = self.measure(z, t, i, term=method.refine_term if refinement else "loss")
         triggered = torch.zeros(len(z), dtype=torch.bool, device=z.device)
         iterations = torch.zeros(len(z), dtype=torch.long, device=z.device)
-        reached = torch.zeros(len(z), dtype=torch.bool, device=z.device)  # read only at threshold steps
-        threshold = self.config.thresholds.get(i)
-        if threshold is not None:
-            z, end, triggered, iterations = self.refine(z, t, first, threshold, alpha, need_final_grad=regular)
-            reached = ~end.violates(threshold, self.config.suppress_bound)
+        reached = torch.zeros(len(z), dtype=torch.bool, device=z.device)  # read only at refinement steps
+        threshold = None
+        if refinement is not None:
+            threshold, cap = refinement
+            z, end, triggered, iterations = self.refine(z, t, i, first, threshold, cap, alpha, need_final_grad=regular)
+            reached = ~method.violates(end.terms, threshold)
         updated = iterations > 0
-        if regular and self.config.layout_update == "two_stage" and self.plan.layout:
-            z = self.layout_step(z, t, alpha, end)  # stage 1; stage 2 is the A&E update below, measured at z + δ
-            end = self.measure(z, t)
+        stages = method.stages(self.plan.subjects)
+        if regular and len(stages) > 1:  # e.g. A&E's two-stage layout: the layout term's step first
+            for term in stages[:-1]:
+                z = self.stage_step(z, t, i, alpha, end, term)
+                end = self.measure(z, t, i)
             updated = torch.ones_like(updated)
         if regular:
-            move = end.objective != 0  # no update when the loss is exactly 0 (§1.5)
-            if end.grad is not None or move.any():  # a replayed graph brings the gradient: no need to ask the GPU
+            move = end.terms["loss"] != 0  # no update when the loss is exactly 0 (§1.5)
+            if "loss" in end.grads or move.any():  # a replayed graph brings the gradient: no need to ask the GPU
                 grad = self.gradient(end)
                 move = move & ~self.nonfinite
                 z = torch.where(move[:, None, None, None], z - alpha * grad, z)
             updated = updated | move
         self.nonfinite_steps += self.nonfinite.any()
-        self.log(
+        self.traces.add(
             step=i,
             timestep=self.plan.timesteps[i],  # t itself is on the device: int(t) would wait for the GPU
             step_size=alpha,
             threshold=np.nan if threshold is None else threshold,
-            first=first,
-            end=end,
+            first=first.terms,
+            end=end.terms,
             triggered=triggered,
-            iterations=iterations,
+            refinement_iterations=iterations,
             reached=reached,
             updated=updated,
+            nonfinite=self.nonfinite,
         )
         return z.detach()
 
-    def refine(self, z, t, first: _Measure, threshold: float, alpha: float, need_final_grad: bool):
-        """Iterative refinement (§1.8) for the samples that violate the threshold (loss above
-        ``1 − threshold``; with suppression also a suppressed token above ``max(bound, 1 − threshold)``).
+    def refine(self, z, t, i: int, first: Measure, threshold: float, cap: int, alpha: float, need_final_grad: bool):
+        """Iterative refinement (§1.8) for the samples that violate the threshold (the method's rule).
 
-        Official exit rule, per sample: iteration k measures at the current latent, steps if the
-        objective ≠ 0, and the loop goes on while that measurement (taken *before* the step) violates
-        the threshold and k < ``max_refinement_steps``; then one re-measure at the final latent, whose
-        gradient the regular update uses. Iteration 1 re-uses the step's first measurement (same
-        latent, same result), and one batched forward serves as the next iteration of the samples
-        going on and the re-measure of those that stop.
+        Official exit rule, per sample: iteration k measures at the current latent, steps if the refined
+        term ≠ 0, and the loop goes on while that measurement (taken *before* the step) violates the threshold
+        and k < ``cap``; then one re-measure at the final latent, whose loss gradient the regular update uses.
+        Iteration 1 re-uses the step's first measurement (same latent, same result), and one batched forward
+        serves as the next iteration of the samples going on and the re-measure of those that stop.
         """
-        bound = self.config.suppress_bound
-        triggered = first.violates(threshold, bound)
+        method, term = self.method, self.method.refine_term
+        triggered = method.violates(first.terms, threshold)
         iterations = torch.zeros(len(z), dtype=torch.long, device=z.device)
-        if not triggered.any() or self.config.max_refinement_steps == 0:
+        if cap == 0 or not triggered.any():
             return z, first, triggered, iterations
-        grad_first = self.gradient(first)
-        end = first.detached(grad_first.clone() if need_final_grad else None)
+        grad_first = self.gradient(first, term=term)
+        if need_final_grad:
+            self.gradient(first)  # the loss gradient of the samples that are not refined (the same one for A&E)
+        end = first.detached(keep_grad=need_final_grad)
         z = z.clone()
         active = triggered.nonzero()[:, 0]
-        objective_k, violates_k, grad_k = first.objective[active], triggered[active], grad_first[active]
+        value_k, violates_k, grad_k = first.terms[term][active], triggered[active], grad_first[active]
+        if method.stateful:  # the official loop measures again before its first update, and the state moves with it
+            again = self.measure(z[active], t, i, rows=active)
+            grad_k = self.gradient(again, active, term)
+            value_k, violates_k = again.terms[term], method.violates(again.terms, threshold)
         while active.numel():
             iterations[active] += 1
-            moving = objective_k != 0
+            moving = value_k != 0
             z[active[moving]] -= alpha * grad_k[moving]
-            going_on = violates_k & (iterations[active] < self.config.max_refinement_steps)
-            again = self.measure(z[active], t)  # next iteration's forward, or the final re-measure
-            if going_on.any() or end.grad is not None:
+            going_on = violates_k & (iterations[active] < cap)
+            again = self.measure(z[active], t, i, rows=active)  # next iteration's forward, or the final re-measure
+            more = bool(going_on.any())
+            if more:
+                self.gradient(again, active, term)
+            if need_final_grad:
                 self.gradient(again, active)
             end.put(active[~going_on], again, ~going_on)
             active = active[going_on]
-            objective_k, violates_k = again.objective[going_on], again.violates(threshold, bound)[going_on]
-            grad_k = again.grad[going_on] if again.grad is not None else None
+            value_k, violates_k = again.terms[term][going_on], method.violates(again.terms, threshold)[going_on]
+            grad_k = again.grads[term][going_on] if more else None
         return z, end, triggered, iterations
 
-    def gradient(self, measure: _Measure, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """``measure.gradient()``, noting the samples (batch ``rows``) whose gradient was not finite."""
-        grad = measure.gradient()
+    def stage_step(self, z: torch.Tensor, t, i: int, alpha: float, at: Measure, term: str) -> torch.Tensor:
+        """One staged update (e.g. the original study's layout step, §0x7): ``z − α·∇ term``, taken at ``z``
+        (``at``: a measurement of ``z`` whose graph is alive, else a new one)."""
+        at = at if at.leaf is not None else self.measure(z, t, i)
+        with torch.enable_grad():
+            grad = torch.autograd.grad(at.terms[term].sum(), at.leaf, retain_graph=True)[0]
+        finite = torch.isfinite(grad).flatten(1).all(dim=1)
+        self.nonfinite |= ~finite
+        return z - alpha * torch.where(finite[:, None, None, None], grad, torch.zeros_like(grad))
+
+    def gradient(self, measure: Measure, rows: torch.Tensor | None = None, term: str = "loss") -> torch.Tensor:
+        """``measure.gradient(term)``, noting the samples (batch ``rows``) whose gradient was not finite."""
+        grad = measure.gradient(term)
         if measure.nonfinite is not None:  # None: a copy whose gradient was noted where it was computed
             if rows is None:
                 self.nonfinite |= measure.nonfinite
@@ -544,142 +556,121 @@ class _Sampler:
                 self.nonfinite[rows] |= measure.nonfinite  # on the device (rows is a device tensor): no host sync
         return grad
 
-    def log(
-        self,
-        *,
-        step,
-        timestep,
-        step_size,
-        threshold,
-        first: _Measure,
-        end: _Measure,
-        triggered,
-        iterations,
-        reached,
-        updated,
-    ) -> None:
-        """One guided step's trace rows (kept on the device until the run ends)."""
-        suppressed = None if first.suppressed is None else suppress_loss(first.suppressed, self.config.suppress_bound)
-        self.traces.add(
-            step=step,
-            timestep=timestep,
-            step_size=step_size,
-            threshold=threshold,
-            tensors=dict(
-                max_attention=first.m,
-                loss=first.loss,
-                suppress_loss=suppressed,
-                layout_kl=first.kl,
-                objective=first.objective,
-                triggered=triggered,
-                refinement_iterations=iterations,
-                reached=reached,
-                updated=updated,
-                final_max_attention=end.m,
-                final_loss=end.loss,
-                final_objective=end.objective,
-                nonfinite=self.nonfinite,
-            ),
-        )
+
+class _NoiseContext:
+    """What a method's ``optimise_noise`` may use of the sampler: measurements at the first timestep, the seeds'
+    generators (to draw fresh noise from each seed's own stream) and the plan."""
+
+    def __init__(self, sampler: _Sampler, z: torch.Tensor):
+        self.sampler, self.z, self.plan = sampler, z, sampler.plan
+        self.t = sampler.scheduler.timesteps[0]
+
+    def measure(self, z: torch.Tensor) -> Measure:
+        """The method's terms at ``z`` (the UNet's input at the first timestep), with autograd alive to ``z``."""
+        s = self.sampler
+        scale = float(s.scheduler.scale_model_input(torch.ones(()), self.t))
+        kwargs = s.conditioning.unet_kwargs(len(z), cfg=False)
+        return s.measurer(z * scale, self.t, kwargs, step=0, previous=None, targets=s.layout_targets)
+
+    def fresh_noise(self, rows: list[int]) -> torch.Tensor:
+        """New initial noise for the samples ``rows``, each from its seed's generator (continuing its stream)."""
+        return self.sampler.draw_noise([self.sampler.generators[r] for r in rows])
+
+
+def _rows(state, rows):
+    return {k: _rows(v, rows) for k, v in state.items()} if isinstance(state, dict) else state[rows]
+
+
+def _map_detached(state):
+    return {k: _map_detached(v) for k, v in state.items()} if isinstance(state, dict) else state.detach().clone()
+
+
+def _put_rows(target, rows, source):
+    if isinstance(target, dict):
+        for k in target:
+            _put_rows(target[k], rows, source[k])
+    else:
+        target[rows] = source.detach()
 
 
 # -- preparation ---------------------------------------------------------------------------------
-def plan_run(
-    pipe,
-    prompt: str,
-    *,
-    tokens=(),
-    seeds=(0,),
-    config: GuidanceConfig | None = None,
-    suppress=(),
-    layout=None,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
-    height: int | None = None,
-    width: int | None = None,
-    output_type: str = "pil",
-    record: Record | None = None,
-    generator_device: str = "cpu",
-    fast: bool | None = None,
-    low_memory: bool | None = None,
-) -> RunPlan:
-    """Check every argument of :func:`generate` against ``pipe`` and decide the run, before any
-    denoising (each failure is one clear :class:`AnelabError`). The one pre-flight check: the study
-    runner calls it for every (variant, prompt) before making any image."""
+def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
+    """Check a :class:`Request` (or ``prompt`` with :func:`generate`'s keyword arguments) against ``pipe`` and
+    decide the run, before any denoising (each failure is one clear :class:`AnelabError`). The one pre-flight
+    check: the study runner calls it for every (variant, prompt) before making any image."""
+    if not isinstance(request, Request):
+        request = Request.of(request, **arguments)
+    elif arguments:
+        request = dataclasses.replace(request, **arguments)
+    prompt = request.prompt
     if not isinstance(prompt, str) or not prompt.strip():
         raise AnelabError(f"prompt must be a non-empty string, got {prompt!r}")
-    seeds = require_seeds(seeds)
-    steps = num_inference_steps
+    seeds = require_seeds(request.seeds)
+    steps = request.num_inference_steps
     if not is_int(steps) or steps < 1:
         raise AnelabError(f"num_inference_steps must be an int >= 1, got {steps!r}")
-    guidance_scale = require_number("guidance_scale", guidance_scale)
-    if output_type not in OUTPUT_TYPES:
-        raise AnelabError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    guidance_scale = require_number("guidance_scale", request.guidance_scale)
+    if request.output_type not in OUTPUT_TYPES:
+        raise AnelabError(f"output_type must be one of {OUTPUT_TYPES}, got {request.output_type!r}")
+    generator_device = request.generator_device
     if generator_device not in GENERATOR_DEVICES:
         raise AnelabError(f"generator_device must be one of {GENERATOR_DEVICES}, got {generator_device!r}")
     if generator_device == "cuda" and not torch.cuda.is_available():
         raise AnelabError(
             "generator_device='cuda' draws the noise with torch.Generator('cuda') as the official code does; torch sees no GPU here"
         )
-    if fast and not fast_path.available(pipe.unet.device):
+    if request.fast and not fast_path.available(pipe.unet.device):
         raise AnelabError(
             f"fast=True replays CUDA graphs and needs the pipeline on a CUDA GPU; it is on {pipe.unet.device} (leave fast=None)"
         )
-    low_memory = memory.requested(low_memory)
-    if config is not None and not isinstance(config, GuidanceConfig):
-        raise AnelabError(f"config must be a GuidanceConfig or None (plain SD), got {type(config).__name__}")
+    low_memory = memory.requested(request.low_memory)
+    method = request.method
     scale = getattr(pipe, "vae_scale_factor", 8)
-    height = height or pipe.unet.config.sample_size * scale
-    width = width or pipe.unet.config.sample_size * scale
+    height = request.height or pipe.unet.config.sample_size * scale
+    width = request.width or pipe.unet.config.sample_size * scale
     for name, value in (("height", height), ("width", width)):
         if not is_int(value) or value < scale or value % scale:
             raise AnelabError(f"{name} must be a positive multiple of {scale}, got {value!r}")
-    token_indices = resolve_tokens(pipe.tokenizer, prompt, tokens)
+    subjects = resolve(pipe.tokenizer, prompt, request.subjects)
     models.check_tokenizers(pipe, prompt)
-    suppress_indices, targets = _suppress_and_layout(pipe.tokenizer, prompt, token_indices, suppress, layout, config)
-    measured = token_indices + suppress_indices + [i for i in targets if i not in token_indices + suppress_indices]
-    roles = ["excite"] * len(token_indices) + ["suppress"] * len(suppress_indices)
-    roles += ["layout"] * (len(measured) - len(roles))
-    words = [prompt_tokens(pipe.tokenizer, prompt)[i] for i in measured]
-    layers = hk.cross_attention_layers(pipe.unet, height // scale, width // scale)
-    timesteps = schedule(pipe, steps)
-    guidance_layers: list[hk.Layer] = []
-    step_sizes = np.zeros(len(timesteps))
-    layout_targets = None
-    if config is not None:
-        if not measured:
-            raise AnelabError(
-                "guidance needs subject tokens (tokens=[...]), suppress=[...] or layout={...}; use config=None for plain SD"
-            )
-        guidance_layers = hk.layers_at(layers, config.attention_res)
-        if not guidance_layers:
-            available = sorted({layer.res for layer in layers}, reverse=True)
-            raise AnelabError(
-                f"attention_res {config.attention_res} does not exist at {height}x{width}: this model has "
-                f"cross-attention at resolutions {available}"
-            )
-        h, w = guidance_layers[0].shape
-        if config.smooth and config.kernel_size // 2 >= min(h, w):
-            raise AnelabError(
-                f"kernel_size {config.kernel_size} is too large for {h}x{w} attention maps (at most {2 * min(h, w) - 1})"
-            )
-        config.check_schedule(len(timesteps))
-        step_sizes = config.step_sizes(len(timesteps))
-        if targets:
-            layout_targets = torch.stack([gaussian_target(p, (h, w), config.layout_sigma) for p in targets.values()])
+    words = prompt_tokens(pipe.tokenizer, prompt)
     eot = eot_index(pipe.tokenizer, prompt)
-    normaliser = (
-        config or GuidanceConfig()
-    )  # its token columns as this model reads them (§1.3): the loss, the trace and the recording
-    columns = models.softmax_tokens(pipe, normaliser.softmax_tokens)
-    if columns != normaliser.softmax_tokens:
-        normaliser = normaliser.replace(softmax_tokens=columns)
+    latent = (height // scale, width // scale)
+    layers = hk.cross_attention_layers(pipe.unet, *latent)
+    timesteps = schedule(pipe, steps)
+    columns = models.softmax_tokens(pipe, "legacy")
+    normaliser = methods.GuidanceConfig().normalised(columns)
+    active, read_layers, step_sizes, layout_targets = None, {}, np.zeros(len(timesteps)), None
+    measured = [s.noun for s in subjects]
+    roles = [s.role for s in subjects]
+    if method is not None:
+        method.check_subjects(subjects, words)
+        active = method.normalised(columns) if isinstance(method, TokenSoftmax) else method
+        if isinstance(active, TokenSoftmax):
+            normaliser = active
+        measured, roles = active.measured(subjects)
+        read_layers = _read_layers(pipe, method, layers, latent, height, width)
+        main = read_layers[("cross", method.reads().cross[0])][0].shape
+        if getattr(active, "smooth", False) and active.kernel_size // 2 >= min(main):
+            raise AnelabError(
+                f"kernel_size {active.kernel_size} is too large for {main[0]}x{main[1]} attention maps (at most {2 * min(main) - 1})"
+            )
+        method.check_schedule(len(timesteps))
+        step_sizes = method.step_sizes(len(timesteps))
+        targets = [s.target for s in subjects if s.target is not None]
+        if targets:
+            ordered = [s for role in ("excite", "suppress", "layout") for s in subjects if s.role == role]
+            points = [s.target for s in ordered if s.target is not None]
+            layout_targets = torch.stack([gaussian_target(p, main, active.layout_sigma) for p in points])
+    record = request.record
     if record is not None:
+        nouns = [p for p, r in zip(measured, roles) if r != "modifier"]
         record = plan_record(
             record,
             pipe=pipe,
             prompt=prompt,
-            subjects=measured,
+            subjects=nouns,
+            measured=measured,
             eot=eot,
             seeds=seeds,
             timesteps=timesteps,
@@ -688,30 +679,59 @@ def plan_run(
             height=height,
             width=width,
         )
+    every = [layer for group in read_layers.values() for layer in group]
     return RunPlan(
+        request=request,
         prompt=prompt,
-        token_indices=token_indices,
-        suppress_indices=suppress_indices,
-        layout=targets,
+        subjects=subjects,
+        words=words | {eot: "<eot>"},
+        token_indices=[s.noun for s in subjects if s.role == "excite"],
         measured=measured,
         roles=roles,
-        token_words=words,
+        token_words=[(words | {eot: "<eot>"})[i] for i in measured],
         layout_targets=layout_targets,
         eot=eot,
         seeds=seeds,
-        config=config,
+        method=method,
+        active=active,
         guidance_scale=guidance_scale,
         height=int(height),
         width=int(width),
         timesteps=timesteps,
         step_sizes=step_sizes,
-        guidance_layers=guidance_layers,
+        read_layers=read_layers,
+        stop_layer=max(every, key=hk.Layer.sort_key).name if every else None,
+        columns=columns,
         normaliser=normaliser,
         record=record,
         generator_device=generator_device,
-        fast=fast_path.available(pipe.unet.device) if fast is None else bool(fast),
+        fast=fast_path.available(pipe.unet.device) if request.fast is None else bool(request.fast),
         low_memory=low_memory,
     )
+
+
+def _read_layers(pipe, method: Method, cross_layers, latent, height: int, width: int) -> dict:
+    """``(kind, res) -> layers`` of everything ``method`` reads, or a one-line error naming what the model has."""
+    reads = method.reads()
+    out = {}
+    for kind, wanted, layers in (
+        ("cross", reads.cross, cross_layers),
+        ("self", reads.self_attention, hk.self_attention_layers(pipe.unet, *latent) if reads.self_attention else []),
+    ):
+        have = sorted({layer.res for layer in layers}, reverse=True)
+        for res in wanted:
+            found = hk.layers_at(layers, res)
+            if not found:
+                what = (
+                    "attention_res"
+                    if kind == "cross" and res == reads.cross[0]
+                    else f"{method.name} reads {kind}-attention at resolution"
+                )
+                raise AnelabError(
+                    f"{what} {res} does not exist at {height}x{width}: this model has {kind}-attention at resolutions {have}"
+                )
+            out[(kind, res)] = found
+    return out
 
 
 def schedule(pipe, num_inference_steps: int) -> list[int]:
@@ -719,42 +739,6 @@ def schedule(pipe, num_inference_steps: int) -> list[int]:
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(int(num_inference_steps))
     return [int(t) for t in scheduler.timesteps]
-
-
-def _suppress_and_layout(tokenizer, prompt, excited, suppress, layout, config):
-    """Positions to suppress and layout targets ``{position: (x, y)}``, checked (STUDIES.md 05)."""
-    suppress_indices = resolve_tokens(tokenizer, prompt, suppress)
-    both = sorted(set(excited) & set(suppress_indices))
-    if both:
-        names = [prompt_tokens(tokenizer, prompt)[i] for i in both]
-        raise AnelabError(
-            f"token(s) {names} are both excited (tokens=) and suppressed (suppress=); a token can only be one"
-        )
-    if layout is None:
-        layout = {}
-    if not isinstance(layout, Mapping):
-        raise AnelabError(f"layout must be a dict {{token: (x, y)}} with x, y in [0, 1], got {layout!r}")
-    targets = {}
-    for token, point in layout.items():
-        position = resolve_tokens(tokenizer, prompt, [token])[0]
-        targets[position] = layout_point(token, point)
-        if position in suppress_indices:
-            raise AnelabError(
-                f"layout token {token!r} is also suppressed; a suppressed token cannot have a layout target"
-            )
-    if (suppress_indices or targets) and config is None:
-        raise AnelabError("suppress= and layout= need a GuidanceConfig (config=None is plain Stable Diffusion)")
-    return suppress_indices, targets
-
-
-def layout_point(token, point) -> tuple[float, float]:
-    """A layout target ``(x, y)`` with 0 <= x, y <= 1 (x right, y down), or a one-line error (the one check of a point)."""
-    ok = isinstance(point, (tuple, list)) and len(point) == 2 and all(is_number(v) and 0 <= v <= 1 for v in point)
-    if not ok:
-        raise AnelabError(
-            f"layout point for {token!r} must be (x, y) with 0 <= x, y <= 1 (x right, y down), got {point!r}"
-        )
-    return float(point[0]), float(point[1])
 
 
 class _frozen:

@@ -9,12 +9,14 @@ import pandas as pd
 
 from .errors import AnelabError
 from .resources import data_file
+from .subjects import benchmark_subjects
 
 CATEGORIES = ("animal_animal", "animal_object", "object_object")
 
 
 def load_prompts(path: str | Path | None = None, categories=CATEGORIES, limit: int | None = None) -> pd.DataFrame:
-    """Table of prompts: ``prompt, category, tokens`` (subject nouns, reference §4), file order.
+    """Table of prompts: ``prompt, category, tokens`` (subject nouns, reference §4), ``subjects`` (each noun with the
+    colour right before it: ``[(noun, [colour])]``, :func:`anelab.subjects.benchmark_subjects`), file order.
 
     ``limit`` keeps the first ``limit`` prompts of each category.
     """
@@ -29,7 +31,10 @@ def load_prompts(path: str | Path | None = None, categories=CATEGORIES, limit: i
     rows = []
     for category in categories:
         for prompt in data["prompts"][category][:limit]:
-            rows.append({"prompt": prompt, "category": category, "tokens": [w for w in prompt.split() if w in nouns]})
+            subjects = benchmark_subjects(prompt, nouns, data["colors"])
+            rows.append(
+                {"prompt": prompt, "category": category, "tokens": [n for n, _ in subjects], "subjects": subjects}
+            )
     return pd.DataFrame(rows)
 
 

@@ -104,8 +104,12 @@ class RecordPlan:
     bytes: int  # estimated size of the kept maps
 
 
-def plan_record(record, *, pipe, prompt, subjects, eot, seeds, timesteps, layers, config, height, width) -> RecordPlan:
-    """Check ``record`` for this run (before any denoising); every failure is one clear AnelabError."""
+def plan_record(
+    record, *, pipe, prompt, subjects, eot, seeds, timesteps, layers, config, height, width, measured=None
+) -> RecordPlan:
+    """Check ``record`` for this run (before any denoising); every failure is one clear AnelabError. ``subjects``:
+    the positions flagged as subjects (nouns); ``measured``: every token the run measures (default: ``subjects``),
+    what ``tokens="subjects"`` records."""
     if not isinstance(record, Record):
         raise AnelabError(f"record must be an anelab.Record or None, got {type(record).__name__}")
     config = config or GuidanceConfig()
@@ -136,7 +140,7 @@ def plan_record(record, *, pipe, prompt, subjects, eot, seeds, timesteps, layers
             raise AnelabError(
                 'Record(tokens="subjects") needs subject tokens (tokens=[...]); or use tokens="prompt" or a list'
             )
-        positions = list(subjects)
+        positions = list(measured if measured is not None else subjects)
     elif record.tokens == "prompt":
         positions = [*words, eot]
     else:

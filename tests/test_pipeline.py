@@ -8,7 +8,8 @@ from diffusers.models.attention_processor import AttnProcessor
 
 import anelab
 from anelab import AnelabError, GuidanceConfig
-from anelab.pipeline import TRACE_COLUMNS, _Measure, _Sampler
+from anelab.measure import Measure as _Measure
+from anelab.pipeline import TRACE_COLUMNS, _Sampler
 
 SMALL = dict(height=128, width=128, num_inference_steps=25, output_type="latent", progress=False)
 PROMPT, TOKENS = "a cat and a dog", ["cat", "dog"]
@@ -175,24 +176,26 @@ class _ScriptedSampler(_Sampler):
     """A sampler whose guided forward returns scripted losses, to check the refinement rules exactly."""
 
     def __init__(self, losses, config):
-        self.losses, self.calls, self.config = list(losses), [], config
-        self.last_update = config.last_update_iteration(51)
+        self.losses, self.calls, self.method = list(losses), [], config
+        self.plan = type("P", (), {"step_sizes": np.ones(51), "timesteps": list(range(51)), "subjects": ()})()
         self.nonfinite_steps = torch.zeros((), dtype=torch.long)
+        self.traces = self
 
-    def measure(self, z, t):
+    def measure(self, z, t, i, rows=None, term="loss"):
         self.calls.append(z.clone())
         loss = torch.tensor([self.losses.pop(0)], dtype=torch.float64)
-        return _Measure(None, 1 - loss[:, None], loss, grad=torch.ones_like(z))
+        terms = {"max_attention": 1 - loss[:, None], "excite": loss, "loss": loss}
+        return _Measure(None, terms, {"loss": torch.ones_like(z)})
 
-    def log(self, **row):
+    def add(self, **row):
         self.logged = row
 
 
 def _refine(losses, threshold=0.8, cap=20):
     sampler = _ScriptedSampler(losses, GuidanceConfig(max_refinement_steps=cap))
     z = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
-    first = sampler.measure(z, 0)
-    z, end, triggered, iterations = sampler.refine(z, 0, first, threshold, alpha=1.0, need_final_grad=True)
+    first = sampler.measure(z, 0, 0)
+    z, end, triggered, iterations = sampler.refine(z, 0, 0, first, threshold, cap, alpha=1.0, need_final_grad=True)
     return sampler, z, end, triggered, iterations
 
 
@@ -203,12 +206,12 @@ def test_refinement_exit_rule_uses_the_loss_measured_before_each_update():
     assert triggered.item() and iterations.item() == 3
     assert z.item() == -3.0  # three steps of -alpha * grad
     assert len(sampler.calls) == 4  # first + z1 + z2 + re-measure at z3 (the official redundant forward is skipped)
-    assert end.loss.item() == pytest.approx(0.05) and end.gradient() is not None
+    assert end.terms["excite"].item() == pytest.approx(0.05) and end.gradient() is not None
 
 
 def test_refinement_stops_at_the_cap_and_skips_zero_loss_updates():
     _, z, end, _, iterations = _refine([0.9] * 10, cap=4)
-    assert iterations.item() == 4 and z.item() == -4.0 and end.loss.item() == pytest.approx(0.9)
+    assert iterations.item() == 4 and z.item() == -4.0 and end.terms["excite"].item() == pytest.approx(0.9)
     _, z, _, _, iterations = _refine([0.9, 0.0, 0.0])  # L = 0 at z1: counted iteration, no step
     assert iterations.item() == 2 and z.item() == -1.0
 
@@ -220,7 +223,6 @@ def test_below_threshold_no_refinement():
 
 def test_zero_loss_means_no_regular_update():
     sampler = _ScriptedSampler([0.0], GuidanceConfig(thresholds={}))
-    sampler.plan = type("P", (), {"step_sizes": np.ones(51), "timesteps": list(range(51))})()
     z = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
     assert sampler.guide(z, 0, 0).item() == 0.0
     assert not sampler.logged["updated"].item()
@@ -241,7 +243,7 @@ def test_processors_are_restored_after_a_run_and_after_a_failure(tiny_pipe, monk
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("anelab.pipeline.excite_loss", boom)
+    monkeypatch.setattr("anelab.methods.attend_and_excite.excite_loss", boom)
     with pytest.raises(RuntimeError, match="boom"):
         anelab.generate(tiny_pipe, PROMPT, TOKENS, seeds=[0], config=GuidanceConfig(attention_res=4), **SMALL)
     assert tiny_pipe.unet.attn_processors == before
@@ -303,7 +305,7 @@ def test_images_are_decoded(tiny_pipe):
         (dict(height=100), "height must be a positive multiple of 8"),
         (dict(output_type="jpg"), "output_type must be one of"),
         (dict(tokens=[]), "guidance needs subject tokens"),
-        (dict(config={"attention_res": 16}), "config must be a GuidanceConfig"),
+        (dict(config={"attention_res": 16}), "config must be a method.s settings \\(a GuidanceConfig for A&E"),
     ],
 )
 def test_bad_input_fails_before_denoising(tiny_pipe, kwargs, message, monkeypatch):
@@ -315,7 +317,7 @@ def test_bad_input_fails_before_denoising(tiny_pipe, kwargs, message, monkeypatc
 
 def test_a_non_finite_gradient_leaves_that_sample_unmoved_and_is_flagged(tiny_pipe, monkeypatch):
     """fp16 safety: a NaN objective for one sample zeroes its gradient; the others are guided as usual."""
-    import anelab.pipeline as pipeline
+    import anelab.methods.attend_and_excite as pipeline
 
     original = pipeline.excite_loss
 

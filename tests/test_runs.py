@@ -16,7 +16,8 @@ from anelab import AnelabError
 from anelab.resources import study_files
 from anelab.runs import SCALES, Store, load_results, load_stats, load_study, load_trace, run_sweep, score_run
 from anelab.runs.plan import parse_shard, work_plan
-from anelab.runs.runner import steering_arguments
+from anelab.runs.runner import steered_subjects
+from anelab.subjects import Subject
 
 
 @pytest.fixture()
@@ -127,7 +128,7 @@ def test_every_committed_study_file_loads():
         (
             (
                 "  - {prompt: a bird with a crown, tokens: [bird, crown]}",
-                "  - {prompt: a bird with a crown, subjects: [bird]}",
+                "  - {prompt: a bird with a crown, nouns: [bird]}",
             ),
             "prompts (line 2): item 1 must be",
         ),
@@ -317,21 +318,14 @@ def test_a_damaged_table_file_is_moved_aside_and_its_images_made_again(study_fil
 def test_study_steering_by_subject_index():
     study = load_study("suppression")
     assert study.steering["suppress_second"] == {"excite": [0], "suppress": [1]} and "sd" not in study.steering
-    subjects, config = ("cat", "dog"), study.variants["ae"]
-    assert steering_arguments(subjects, {}, config) == {"tokens": ["cat", "dog"], "suppress": [], "layout": {}}
-    assert steering_arguments(subjects, study.steering["suppress_only"], config) == {
-        "tokens": [],
-        "suppress": ["dog"],
-        "layout": {},
-    }
-    assert steering_arguments(subjects, study.steering["first_left"], config)["layout"] == {"cat": (0.2, 0.5)}
-    assert steering_arguments(subjects, {}, None) == {
-        "tokens": ["cat", "dog"],
-        "suppress": [],
-        "layout": {},
-    }  # plain SD takes no steering
+    subjects, config = (("cat", ()), ("dog", ())), study.variants["ae"]
+    assert steered_subjects(subjects, {}, config) == (Subject("cat"), Subject("dog"))
+    assert steered_subjects(subjects, study.steering["suppress_only"], config) == (Subject("dog", role="suppress"),)
+    first_left = steered_subjects(subjects, study.steering["first_left"], config)
+    assert first_left[0] == Subject("cat", target=(0.2, 0.5)) and first_left[1] == Subject("dog")
+    assert steered_subjects(subjects, {"suppress": [1]}, None) == (Subject("cat"),)  # plain SD takes no steering
     with pytest.raises(AnelabError, match="subject index \\[2\\] out of range for subjects \\['cat', 'dog'\\]"):
-        steering_arguments(subjects, {"layout": {2: [0.5, 0.5]}}, config)
+        steered_subjects(subjects, {"layout": {2: [0.5, 0.5]}}, config)
 
 
 def test_a_calibrated_study_takes_its_thresholds_from_the_sources_plain_sd_statistics(study_file, tiny_pipe, tmp_path):

@@ -8,8 +8,9 @@ import torch
 import anelab
 from anelab import AnelabError, GuidanceConfig, Record
 from anelab.analysis import calibrate_thresholds, subject_extremes
+from anelab.measure import Measure as _Measure
 from anelab.objectives import centroid, gaussian_target, layout_kl, suppress_loss
-from anelab.pipeline import _Measure, _Sampler
+from anelab.pipeline import _Sampler
 from anelab.runs.calibration import calibration_stats
 
 SEEDS = [0, 1, 2, 3]
@@ -84,21 +85,28 @@ class _ScriptedSuppression(_Sampler):
     the suppression bound and the refinement exit rule exactly."""
 
     def __init__(self, maxima, config):
-        self.maxima, self.config, self.last_update = list(maxima), config, 0
-        self.plan = type("P", (), {"step_sizes": np.ones(51), "timesteps": list(range(51))})()
+        self.maxima, self.method = list(maxima), config
+        self.plan = type("P", (), {"step_sizes": np.ones(51), "timesteps": list(range(51)), "subjects": ()})()
         self.nonfinite_steps = torch.zeros((), dtype=torch.long)
+        self.traces = self
 
-    def measure(self, z, t):
+    def measure(self, z, t, i, rows=None, term="loss"):
         m = torch.tensor([[self.maxima.pop(0)]], dtype=torch.float64)  # [B=1, U=1]
-        objective = suppress_loss(m, self.config.suppress_bound)
-        return _Measure(None, m, torch.zeros(1, dtype=torch.float64), objective, suppressed=m, grad=torch.ones_like(z))
+        terms = {
+            "max_attention": m,
+            "excite": torch.zeros(1, dtype=torch.float64),
+            "suppress": suppress_loss(m, self.method.suppress_bound),
+            "_suppressed_max": m.amax(-1),
+        }
+        terms["loss"] = terms["suppress"]
+        return _Measure(None, terms, {"loss": torch.ones_like(z)})
 
-    def log(self, *, end, triggered, iterations, reached, **step):
+    def add(self, *, end, triggered, refinement_iterations, reached, **step):
         self.result = dict(
             triggered=triggered.item(),
-            iterations=iterations.item(),
+            iterations=refinement_iterations.item(),
             reached=reached.item(),
-            final=end.suppressed.item(),
+            final=end["_suppressed_max"].item(),
         )
 
 

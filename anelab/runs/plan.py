@@ -24,17 +24,26 @@ class Block:
     category: str
     tokens: tuple
     seeds: tuple[int, ...]
+    subjects: tuple = ()  # ((noun, (modifier, ...)), ...) in words; default: the tokens without modifiers
+
+    def __post_init__(self):
+        if not self.subjects:
+            object.__setattr__(self, "subjects", tuple((t, ()) for t in self.tokens))
 
 
 def work_plan(study: Study) -> list[Block]:
     """Every block of the study, in a fixed order (variants, then prompts, then seed blocks)."""
     blocks = []
+    table = study.prompts
+    subjects = table["subjects"] if "subjects" in table else [[(t, []) for t in ts] for ts in table.tokens]
     for variant in study.variants:
-        for prompt, category, tokens in study.prompts[["prompt", "category", "tokens"]].itertuples(index=False):
+        for (prompt, category, tokens), named in zip(
+            table[["prompt", "category", "tokens"]].itertuples(index=False), subjects
+        ):
+            named = tuple((noun, tuple(modifiers)) for noun, modifiers in named)
             for start in range(0, len(study.seeds), study.batch):
-                blocks.append(
-                    Block(variant, prompt, category, tuple(tokens), tuple(study.seeds[start : start + study.batch]))
-                )
+                seeds = tuple(study.seeds[start : start + study.batch])
+                blocks.append(Block(variant, prompt, category, tuple(tokens), seeds, named))
     return blocks
 
 

@@ -22,9 +22,9 @@ from ..loading import load_parts, resolve_device, resolve_dtype
 from ..models import architecture
 from .calibration import resolve_calibration
 from .plan import work_plan
-from .runner import describe, run_sweep, steering_arguments
+from .runner import block_request, describe, request_identity, run_sweep
 from .scoring import score_run
-from .store import block_identity, image_key, model_identity
+from .store import image_key, model_identity
 from .study import Study, fit_study, load_study
 
 NOTEBOOK_STUDIES: dict[str, tuple[str, ...]] = {
@@ -101,11 +101,10 @@ class Context:
             guidance_scale=study.guidance_scale,
             generator_device=study.generator_device,
         )
+        common = {k: common[k] for k in ("model", "dtype", "device", "scheduler", "iterations")}
         keys = []
         for block in work_plan(study):
-            config = study.variants[block.variant]
-            arguments = steering_arguments(block.tokens, study.steering.get(block.variant, {}), config)
-            identity = block_identity(prompt=block.prompt, seeds=block.seeds, config=config, **arguments, **common)
+            identity = request_identity(block_request(study, block), common)
             keys += [image_key(identity, s) for s in block.seeds]
         return keys
 

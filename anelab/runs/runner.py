@@ -23,8 +23,9 @@ from .. import __version__
 from ..analysis import guidance_pairs
 from ..errors import AnelabError
 from ..io import file_lock, save_images, write_json, write_parquet
-from ..pipeline import generate, plan_run, schedule
+from ..pipeline import Request, plan_run, sample, schedule
 from ..recording import Record
+from ..subjects import Subject
 from .plan import Block, my_share, process_share, work_plan
 from .store import Store, block_identity, block_key, covers, image_key, model_identity
 from .study import Study, fit_study
@@ -34,71 +35,98 @@ VIEW, KEYS = "study.json", "keys.parquet"
 
 @dataclasses.dataclass
 class Job:
-    """One block, prepared: its generate arguments, store keys and the statistics it must record."""
+    """One block, prepared: its generate request, store keys and the statistics it must record."""
 
     block: Block
     identity: dict
     block_key: str
     keys: list[str]  # one per seed
-    arguments: dict  # tokens / suppress / layout of generate
+    request: Request  # the block's generate call, whole
     record: dict | None  # resolutions, steps, token positions the study records (None: nothing)
 
 
-def steering_arguments(subjects: tuple, steering: dict, config) -> dict:
-    """``tokens``/``suppress``/``layout`` of :func:`generate` for one prompt's subjects and a variant's steering."""
+def steered_subjects(subjects: tuple, steering: dict, method) -> tuple[Subject, ...]:
+    """One prompt's subjects (``(noun, modifiers)`` in words) as a variant steers them: ``excite``/``suppress`` pick
+    subjects by index (default: every subject not suppressed is excited), ``layout`` gives some a target point.
+    Plain SD (``method`` None) keeps the excited nouns only (they name what the metrics look for)."""
 
     def pick(indices):
         missing = [i for i in indices if i >= len(subjects)]
         if missing:
-            raise AnelabError(f"subject index {missing} out of range for subjects {list(subjects)}")
-        return [subjects[i] for i in indices]
+            raise AnelabError(f"subject index {missing} out of range for subjects {[s[0] for s in subjects]}")
+        return list(indices)
 
     suppressed = pick(steering.get("suppress", []))
-    excited = pick(steering["excite"]) if "excite" in steering else [t for t in subjects if t not in suppressed]
-    arguments = {"tokens": excited, "suppress": [], "layout": {}}
-    if config is not None:
-        arguments["suppress"] = suppressed
-        layout = steering.get("layout", {})
-        arguments["layout"] = dict(zip(pick(list(layout)), (tuple(p) for p in layout.values())))
-    return arguments
+    excited = (
+        pick(steering["excite"]) if "excite" in steering else [i for i in range(len(subjects)) if i not in suppressed]
+    )
+    if method is None:
+        return tuple(Subject(subjects[i][0]) for i in excited)
+    targets = dict(zip(pick(list(steering.get("layout", {}))), (tuple(p) for p in steering.get("layout", {}).values())))
+    out = []
+    for i in excited:
+        out.append(Subject(subjects[i][0], tuple(subjects[i][1]), target=targets.get(i)))
+    out += [Subject(subjects[i][0], role="suppress") for i in suppressed]
+    out += [Subject(subjects[i][0], role="layout", target=p) for i, p in targets.items() if i not in excited]
+    return tuple(out)
+
+
+def block_request(study: Study, block: Block) -> Request:
+    """The generate call of one block of ``study``."""
+    method = study.variants[block.variant]
+    return Request(
+        prompt=block.prompt,
+        subjects=steered_subjects(block.subjects, study.steering.get(block.variant, {}), method),
+        seeds=block.seeds,
+        method=method,
+        num_inference_steps=study.steps,
+        guidance_scale=study.guidance_scale,
+        height=study.size,
+        width=study.size,
+        record=study.record,
+        generator_device=study.generator_device,
+        progress=False,
+    )
+
+
+def context_identity(pipe, model: str, *, steps: int, revision=None, variant=None) -> dict:
+    """The store identity's fields that come from the model and the run's device, dtype and scheduler."""
+    return dict(
+        model=model_identity(model, revision, variant),
+        dtype=str(pipe.unet.dtype),
+        device=pipe.unet.device.type,
+        scheduler=type(pipe.scheduler).__name__,
+        iterations=len(schedule(pipe, steps)),
+    )
+
+
+def request_identity(request: Request, common: dict, subjects=None) -> dict:
+    """:func:`block_identity` of a request (``subjects``: in words; default the request's own)."""
+    return block_identity(
+        prompt=request.prompt,
+        subjects=request.subjects if subjects is None else subjects,
+        seeds=request.seeds,
+        steps=request.num_inference_steps,
+        height=request.height,
+        width=request.width,
+        guidance_scale=request.guidance_scale,
+        method=request.method,
+        generator_device=request.generator_device,
+        **common,
+    )
 
 
 def prepare(study: Study, pipe, model: str, *, revision=None, variant=None) -> list[Job]:
     """Every block of the study, checked with the core's own pre-flight check (:func:`plan_run`) before any
     image is made, with its store keys."""
-    timesteps = schedule(pipe, study.steps)
-    common = dict(
-        model=model_identity(model, revision, variant),
-        dtype=str(pipe.unet.dtype),
-        device=pipe.unet.device.type,
-        scheduler=type(pipe.scheduler).__name__,
-        iterations=len(timesteps),
-        steps=study.steps,
-        height=study.size,
-        width=study.size,
-        guidance_scale=study.guidance_scale,
-        generator_device=study.generator_device,
-    )
-    checked: dict[tuple[str, str], tuple[dict, dict | None]] = {}
+    common = context_identity(pipe, model, steps=study.steps, revision=revision, variant=variant)
+    checked: dict[tuple[str, str], dict | None] = {}
     jobs = []
     for block in work_plan(study):
-        config = study.variants[block.variant]
+        request = block_request(study, block)
         if (block.variant, block.prompt) not in checked:
-            arguments = steering_arguments(block.tokens, study.steering.get(block.variant, {}), config)
             try:
-                plan = plan_run(
-                    pipe,
-                    block.prompt,
-                    seeds=[0],
-                    config=config,
-                    num_inference_steps=study.steps,
-                    height=study.size,
-                    width=study.size,
-                    guidance_scale=study.guidance_scale,
-                    record=study.record,
-                    generator_device=study.generator_device,
-                    **arguments,
-                )
+                plan = plan_run(pipe, dataclasses.replace(request, seeds=(0,)))
             except AnelabError as error:
                 raise AnelabError(
                     f"study {study.name!r}, variant {block.variant!r}, prompt {block.prompt!r}: {error}"
@@ -110,11 +138,17 @@ def prepare(study: Study, pipe, model: str, *, revision=None, variant=None) -> l
                     "steps": list(plan.record.steps),
                     "tokens": sorted(plan.record.tokens),
                 }
-            checked[block.variant, block.prompt] = (arguments, record)
-        arguments, record = checked[block.variant, block.prompt]
-        identity = block_identity(prompt=block.prompt, seeds=block.seeds, config=config, **arguments, **common)
+            checked[block.variant, block.prompt] = record
+        identity = request_identity(request, common)
         jobs.append(
-            Job(block, identity, block_key(identity), [image_key(identity, s) for s in block.seeds], arguments, record)
+            Job(
+                block,
+                identity,
+                block_key(identity),
+                [image_key(identity, s) for s in block.seeds],
+                request,
+                checked[block.variant, block.prompt],
+            )
         )
     return jobs
 
@@ -283,22 +317,8 @@ def missing(store: Store, jobs: list[Job]) -> list[Job]:
 def _make(job: Job, lock, study: Study, pipe, store: Store, writer: "_Writer", bar) -> None:
     """Generate one block (recording at least what the store already had for it) and queue its write."""
     record = _union_record(job, store, study.record)
-    config = study.variants[job.block.variant]
     bar.set_postfix_str(f"{job.block.variant}: {job.block.prompt[:40]}", refresh=False)
-    result = generate(
-        pipe,
-        job.block.prompt,
-        seeds=list(job.block.seeds),
-        config=config,
-        num_inference_steps=study.steps,
-        guidance_scale=study.guidance_scale,
-        height=study.size,
-        width=study.size,
-        record=record,
-        generator_device=study.generator_device,
-        progress=False,
-        **job.arguments,
-    )
+    result = sample(pipe, dataclasses.replace(job.request, record=record))
     save_images(result.images, [store.image(k) for k in job.keys])
     writer.add(job, result, lock)
     bar.update(len(job.keys))
@@ -415,43 +435,25 @@ def describe(summary: dict, study: Study, out: Path) -> str:
 
 
 def stored_generate(
-    pipe, prompt: str, *, model: str, store: Store | str | None = None, revision=None, variant=None, **kwargs
+    pipe, request: Request, *, model: str, store: Store | str | None = None, revision=None, variant=None
 ):
-    """:func:`generate` through the store (``anelab generate``): the images and trace of these exact arguments
-    come from the store when it has them, else they are generated and kept there. Returns
+    """:func:`generate` through the store (``anelab generate``): the images and trace of this exact request come
+    from the store when it has them, else they are generated and kept there. Returns
     ``(images, trace, seconds_per_image, reused)``."""
     from PIL import Image
 
     store = store if isinstance(store, Store) else Store(store)
     store.prepare()
-    plan = plan_run(pipe, prompt, **kwargs)
-    arguments = {
-        "tokens": [plan.token_words[plan.measured.index(i)] for i in plan.token_indices],
-        "suppress": [plan.token_words[plan.measured.index(i)] for i in plan.suppress_indices],
-        "layout": {plan.token_words[plan.measured.index(i)]: p for i, p in plan.layout.items()},
-    }
-    identity = block_identity(
-        model=model_identity(model, revision, variant),
-        dtype=str(pipe.unet.dtype),
-        device=pipe.unet.device.type,
-        scheduler=type(pipe.scheduler).__name__,
-        iterations=len(plan.timesteps),
-        prompt=prompt,
-        seeds=plan.seeds,
-        steps=kwargs.get("num_inference_steps", 50),
-        height=plan.height,
-        width=plan.width,
-        guidance_scale=plan.guidance_scale,
-        config=plan.config,
-        generator_device=plan.generator_device,
-        **arguments,
-    )
+    plan = plan_run(pipe, request)
+    common = context_identity(pipe, model, steps=request.num_inference_steps, revision=revision, variant=variant)
+    identity = request_identity(request, common, subjects=plan.named_subjects())
+    nouns = tuple((s.noun, s.modifiers) for s in plan.named_subjects() if s.role == "excite")
     job = Job(
-        Block("generate", prompt, "custom", tuple(arguments["tokens"]), tuple(plan.seeds)),
+        Block("generate", request.prompt, "custom", tuple(n for n, _ in nouns), tuple(plan.seeds), nouns),
         identity,
         block_key(identity),
         [image_key(identity, s) for s in plan.seeds],
-        arguments,
+        request,
         None,
     )
     lock = store.wait_lock(job.block_key)
@@ -471,7 +473,7 @@ def stored_generate(
                 float(rows.seconds.mean()),
                 True,
             )
-        result = generate(pipe, prompt, progress=True, **kwargs)
+        result = sample(pipe, request)
         save_images(result.images, [store.image(k) for k in job.keys])
         store.write(*_frames(job, result))
         return result.images, result.trace, result.seconds_per_image, False

@@ -36,6 +36,7 @@ import pandas as pd
 
 from ..errors import AnelabError
 from ..io import write_json, write_parquet
+from ..methods import AE
 from ..testing import TINY_MODELS
 
 FORMAT = "anelab-store/1"
@@ -75,33 +76,35 @@ def block_identity(
     scheduler: str,
     iterations: int,
     prompt: str,
-    tokens,
-    suppress,
-    layout,
+    subjects,
     seeds,
     steps: int,
     height: int,
     width: int,
     guidance_scale: float,
-    config,
+    method,
     generator_device: str,
 ) -> dict:
     """Everything of one generate call that changes its images' bytes (the recording does not: it only observes).
-    ``iterations``: the scheduler's loop length for ``steps`` (the step sizes are taken over it, so a callable
-    schedule is keyed by what it computes)."""
+    ``subjects`` are :class:`anelab.subjects.Subject` values in words; ``iterations``: the scheduler's loop length for
+    ``steps`` (the step sizes are taken over it, so a callable schedule is keyed by what it computes).
+
+    Attend-and-Excite and plain SD are keyed exactly as anelab 0.2.0 keyed them (tokens, suppress, layout and the
+    settings as ``config``), so a store written then keeps serving; another method adds its ``method`` name and its
+    ``subjects`` (noun, modifiers)."""
     guidance = (
-        None if config is None else config.to_dict() | {"step_sizes": [float(a) for a in config.step_sizes(iterations)]}
+        None if method is None else method.to_dict() | {"step_sizes": [float(a) for a in method.step_sizes(iterations)]}
     )
-    return {
+    identity = {
         "format": FORMAT,
         "model": model,
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,
         "scheduler": scheduler,
         "prompt": prompt,
-        "tokens": [str(t) for t in tokens],
-        "suppress": [str(t) for t in suppress],
-        "layout": {str(k): [float(v) for v in p] for k, p in (layout or {}).items()},
+        "tokens": [str(s.noun) for s in subjects if s.role == "excite"],
+        "suppress": [str(s.noun) for s in subjects if s.role == "suppress"],
+        "layout": {str(s.noun): [float(v) for v in s.target] for s in subjects if s.target is not None},
         "seeds": [int(s) for s in seeds],
         "steps": int(steps),
         "height": int(height),
@@ -110,6 +113,10 @@ def block_identity(
         "config": guidance,
         "generator_device": generator_device,
     }
+    if method is not None and method.name != AE:
+        identity["method"] = method.name
+        identity["subjects"] = [[str(s.noun), [str(m) for m in s.modifiers]] for s in subjects]
+    return identity
 
 
 def _digest(data) -> str:

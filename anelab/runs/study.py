@@ -25,9 +25,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from .. import methods
 from ..checks import is_int, is_number
-from ..config import GuidanceConfig
 from ..errors import AnelabError
+from ..methods import AE, GuidanceConfig, Method
 from ..models import SD1_SIZE, Architecture
 from ..pipeline import layout_point
 from ..prompts import CATEGORIES, load_prompts
@@ -36,14 +37,14 @@ from ..resources import study_files
 
 TOP_KEYS = {
     "name": "study name (text)",
-    "prompts": "{set: ane, categories: [...], limit: K} or a list of {prompt, tokens}",
+    "prompts": "{set: ane, categories: [...], limit: K} or a list of {prompt, tokens, subjects: [[noun, [modifiers]], ...]}",
     "seeds": "a count n (seeds 0..n-1) or a list of seeds",
     "steps": "inference steps (int)",
     "size": "image side in pixels (int, multiple of 8)",
     "guidance_scale": "classifier-free guidance scale (number, default 7.5)",
     "batch": "seeds generated together (int, default 8)",
     "base": "GuidanceConfig fields shared by the guided variants",
-    "variants": "name -> GuidanceConfig overrides of base (+ excite/suppress/layout by subject index), or null for plain SD",
+    "variants": "name -> GuidanceConfig overrides of base (+ excite/suppress/layout by subject index), {method: name, its settings...} for another method (anelab.methods), or null for plain SD",
     "record": "Record fields (resolutions, steps, tokens); statistics only, maps: false",
     "generator_device": "where each seed's noise is drawn: cpu (default, the same on every machine) or cuda (the official code's)",
     "calibrate": "thresholds from another study's plain-SD statistics: {from: study, variant: sd, quantile: 0.5, variants: [...]}",
@@ -84,7 +85,7 @@ class Study:
     size: int
     guidance_scale: float
     batch: int
-    variants: dict[str, GuidanceConfig | None]  # None = plain Stable Diffusion
+    variants: dict[str, Method | None]  # a method's settings (GuidanceConfig: A&E); None = plain Stable Diffusion
     record: Record | None
     steering: dict[str, dict] = dataclasses.field(
         default_factory=dict
@@ -110,12 +111,13 @@ class Study:
                 {"prompt": p, "category": c, "tokens": list(t)}
                 for p, c, t in self.prompts[["prompt", "category", "tokens"]].itertuples(index=False)
             ],
+            **({"subjects": self.subjects_spec()} if self.reads_modifiers() else {}),
             "seeds": self.seeds,
             "steps": self.steps,
             "size": self.size,
             "guidance_scale": self.guidance_scale,
             "batch": self.batch,
-            "variants": {name: None if c is None else c.to_dict() for name, c in self.variants.items()},
+            "variants": {name: variant_spec(c) for name, c in self.variants.items()},
             "record": None if self.record is None else self.record.to_dict(),
             **({"steering": self.steering} if self.steering else {}),
             **({"generator_device": self.generator_device} if self.generator_device != "cpu" else {}),
@@ -124,12 +126,26 @@ class Study:
             **({"dropped": self.dropped} if self.dropped else {}),
         }
 
+    def reads_modifiers(self) -> bool:
+        """Whether a variant's method reads the subjects' modifiers (then they are part of the spec)."""
+        return any(c is not None and c.name != AE for c in self.variants.values())
+
+    def subjects_spec(self) -> list:
+        """Each prompt's subjects ``[[noun, [modifiers]], ...]`` (the prompts' order)."""
+        table = self.prompts
+        if "subjects" not in table:
+            return [[[t, []] for t in tokens] for tokens in table.tokens]
+        return [[[n, list(m)] for n, m in subjects] for subjects in table.subjects]
+
     def describe(self, variant: str) -> str:
         """What a variant is, in words a table legend can carry: its resolution, thresholds, step size and
-        schedule, kernel and σ where they differ from the defaults, its steering (plain SD: "plain SD")."""
+        schedule, kernel and σ where they differ from the defaults, its steering (plain SD: "plain SD"); another
+        method: its label and the settings that differ from its defaults."""
         config = self.variants[variant]
         if config is None:
             return "plain SD (no guidance)"
+        if config.name != AE:
+            return config.describe()
         default = GuidanceConfig()
         parts = [
             f"res {config.attention_res}",
@@ -287,6 +303,11 @@ def load_study(
         variants[str(name)] = (
             None if overrides is None else _config(base_fields, overrides, ("variants", str(name)), fail)
         )
+    for key in base_fields:  # a base field must be a setting of some guided variant's method
+        if not any(c is not None and key in _settings(type(c)) for c in variants.values()):
+            fail(
+                ("base", key), f"is not a setting of any guided variant's method; A&E's are: {', '.join(CONFIG_FIELDS)}"
+            )
     record = _record(data.get("record"), fail)
     generator = data.get("generator_device", "cpu")
     if generator not in ("cpu", "cuda"):
@@ -328,8 +349,8 @@ def load_study(
         side = full_side = size
     elif scale == "smoke":
         side = smallest_size(variants, record, side)
-    if base:
-        variants = {k: None if c is None else c.replace(**base) for k, c in variants.items()}
+    if base:  # each guided variant takes the fields its method has
+        variants = {k: None if c is None else _with(c, base) for k, c in variants.items()}
     if steps is not None and steps != n_steps:
         variants = {k: None if c is None else c.rescaled(n_steps, steps) for k, c in variants.items()}
         notes.append(f"steps {n_steps} -> {steps}: threshold steps and max_iter_to_alter rescaled proportionally")
@@ -382,16 +403,17 @@ def fit_study(study: Study, model) -> Study:
 
     variants, dropped, notes = {}, dict(study.dropped), list(study.notes)
     for name, config in study.variants.items():
-        res = None if config is None else moved(config.attention_res)
-        if config is None or res in have:
-            variants[name] = (
-                config if config is None or res == config.attention_res else config.replace(attention_res=res)
-            )
+        fitted = None if config is None else config.at_scale(factor)
+        if config is None or (fitted is not None and set(fitted.resolutions()) <= set(have)):
+            variants[name] = config if fitted == config else fitted
             continue
-        scaled = f" (x{factor:g} = {config.attention_res * factor:g})" if factor != 1 else ""
-        dropped[name] = (
-            f"attention_res {config.attention_res}{scaled}: this model has cross-attention at {have} at {side_full} px"
-        )
+        if config.name == AE:
+            scaled = f" (x{factor:g} = {config.attention_res * factor:g})" if factor != 1 else ""
+            what = f"attention_res {config.attention_res}{scaled}"
+        else:
+            scaled = f" (x{factor:g})" if factor != 1 else ""
+            what = f"{config.name} reads resolutions {config.resolutions()}{scaled}"
+        dropped[name] = f"{what}: this model has cross-attention at {have} at {side_full} px"
     record = study.record
     if record is not None and record.resolutions is not None:
         kept = sorted({moved(r) for r in record.resolutions} & set(have))
@@ -406,7 +428,7 @@ def fit_study(study: Study, model) -> Study:
     if study.size != written and not (
         record is not None and record.resolutions is None
     ):  # a smoke slice: from its own side up
-        needed = {c.attention_res for c in variants.values() if c is not None} | set(
+        needed = {r for c in variants.values() if c is not None for r in c.resolutions()} | set(
             record.resolutions if record else ()
         )
         start = _multiple_of_8(study.size * factor)
@@ -486,15 +508,14 @@ def _slice(spec, name: str, variants: Mapping, fail) -> dict:
     return out
 
 
-def smallest_size(
-    variants: Mapping[str, GuidanceConfig | None], record: Record | None, size: int, floor: int = 128
-) -> int:
+def smallest_size(variants: Mapping[str, Method | None], record: Record | None, size: int, floor: int = 128) -> int:
     """The smallest image side, at most ``size`` and at least ``floor``, whose top attention resolution
-    (side / 8 on SD 1.x and the tiny model) covers every ``attention_res`` of the variants and every
+    (side / 8 on SD 1.x and the tiny model) covers every resolution the variants' methods read and every
     recorded resolution (``Record(resolutions=None)`` records all: ``size`` stays)."""
     if record is not None and record.resolutions is None:
         return size
-    needed = [c.attention_res for c in variants.values() if c is not None] + list(record.resolutions if record else ())
+    needed = [r for c in variants.values() if c is not None for r in c.resolutions()]
+    needed += list(record.resolutions if record else ())
     return min(size, max([floor, *(8 * r for r in needed)]))
 
 
@@ -518,20 +539,57 @@ def _prompts(spec, fail) -> pd.DataFrame:
     if isinstance(spec, list) and spec:
         rows = []
         for k, item in enumerate(spec):
-            if not isinstance(item, Mapping) or set(item) - {"prompt", "tokens", "category"} or "prompt" not in item:
+            allowed = {"prompt", "tokens", "subjects", "category"}
+            if not isinstance(item, Mapping) or set(item) - allowed or "prompt" not in item:
                 fail(
                     ("prompts",),
-                    f"item {k} must be {{prompt: text, tokens: [words], category: optional}}, got {item!r}",
+                    f"item {k} must be {{prompt: text, tokens: [words] or subjects: [[noun, [modifiers]], ...], "
+                    f"category: optional}}, got {item!r}",
                 )
-            tokens = item.get("tokens", [])
+            subjects = _item_subjects(item.get("subjects"), k, fail)
+            tokens = item.get("tokens", [n for n, _ in subjects] if subjects else [])
             if not isinstance(tokens, list) or not all(isinstance(t, (str, int)) for t in tokens):
                 fail(("prompts",), f"item {k}: tokens must be a list of words, got {tokens!r}")
-            rows.append({"prompt": str(item["prompt"]), "category": item.get("category", "custom"), "tokens": tokens})
+            if subjects and [n for n, _ in subjects] != tokens:
+                fail(
+                    ("prompts",),
+                    f"item {k}: tokens {tokens!r} must be the subjects' nouns {[n for n, _ in subjects]!r}",
+                )
+            rows.append(
+                {
+                    "prompt": str(item["prompt"]),
+                    "category": item.get("category", "custom"),
+                    "tokens": tokens,
+                    "subjects": subjects or [(t, []) for t in tokens],
+                }
+            )
         frame = pd.DataFrame(rows)
         if frame.prompt.duplicated().any():
             fail(("prompts",), f"repeated prompts: {sorted(set(frame.prompt[frame.prompt.duplicated()]))}")
         return frame
     fail(("prompts",), "must be {set: ane, categories: [...], limit: K} or a non-empty list of {prompt, tokens}")
+
+
+def _item_subjects(spec, k: int, fail) -> list:
+    """A custom prompt's ``subjects``: ``[[noun, [modifiers]], ...]`` (a bare word is a noun without modifiers)."""
+    if spec is None:
+        return []
+    out = []
+    items = spec if isinstance(spec, list) else [None]
+    for item in items:
+        if isinstance(item, str):
+            out.append((item, []))
+        elif (
+            isinstance(item, list)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], list)
+            and all(isinstance(m, str) for m in item[1])
+        ):
+            out.append((item[0], list(item[1])))
+        else:
+            fail(("prompts",), f"item {k}: subjects must be a list of [noun, [modifiers]] (or nouns), got {spec!r}")
+    return out
 
 
 def _steering(spec, path, fail) -> dict:
@@ -564,16 +622,44 @@ def _seeds(spec, fail) -> list[int]:
     fail(("seeds",), f"must be a count >= 1 or a list of distinct ints >= 0, got {spec!r}")
 
 
-def _config(base, overrides, path, fail) -> GuidanceConfig:
-    fields = {**base, **overrides}
-    for key in fields:
-        if key not in CONFIG_FIELDS:
-            where = path + (key,) if key in overrides else ("base", key)
-            fail(where, f"is not a GuidanceConfig field; allowed: {', '.join(CONFIG_FIELDS)}")
+def _config(base, overrides, path, fail) -> Method:
+    """A variant's method: A&E (``GuidanceConfig``) with ``base`` and the overrides, or ``method: name`` with its own
+    settings (and the fields of ``base`` it has)."""
+    name = overrides.get("method", AE)
+    if name not in methods.REGISTRY:
+        fail((*path, "method"), f"unknown method {name!r}; the methods are {', '.join(methods.names())}")
+    cls = methods.REGISTRY[name]
+    known = _settings(cls)
+    settings = {k: v for k, v in overrides.items() if k != "method"}
+    for key in settings:
+        if key not in known:
+            what = "a GuidanceConfig field" if name == AE else f"a setting of {name}"
+            fail((*path, key), f"is not {what}; allowed: {', '.join(known)}")
+    if name == AE:
+        for key in base:
+            if key not in known:
+                fail(("base", key), f"is not a GuidanceConfig field; allowed: {', '.join(CONFIG_FIELDS)}")
+    fields = {**{k: v for k, v in base.items() if k in known}, **settings}
     try:
-        return GuidanceConfig.from_dict(fields)  # also a spec read back from JSON (threshold steps as text)
+        return cls.from_dict(fields)  # also a spec read back from JSON (threshold steps as text)
     except AnelabError as error:
         fail(path, str(error))
+
+
+def _settings(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _with(method: Method, changes: Mapping) -> Method:
+    """``method`` with the fields of ``changes`` it has (a scale's or the CLI's overrides of every guided variant)."""
+    known = set(_settings(type(method)))
+    mine = {k: v for k, v in changes.items() if k in known}
+    return method.replace(**mine) if mine else method
+
+
+def variant_spec(method: Method | None):
+    """A variant as the spec writes it: null (plain SD), A&E's settings, or another method's with its ``method`` name."""
+    return methods.spec(method)
 
 
 def _record(spec, fail) -> Record | None:
