@@ -15,8 +15,7 @@ import torch
 
 from . import fast as fast_path
 from . import hooks as hk
-from .methods.base import Inputs
-from .objectives import token_maps
+from .methods.base import Inputs, with_max_attention
 
 #: Terms that are no trace columns: the carried state and the methods' internals (a leading underscore).
 STATE = "state"
@@ -147,10 +146,7 @@ class Measurer:
                 targets=targets,
                 columns=plan.columns,
             )
-            terms = self.method.terms(inputs)
-            if "max_attention" not in terms:  # the trace's common measure: A&E's smoothed max of every measured token
-                main = inputs.cross[self.method.reads().cross[0]].detach()
-                terms["max_attention"] = token_maps(main, plan.measured, plan.eot, plan.normaliser).flatten(2).amax(-1)
+            terms = with_max_attention(self.method, self.method.terms(inputs), inputs, plan.normaliser)
         return Measure(leaf, terms, retain=self.method.refine_term != "loss")
 
     def graphable(self, term: str, step: int):

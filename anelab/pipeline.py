@@ -425,7 +425,7 @@ class _Sampler:
         before (:class:`anelab.measure.Measurer`); on the fast path replayed, with ∇ of ``term``, from a CUDA graph of
         the run's batch (refinement's subsets and a method's staged updates run eagerly)."""
         unet_kwargs = self.conditioning.unet_kwargs(len(z), cfg=False)
-        previous = self.state if rows is None or self.state is None else _rows(self.state, rows)
+        previous = self.state if rows is None or self.state is None else _rows(self.state, rows)  # the rows' own
         eager = self.graphs is None or len(self.method.stages(self.plan.subjects)) > 1 or rows is not None
         eager = eager or self.method.refine_term != "loss"  # two gradients of one forward
         graph = None
@@ -441,7 +441,7 @@ class _Sampler:
             measure = self.measurer(z, t, unet_kwargs, step=i, previous=previous, targets=self.layout_targets)
         else:
             measure = Measure.from_outputs(graph(inputs))
-        if measure.state is not None:  # the next measurement of these rows starts from this one's state
+        if measure.state is not None and self.method.state_per_measurement:  # the next measurement starts from it
             if rows is None or self.state is None:
                 self.state = _map_detached(measure.state)
             else:
@@ -478,6 +478,8 @@ class _Sampler:
                 move = move & ~self.nonfinite
                 z = torch.where(move[:, None, None, None], z - alpha * grad, z)
             updated = updated | move
+        if end.state is not None and not method.state_per_measurement:  # the next step's measurements start from it
+            self.state = _map_detached(end.state)
         self.nonfinite_steps += self.nonfinite.any()
         self.traces.add(
             step=i,
@@ -515,7 +517,7 @@ class _Sampler:
         z = z.clone()
         active = triggered.nonzero()[:, 0]
         value_k, violates_k, grad_k = first.terms[term][active], triggered[active], grad_first[active]
-        if method.stateful:  # the official loop measures again before its first update, and the state moves with it
+        if method.state_per_measurement:  # the official loop measures again before its first update: the state moves
             again = self.measure(z[active], t, i, rows=active)
             grad_k = self.gradient(again, active, term)
             value_k, violates_k = again.terms[term], method.violates(again.terms, threshold)
@@ -722,13 +724,11 @@ def _read_layers(pipe, method: Method, cross_layers, latent, height: int, width:
         for res in wanted:
             found = hk.layers_at(layers, res)
             if not found:
-                what = (
-                    "attention_res"
-                    if kind == "cross" and res == reads.cross[0]
-                    else f"{method.name} reads {kind}-attention at resolution"
-                )
+                where = f"at {height}x{width}: this model has {kind}-attention at resolutions {have}"
+                if kind == "cross" and res == reads.cross[0]:
+                    raise AnelabError(f"attention_res {res} does not exist {where}")
                 raise AnelabError(
-                    f"{what} {res} does not exist at {height}x{width}: this model has {kind}-attention at resolutions {have}"
+                    f"{method.name} reads {kind}-attention at resolution {res}, which does not exist {where}"
                 )
             out[(kind, res)] = found
     return out

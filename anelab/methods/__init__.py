@@ -21,7 +21,7 @@ import torch
 from ..errors import AnelabError
 from ..subjects import SubjectPosition
 from .attend_and_excite import GuidanceConfig
-from .base import Inputs, Method, Reads
+from .base import Inputs, Method, Reads, TokenSoftmax, with_max_attention
 
 AE = GuidanceConfig.name
 
@@ -30,12 +30,13 @@ REGISTRY: dict[str, type[Method]] = {GuidanceConfig.name: GuidanceConfig}
 
 
 def _register_all() -> None:
+    from .conform import Conform
     from .divide_and_bind import DivideAndBind
     from .ebama import Ebama
     from .initno import InitNO
     from .syngen import SynGen
 
-    for cls in (DivideAndBind, SynGen, InitNO, Ebama):
+    for cls in (DivideAndBind, SynGen, Conform, InitNO, Ebama):
         REGISTRY[cls.name] = cls
 
 
@@ -151,7 +152,8 @@ def evaluate(
     ``self_attention``: ``{res: [B, res, res, res*res]}`` where the method reads it (InitNO); ``previous``: the
     ``terms["state"]`` of the step before (CONFORM, InitNO); ``softmax_tokens``: what ``"legacy"`` means for these
     maps (SD 1.x's columns; ``"prompt"`` for SD 2.x and SDXL maps). Returns the method's terms: ``loss`` [B] and
-    its named terms ([B] or [B, K])."""
+    its named terms ([B] or [B, K]), and ``max_attention`` [B, T]: the smoothed max of A&E's token maps (the method's
+    own where it has them) of every token the method measures (its nouns, then their modifiers)."""
     method = get(method) if isinstance(method, str) else method
     if not isinstance(method, Method):
         raise AnelabError(f"method must be a name of {names()} or anelab.methods.get(name), got {method!r}")
@@ -179,4 +181,5 @@ def evaluate(
         columns=softmax_tokens,
     )
     method.check_subjects(inputs.subjects, {})
-    return method.terms(inputs)
+    normaliser = method if isinstance(method, TokenSoftmax) else GuidanceConfig()
+    return with_max_attention(method, method.terms(inputs), inputs, normaliser.normalised(softmax_tokens))

@@ -8,7 +8,8 @@ CUDA-graph key, so no list of fields is kept by hand anywhere), its methods are 
 - :meth:`Method.terms` — its objective on those maps, as pure tensor code (no host synchronisation, so a
   CUDA graph can capture it): ``terms["loss"]`` [B] is what the latent update descends, the other keys are
   its named terms ([B] per sample, or [B, T] per measured token), ``terms["state"]`` what it carries to the
-  next step;
+  next step (``previous`` of every measurement of the next guided step: the state of this step's last
+  measurement), or to the next measurement (``state_per_measurement``: InitNO's EMA);
 - :meth:`Method.updates`, :meth:`Method.step_sizes`, :meth:`Method.refinement`, :meth:`Method.violates` —
   when it moves the latent, by how much, and when and how long it refines;
 - optionally ``optimise_noise`` — acting on the initial noise before denoising (InitNO).
@@ -83,7 +84,7 @@ class Method:
     binding: ClassVar[bool] = False  # needs subjects with modifiers (attribute words)
     refine_term: ClassVar[str] = "loss"  # the term refinement descends
     trace_loss: ClassVar[str] = "loss"  # the term shown in the trace's ``loss`` column
-    stateful: ClassVar[bool] = False  # its terms depend on the measurement before (refinement then re-measures first)
+    state_per_measurement: ClassVar[bool] = False  # terms["state"] moves at every measurement (else once per step)
 
     def __post_init__(self):
         for cls in reversed(type(self).__mro__):  # every mixin checks its own settings, base first
@@ -385,6 +386,18 @@ class TokenSoftmax(Method):
 
 
 SOFTMAX_TOKENS = ("legacy", "prompt", "padded")
+
+
+def with_max_attention(method: Method, terms: dict, inputs: Inputs, normaliser: TokenSoftmax) -> dict:
+    """``terms`` with the trace's common measure, ``max_attention`` [B, T] of every measured token (A&E's smoothed max
+    under ``normaliser``, or the method's own token maps), where the method does not give its own."""
+    if "max_attention" not in terms:
+        from ..objectives import token_maps
+
+        positions, _ = method.measured(inputs.subjects)
+        main = inputs.cross[method.reads().cross[0]].detach()
+        terms["max_attention"] = token_maps(main, positions, inputs.eot, normaliser).flatten(2).amax(-1)
+    return terms
 
 
 def _plain(value):

@@ -118,11 +118,17 @@ class DivideAndBind(TokenSoftmax, Thresholds, IndexSteps, AtResolution):
         attendance = tv
         terms = {"tv": tv}
         bound = [k for k, s in enumerate(subjects) if s.modifiers]
-        if self.mode == "tv_bind" and bound:
-            attributes = self.attribute_maps(inputs, maps.shape[-2:])  # [B, h, w, 77]
-            attribute = self.token_maps(attributes, [subjects[k].modifiers[0] for k in bound], inputs)  # [B, A, h, w]
-            jsd = binding_divergence(maps[:, bound], attribute, tv[:, bound], self.bind_quantiles, self.bind_tv_split)
+        if self.mode == "tv_bind":
             zero = torch.zeros_like(tv[:, 0])
+            jsd = None
+            if bound:
+                attributes = self.attribute_maps(inputs, maps.shape[-2:])  # [B, h, w, 77]
+                attribute = self.token_maps(
+                    attributes, [subjects[k].modifiers[0] for k in bound], inputs
+                )  # [B, A, h, w]
+                jsd = binding_divergence(
+                    maps[:, bound], attribute, tv[:, bound], self.bind_quantiles, self.bind_tv_split
+                )
             bind = torch.stack([jsd[:, bound.index(k)] if k in bound else zero for k in range(len(subjects))], dim=1)
             terms["bind"] = self.bind_weight(inputs.step) * bind
             attendance = tv - terms["bind"]

@@ -47,7 +47,8 @@ class Ebama(TokenSoftmax, IndexSteps, AtResolution):
             raise AnelabError(f"presence_weight must be a number >= 0, got {self.presence_weight!r}")
 
     def terms(self, inputs: Inputs) -> dict:
-        """``positive`` and ``negative`` [B, S] per subject, ``presence`` [B], ``max_attention`` [B, S] and ``loss`` [B]."""
+        """``positive`` and ``negative`` [B, S] per subject, their sum ``attribution`` [B], ``presence`` [B] and
+        ``loss`` [B]."""
         subjects = inputs.subjects
         words = spatial_distributions(inputs.cross[self.attention_res], inputs.eot)  # [B, W, hw]
         unit = words / words.norm(dim=-1, keepdim=True)
@@ -65,5 +66,11 @@ class Ebama(TokenSoftmax, IndexSteps, AtResolution):
         )
         positive, negative = torch.stack(positive, dim=1), torch.stack(negative, dim=1)
         presence = -maxima.sum(dim=-1)
-        loss = (positive + negative).sum(dim=-1) + self.presence_weight * presence
-        return {"max_attention": maxima, "positive": positive, "negative": negative, "presence": presence, "loss": loss}
+        attribution = (positive + negative).sum(dim=-1)
+        return {
+            "positive": positive,
+            "negative": negative,
+            "attribution": attribution,
+            "presence": presence,
+            "loss": attribution + self.presence_weight * presence,
+        }

@@ -56,7 +56,7 @@ class InitNO(TokenSoftmax, Thresholds, IndexSteps, AtResolution):
     official = "xiefan-guo/initno, initno/pipelines/pipeline_sd_initno.py + utils/attn_utils.py"
     refine_term = "refinement"
     trace_loss = "cross"
-    stateful = True
+    state_per_measurement = True
 
     thresholds: Mapping[int, float] = dataclasses.field(default_factory=lambda: {10: 0.8, 20: 0.8}, metadata=KEYS)
     self_threshold: float = 0.3  # refinement also while the (ungated) self loss is above this
@@ -243,7 +243,7 @@ class InitNO(TokenSoftmax, Thresholds, IndexSteps, AtResolution):
         for step in range(self.kl_max_steps + 1):
             with torch.enable_grad():
                 kl = {b: noise_kl(mus[b], logvars[b]) for b in rows}
-            rows = [b for b in rows if float(kl[b]) > self.kl_threshold]
+            rows = [b for b in rows if float(kl[b].detach()) > self.kl_threshold]
             if not rows:
                 return
             if step == self.kl_max_steps:

@@ -22,7 +22,7 @@ from ..loading import load_parts, resolve_device, resolve_dtype
 from ..models import architecture
 from .calibration import resolve_calibration
 from .plan import work_plan
-from .runner import block_request, describe, request_identity, run_sweep
+from .runner import applies, block_request, describe, request_identity, run_sweep
 from .scoring import score_run
 from .store import image_key, model_identity
 from .study import Study, fit_study, load_study
@@ -104,6 +104,8 @@ class Context:
         common = {k: common[k] for k in ("model", "dtype", "device", "scheduler", "iterations")}
         keys = []
         for block in work_plan(study):
+            if not applies(study, block):
+                continue
             identity = request_identity(block_request(study, block), common)
             keys += [image_key(identity, s) for s in block.seeds]
         return keys

@@ -71,6 +71,13 @@ def steered_subjects(subjects: tuple, steering: dict, method) -> tuple[Subject, 
     return tuple(out)
 
 
+def applies(study: Study, block: Block) -> bool:
+    """Whether the block's method can act on its prompt: a binding method (``needs_modifiers``) skips prompts whose
+    subjects have no modifier (their official code leaves such a prompt alone: plain SD)."""
+    method = study.variants[block.variant]
+    return method is None or not method.needs_modifiers() or any(modifiers for _, modifiers in block.subjects)
+
+
 def block_request(study: Study, block: Block) -> Request:
     """The generate call of one block of ``study``."""
     method = study.variants[block.variant]
@@ -123,6 +130,8 @@ def prepare(study: Study, pipe, model: str, *, revision=None, variant=None) -> l
     checked: dict[tuple[str, str], dict | None] = {}
     jobs = []
     for block in work_plan(study):
+        if not applies(study, block):
+            continue
         request = block_request(study, block)
         if (block.variant, block.prompt) not in checked:
             try:
@@ -242,6 +251,15 @@ def run_sweep(
             + "; ".join(f"{v} {t}" for v, t in study.calibrate["thresholds"].items())
         )
     jobs = prepare(study, pipe, model, revision=revision, variant=variant)
+    skipped = {}
+    for block in work_plan(study):
+        if not applies(study, block):
+            skipped.setdefault(block.variant, set()).add(block.prompt)
+    for name, prompts in skipped.items():
+        print(
+            f"note: {study.name}: variant {name} ({study.variants[name].name}) binds attributes and skips the "
+            f"{len(prompts)} prompt(s) whose subjects have no modifier"
+        )
     if out is not None:  # out=None: into the store only (e.g. a calibration source)
         write_view(out, study, jobs, model=model, store=store)
     mine = my_share(jobs, shard)
