@@ -215,18 +215,22 @@ def rate_interval(k, n, z: float = 1.959964) -> tuple[np.ndarray, np.ndarray]:
 
 
 def guidance_pairs(trace: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
-    """The (image, threshold step) pairs of a trace — what every guidance statistic counts (STUDIES.md):
+    """The (image, refinement step) pairs of a trace — what every guidance statistic counts (STUDIES.md):
     ``triggered`` (refinement was needed), ``succeeded`` (triggered and the threshold then held) and
-    ``refinement_iterations``. An image is a seed (with ``key``/``variant``/``prompt`` when the trace has them)."""
+    ``refinement_iterations``. A refinement step is a threshold step, or a step that refined without a threshold
+    (CONFORM: ``thresholded`` False, its success undefined). An image is a seed (with ``key``/``variant``/``prompt``
+    when the trace has them)."""
     needed = ["seed", "step", "threshold", "triggered", "reached", "refinement_iterations", *by]
     missing = [c for c in needed if c not in trace.columns]
     if missing:
         raise AnelabError(f"guidance statistics need trace columns {missing}")
     image = [c for c in ("key", "variant", "prompt") if c in trace.columns and c not in by] + ["seed"]
-    pairs = trace[trace.threshold.notna()].drop_duplicates([*by, *image, "step"])
+    pairs = trace[trace.threshold.notna() | trace.triggered.astype(bool)].drop_duplicates([*by, *image, "step"])
     triggered = pairs.triggered.astype(bool)
     return pairs[[*by, *image, "step", "refinement_iterations"]].assign(
-        triggered=triggered, succeeded=triggered & pairs.reached.fillna(False).astype(bool)
+        triggered=triggered,
+        succeeded=triggered & pairs.reached.fillna(False).astype(bool),
+        thresholded=pairs.threshold.notna(),
     )
 
 
@@ -242,7 +246,7 @@ def guidance_stats(trace: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
 
     def summary(group: pd.DataFrame) -> pd.Series:
         triggered = group.triggered
-        reached = group.succeeded[triggered]
+        reached = group.succeeded[triggered & group.thresholded]  # a refinement without a threshold reaches nothing
         return pd.Series(
             {
                 "pairs": len(group),
@@ -494,6 +498,16 @@ def published(notebook: str | None = None) -> pd.DataFrame:
     return table if notebook is None else table[table.notebook == notebook].reset_index(drop=True)
 
 
+def searched(notebook: str) -> pd.DataFrame:
+    """Where the published figures of a notebook's methods were looked for, and what was found (``data/published.json``,
+    section ``searched``): a figure that could not be read and cited says "not found"."""
+    import json
+
+    data = json.loads(data_file("published.json").read_text())
+    rows = [r for r in data.get("searched", []) if r["notebook"] == notebook]
+    return pd.DataFrame(rows, columns=["notebook", "method", "paper", "status", "where"]).drop(columns="notebook")
+
+
 def beside_published(measured: pd.DataFrame, notebook: str, tolerance: float = 0.1) -> pd.DataFrame:
     """What a run measured next to the published value of the same (variant, category, measure), with a plain verdict.
 
@@ -652,3 +666,50 @@ def architecture_reading(comparison: pd.DataFrame, profile: pd.DataFrame, measur
             )
         lines.append(f"- {model}: " + ("; ".join(said) if said else "nothing to compare") + ".")
     return "\n".join(lines)
+
+
+def method_table(results: pd.DataFrame, trace: pd.DataFrame, view: dict, measures: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per variant of a methods study (notebook 07): the method and its paper, images, seconds per image and
+    the ratio to plain SD's, refinement (pairs of image and refinement step, the share that refined, iterations per
+    pair; a method without refinement: NaN), the initial-noise optimisation's success share (InitNO), and the mean of
+    each of ``measures``."""
+    from . import methods
+
+    _require(results, ["variant", "seconds"], "method_table")
+    specs = view["study"]["variants"]
+    sd = results[results.variant == "sd"].seconds.mean() if "sd" in set(results.variant) else np.nan
+    stats = guidance_stats(trace, by=["variant"]) if len(trace) else pd.DataFrame(columns=["variant", "step"])
+    overall = stats[stats.step.isna()].set_index("variant") if len(stats) else pd.DataFrame()
+    rows = []
+    for variant, group in results.groupby("variant", sort=False):
+        method = methods.from_spec(specs.get(variant))
+        refined = overall.loc[variant] if variant in overall.index else None
+        rows.append(
+            {
+                "variant": variant,
+                "method": "plain SD" if method is None else method.label,
+                "paper": "" if method is None else method.paper,
+                "images": len(group),
+                "seconds_per_image": group.seconds.mean(),
+                "x_sd": group.seconds.mean() / sd if sd == sd and sd > 0 else np.nan,
+                "refinement_pairs": np.nan if refined is None else refined.pairs,
+                "refined_share": np.nan if refined is None else refined.guidance_rate,
+                "iterations_per_pair": np.nan if refined is None else refined.mean_refinement_rounds,
+                "noise_success": group.noise_success.astype(float).mean() if "noise_success" in group else np.nan,
+                **{m: group[m].mean() for m in measures if m in group},
+            }
+        )
+    return pd.DataFrame(rows).set_index("variant")
+
+
+def disagreements(results: pd.DataFrame, measure: str, n: int = 3, variants: Sequence[str] | None = None) -> list:
+    """The ``n`` (prompt, seed) pairs that every variant (of ``variants``) has where ``measure`` varies most across
+    them (the largest max − min): where the methods disagree."""
+    _require(results, ["variant", "prompt", "seed", measure], "disagreements")
+    chosen = list(variants or dict.fromkeys(results.variant))
+    wide = results[results.variant.isin(chosen)].pivot_table(
+        index=["prompt", "seed"], columns="variant", values=measure
+    )
+    wide = wide.reindex(columns=chosen).dropna()
+    spread = (wide.max(axis=1) - wide.min(axis=1)).sort_values(ascending=False, kind="stable")
+    return list(spread.index[:n])

@@ -217,6 +217,34 @@ def clip_scores(images: Sequence, prompts: Sequence[str] | str, clip: Clip, batc
     return frame
 
 
+def binding_scores(images: Sequence, prompts: Sequence[str] | str, clip: Clip, batch_size: int = 32) -> pd.DataFrame:
+    """Per image: the attribute-binding margin of its prompt's colour–object pairs (:func:`anelab.prompts.attribute_pairs`):
+    the mean over pairs (c, n) of CLIP(image, "a c n") minus the mean of CLIP(image, "a c m") over the prompt's other
+    nouns m (each text through the 80 templates). Above 0: each colour sits on its own object rather than on the
+    other; NaN for a prompt without a colour–object pair (or with one noun)."""
+    from .prompts import attribute_pairs
+
+    images, prompts = _pair(images, prompts)
+    image_embeddings = clip.embed_images(images, batch_size)  # [N, D]
+    texts: dict[str, torch.Tensor] = {}
+
+    def similarity(embedding, text: str) -> float:
+        if text not in texts:
+            texts[text] = clip.embed_prompt(text)
+        return float(embedding @ texts[text])
+
+    margins = []
+    for embedding, prompt in zip(image_embeddings, prompts):
+        pairs, nouns = attribute_pairs(prompt)
+        values = [
+            similarity(embedding, f"a {c} {n}") - np.mean([similarity(embedding, f"a {c} {m}") for m in nouns if m != n])
+            for c, n in pairs
+            if any(m != n for m in nouns)
+        ]
+        margins.append(float(np.mean(values)) if values else np.nan)
+    return pd.DataFrame({"prompt": prompts, "binding": margins})
+
+
 def text_text_scores(
     images: Sequence, prompts: Sequence[str] | str, clip: Clip, blip: Blip, batch_size: int = 16
 ) -> pd.DataFrame:
@@ -231,6 +259,7 @@ def text_text_scores(
 # -- scoring images with several scorers -------------------------------------------------------
 SCORER_COLUMNS = {
     "clip": CLIP_COLUMNS,
+    "binding": ["binding"],  # with the CLIP model: the attribute-binding margin of the coloured prompts
     "blip": ["caption", "text_text"],
     "detector": [
         "subjects",
@@ -254,14 +283,14 @@ class Scorers:
     _loaded: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def names(self) -> dict[str, str]:
-        """``{kind: model name}`` of the scorers in use (CLIP is needed by BLIP's text–text score too)."""
-        return {
-            kind: getattr(spec, "name", str(spec))
-            for kind in SCORER_COLUMNS
-            if (spec := getattr(self, kind)) is not None
-        }
+        """``{kind: model name}`` of the scorers in use (CLIP is needed by BLIP's text–text score too; the binding margin
+        is CLIP's too, a kind of its own so that images scored before it existed get it)."""
+        specs = {"clip": self.clip, "binding": self.clip, "blip": self.blip, "detector": self.detector}
+        return {kind: getattr(spec, "name", str(spec)) for kind, spec in specs.items() if spec is not None}
 
     def get(self, kind: str):
+        if kind == "binding":
+            return self.get("clip")
         if kind not in self._loaded:
             spec = getattr(self, kind)
             if kind == "clip":
@@ -290,11 +319,13 @@ def score_images(
     ``<kind>_model``; the notices say what could not be scored (a subject that is not an object, ...)."""
     images, prompts = _pair(images, prompts)
     frame, notices = pd.DataFrame(index=range(len(images))), []
-    if "clip" in kinds or "blip" in kinds:
+    if "clip" in kinds or "blip" in kinds or "binding" in kinds:
         clip = scorers.get("clip")
     if "clip" in kinds:
         scores = clip_scores(images, prompts, clip, batch_size)
         frame = frame.assign(**{c: scores[c] for c in CLIP_COLUMNS}, clip_model=clip.name)
+    if "binding" in kinds:
+        frame = frame.assign(binding=binding_scores(images, prompts, clip, batch_size).binding, binding_model=clip.name)
     if "blip" in kinds:
         captions = text_text_scores(images, prompts, clip, scorers.get("blip"), batch_size)
         frame = frame.assign(
@@ -479,6 +510,7 @@ def _tidy(done: pd.DataFrame) -> pd.DataFrame:
         "caption",
         "subjects",
         "clip_model",
+        "binding_model",
         "blip_model",
         "detector_model",
     ):

@@ -637,6 +637,22 @@ def tradeoff(frame: pd.DataFrame, x: str, measures: Sequence[str], log_x: bool =
     return fig
 
 
+def method_costs(costs: pd.DataFrame, measures: Sequence[str], x: str = "x_sd", ax=None) -> Figure:
+    """Each method's mean ``measures`` against its cost (``x``: seconds per image as a multiple of plain SD's), one
+    panel per measure, every point labelled with its variant (:func:`anelab.analysis.method_table`)."""
+    if not measures:
+        raise AnelabError("method_costs needs at least one measure")
+    fig, axes = _axes_grid(ax, 1, len(measures), panel=3.4)
+    table = costs.reset_index() if "variant" not in costs else costs
+    cost = table[x].fillna(1.0)  # plain SD: 1x itself
+    for panel, measure in zip(axes[0], measures):
+        panel.scatter(cost, table[measure])
+        for name, cx, cy in zip(table["variant"], cost, table[measure]):
+            panel.annotate(str(name), (cx, cy), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        _label(panel, "time per image (x plain SD)", f"{measure} (mean)", f"{measure} vs cost", legend=None)
+    return fig
+
+
 def attention_box(
     steered: pd.DataFrame, variants: Sequence[str], bound: float | None = None, title: str = "", ax=None
 ) -> Figure:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -36,6 +37,21 @@ def load_prompts(path: str | Path | None = None, categories=CATEGORIES, limit: i
                 {"prompt": prompt, "category": category, "tokens": [n for n, _ in subjects], "subjects": subjects}
             )
     return pd.DataFrame(rows)
+
+
+@functools.lru_cache(maxsize=1)
+def benchmark_vocabulary() -> tuple[frozenset, frozenset]:
+    """The A&E prompt set's nouns (animals and objects) and attribute words (colours)."""
+    data = json.loads(data_file("ane_prompts.json").read_text())
+    return frozenset(data["animals"]) | frozenset(data["objects"]), frozenset(data["colors"])
+
+
+def attribute_pairs(prompt: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """The prompt's (colour, noun) pairs — a colour right before its noun — and its nouns, by the A&E prompt set's
+    vocabulary: ``"a monkey and a red car"`` → ``([("red", "car")], ["monkey", "car"])``."""
+    nouns, colours = benchmark_vocabulary()
+    subjects = benchmark_subjects(prompt, nouns, colours)
+    return [(m, n) for n, modifiers in subjects for m in modifiers], [n for n, _ in subjects]
 
 
 def sub_prompts(prompt: str) -> tuple[str, str] | None:

@@ -41,9 +41,11 @@ NOTEBOOKS = (
     "04_step_size_and_kernel",
     "05_suppression_and_layout",
     "06_architectures",
+    "07_methods",
 )
 #: Longest first, so that parallel workers finish together (measured smoke times on the tiny model).
 LONGEST_FIRST = (
+    "07_methods",
     "06_architectures",
     "04_step_size_and_kernel",
     "02_resolution",

@@ -227,7 +227,7 @@ def test_score_folder_is_resumable_and_reports_what_it_could_not_score(tmp_path,
         again, _, counts = score_folder(tmp_path, clip, blip, progress=False)
     finally:
         del clip.embed_images
-    assert calls == [1] and len(again) == 5 and counts == {"scored": 1, "already": 4}  # only the new image was scored
+    assert calls == [1, 1] and len(again) == 5  # CLIP's scores and its binding margin, of the new image only and counts == {"scored": 1, "already": 4}  # only the new image was scored
     pd.testing.assert_frame_equal(again.iloc[:4], table)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
@@ -317,3 +317,22 @@ def test_score_command_writes_and_then_refuses_mixed_models(tmp_path, capsys):
         done.value.code == 2
         and "was scored with clip ['tiny'], not 'someone/other-clip'; pass --rescore" in capsys.readouterr().err
     )
+
+
+def test_the_binding_margin_compares_each_colour_on_its_own_object_with_the_others(clip):
+    """A stand-in CLIP whose image embedding is the text embedding of "a red car": the margin of "a monkey and a red
+    car" is CLIP("a red car") - CLIP("a red monkey") > 0 for it, NaN without a colour."""
+    from anelab.metrics import binding_scores
+    from anelab.prompts import attribute_pairs
+
+    assert attribute_pairs("a monkey and a red car") == ([("red", "car")], ["monkey", "car"])
+    assert attribute_pairs("a pink crown and a purple bow") == ([("pink", "crown"), ("purple", "bow")], ["crown", "bow"])
+    target = clip.embed_prompt("a red car")
+    original = clip.embed_images
+    clip.embed_images = lambda images, *a: target[None].expand(len(images), -1)
+    try:
+        scores = binding_scores([None, None], ["a monkey and a red car", "a cat and a dog"], clip)
+    finally:
+        del clip.embed_images
+    expected = float(target @ clip.embed_prompt("a red car") - target @ clip.embed_prompt("a red monkey"))
+    assert scores.binding[0] == pytest.approx(expected) and expected > 0 and np.isnan(scores.binding[1])

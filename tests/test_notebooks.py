@@ -44,6 +44,7 @@ FIGURES = {
     "04_step_size_and_kernel": 3,
     "05_suppression_and_layout": 5,
     "06_architectures": 4,
+    "07_methods": 5,
 }
 
 
@@ -270,3 +271,26 @@ class TestArchitectures(NotebookCase):
         assert (
             "A&amp;E raises min_object most at resolution" in page or "A&E raises min_object most at resolution" in page
         )
+
+
+class TestMethods(NotebookCase):
+    name = "07_methods"
+
+    def test_values(self, run):
+        v = run[1].values
+        variants = ("sd", "ae", "dnb_tv", "dnb_bind", "syngen", "conform", "initno", "ebama")
+        for variant in variants:
+            assert -1 <= v[f"min_object {variant}"] <= 1 and v[f"seconds per image {variant}"] > 0
+            assert -2 <= v[f"binding {variant}"] <= 2  # the smoke prompt is coloured: every variant has a margin
+        for variant in variants[1:]:  # one image per variant in the smoke slice: no interval (nan)
+            difference, low, high = _interval(v[f"{variant} - SD min_object"])
+            assert (low <= difference <= high or low != low) and difference == pytest.approx(
+                v[f"min_object {variant}"] - v["min_object sd"], abs=2e-4
+            )
+            assert v[f"time x SD {variant}"] > 0
+        assert v["published figures found"] >= 0
+
+    def test_tables_name_each_method_its_paper_and_what_was_searched(self, run):
+        tables = " ".join(_html_tables(run[0], self.name))
+        assert "Divide &amp; Bind" in tables or "Divide & Bind" in tables
+        assert "xiefan-guo/initno" in tables and "not found" in tables and "iterations_per_pair" in tables

@@ -35,6 +35,7 @@ NOTEBOOK_STUDIES: dict[str, tuple[str, ...]] = {
     "04_step_size_and_kernel": ("step_size", "kernel"),
     "05_suppression_and_layout": ("suppression", "layout_right"),
     "06_architectures": ("architectures",),  # on the report's model; the notebook runs the other architectures itself
+    "07_methods": ("methods",),
 }
 #: Generation order: calibration sources first, then the studies that record the most statistics.
 GENERATION_ORDER = (
@@ -46,6 +47,7 @@ GENERATION_ORDER = (
     "suppression",
     "layout_right",
     "reproduction",
+    "methods",  # its plain SD and A&E are reproduction's (the same settings at full scale)
     "kernel",
 )
 #: Seconds per image assumed when no GPU bench result is at hand: anelab A&E without refinement in

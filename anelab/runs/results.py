@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import AnelabError
-from .runner import KEYS, VIEW
+from .runner import KEYS, NOISE_COLUMNS, VIEW
 from .store import Store
 
 ROW_COLUMNS = [
@@ -49,16 +49,20 @@ def load_view(out: str | Path) -> tuple[dict, pd.DataFrame, Store]:
 
 
 def load_results(out: str | Path) -> pd.DataFrame:
-    """One row per image of the study that the store holds: labels, image path, seconds, guidance counts, and the
+    """One row per image of the study that the store holds: labels, image path, seconds, guidance counts (a method that
+    optimises the initial noise: ``noise_success``, ``noise_fallback``, ``noise_rounds``, ``noise_steps``), and the
     scores of the models the study was scored with (:func:`anelab.runs.score_run`). Sorted by variant (study
     order), prompt and seed."""
     view, keys, store = load_view(out)
-    rows = store.latest_rows(set(keys.key), columns=["seconds", "pairs", "triggered", "reached", "refinement_rounds"])
+    noise = [f"noise_{c}" for c in NOISE_COLUMNS]
+    rows = store.latest_rows(
+        set(keys.key), columns=["seconds", "pairs", "triggered", "reached", "refinement_rounds", *noise]
+    )
     if rows.empty:
         return pd.DataFrame(columns=ROW_COLUMNS)
     table = keys.merge(rows.drop(columns=["write", "written"]), on="key", how="inner")
     table["image"] = [str(store.image(k)) for k in table.key]
-    table = table[ROW_COLUMNS]
+    table = table[ROW_COLUMNS + [c for c in noise if c in table and table[c].notna().any()]]
     for kind, model in view.get("scorers", {}).items():
         scores = store.scores(kind, model, set(table.key))
         if len(scores):

@@ -31,6 +31,7 @@ from .store import Store, block_identity, block_key, covers, image_key, model_id
 from .study import Study, fit_study
 
 VIEW, KEYS = "study.json", "keys.parquet"
+NOISE_COLUMNS = ("success", "fallback", "rounds", "steps")  # of a noise report, kept per image as noise_<column>
 
 
 @dataclasses.dataclass
@@ -416,6 +417,9 @@ def _frames(job: Job, result) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
     )
     rows = rows.join(counts, on="seed").fillna({"pairs": 0, "triggered": 0, "reached": 0, "refinement_rounds": 0})
     rows = rows.astype({"pairs": int, "triggered": int, "reached": int, "refinement_rounds": int})
+    if result.noise is not None:  # a method's initial-noise optimisation (InitNO): per image
+        noise = result.noise.set_index("seed")[list(NOISE_COLUMNS)].add_prefix("noise_")
+        rows = rows.join(noise, on="seed")
     trace = result.trace.assign(key=result.trace.seed.map(key_of), prompt=job.block.prompt)
     stats = pd.DataFrame() if result.attention is None else result.attention.stats()
     if len(stats):

@@ -43,7 +43,7 @@ FORMAT = "anelab-store/1"
 STORE_ENV = "ANELAB_STORE"
 DEFAULT_ROOT = Path("runs") / "store"
 TABLES = ("rows", "trace", "stats")
-SCORER_KINDS = ("clip", "blip", "detector")
+SCORER_KINDS = ("clip", "binding", "blip", "detector")
 
 
 def default_root() -> Path:

@@ -57,7 +57,19 @@ TOP_KEYS = {
 #: The scales a study runs at: overrides of the file's prompts (per category), seeds, steps, batch and
 #: guidance fields. ``smoke`` also shrinks the image to the smallest side that has every resolution read.
 SCALES = {
-    "smoke": dict(prompts=1, seeds=1, steps=4, batch=1, base={"max_refinement_steps": 3}),
+    "smoke": dict(
+        prompts=1,
+        seeds=1,
+        steps=4,
+        batch=1,
+        base={  # each guided variant takes the fields its method has: every loop kept short
+            "max_refinement_steps": 3,
+            "max_refinement_steps_first": 3,
+            "noise_rounds": 2,
+            "noise_steps": 2,
+            "noise_fallback_steps": 2,
+        },
+    ),
     "quick": dict(
         prompts=4, seeds=4, batch=4
     ),  # ~48 images per variant: every variant, about one GPU-hour for the whole report
