@@ -162,6 +162,18 @@ class AttentionCache:
         column = list(self.tokens).index(self.token_index(token))
         return self._block(step=step, res=res, layer=layer, seed=seed, head=head)[..., column]
 
+    def text_maps(self, *, step: int, seed: int | None = None) -> dict[int, torch.Tensor]:
+        """``{res: [1, h, w, S]}``: at each recorded resolution, the mean over every (layer, head) of every text position
+        — what :func:`anelab.methods.evaluate` reads, so a method's objective can be asked of recorded maps (record
+        with ``Record(tokens="all")``: every position, ``<sot>`` and the padding too)."""
+        positions = list(self.tokens)
+        if positions != list(range(len(positions))) or len(positions) < 2:
+            raise AnelabError(
+                "a method's objective reads every text position; record with anelab.Record(tokens='all') "
+                f"(this recording holds positions {positions[:8]}{'...' if len(positions) > 8 else ''})"
+            )
+        return {r: self._block(step=step, res=r, layer=None, seed=seed, head=None)[None] for r in self.resolutions}
+
     def vmax(
         self,
         *,

@@ -21,6 +21,26 @@ from .plotting import SCALES, VIEWS, attention_compare, named_runs, run_images
 
 ALL = -1  # token control: every token side by side
 HEAD_MEAN = "mean"  # head control: the head mean
+NO_METHOD = ""  # objective control: none
+
+
+def method_terms(cache: AttentionCache, method, *, step: int, seed: int | None = None) -> dict[str, list[float]]:
+    """What ``method`` (a name or :func:`anelab.methods.get`) would compute on the maps ``cache`` recorded at ``step``
+    for ``seed``: its terms as plain numbers (``loss`` first), its subjects those of the recorded run (nouns with their
+    modifiers). Needs ``Record(tokens="all")`` and every resolution the method reads."""
+    from . import methods
+
+    method = methods.get(method) if isinstance(method, str) else method
+    subjects = cache.meta.get("subjects") or [[s, []] for s in cache.subjects]
+    eot = cache.meta.get("eot") or next((i for i, w in cache.tokens.items() if w == "<eot>"), None)
+    if eot is None:
+        raise ValueError("this recording does not say where <eot> is; record it with this anelab")
+    terms = methods.evaluate(method, cache.text_maps(step=step, seed=seed), subjects, eot=eot, step=step)
+    out = {"loss": terms["loss"][0].flatten().tolist()}
+    for name, value in terms.items():
+        if name not in ("loss", "state") and not name.startswith("_") and hasattr(value, "flatten"):
+            out[name] = value[0].detach().flatten().tolist()
+    return out
 
 
 def _common(values_per_run: list[list]) -> list:
@@ -83,12 +103,36 @@ class AttentionExplorer(widgets.VBox):
             description="view",
             disabled=not has_images,
         )
-        self.controls = dict(step=step, seed=seed, res=res, layer=layer, head=head, token=token, scale=scale, view=view)
+        from .methods import names
+
+        objective = widgets.Dropdown(
+            options=[("no objective", NO_METHOD)] + [(name, name) for name in names()],
+            description="objective",
+            tooltip="what a method's objective says about these maps (Record(tokens='all'))",
+        )
+        self.terms = None  # the last objective's terms
+        self.controls = dict(
+            step=step,
+            seed=seed,
+            res=res,
+            layer=layer,
+            head=head,
+            token=token,
+            scale=scale,
+            view=view,
+            objective=objective,
+        )
         res.observe(self._res_changed, names="value")  # before interactive_output's observers: options change first
         layer.observe(self._layer_changed, names="value")
         self._layer_changed({"new": layer.value})
         self.output = widgets.interactive_output(self._render, self.controls)
-        rows = [widgets.HBox([step, seed]), res, widgets.HBox([layer, head]), widgets.HBox([token, scale, view])]
+        rows = [
+            widgets.HBox([step, seed]),
+            res,
+            widgets.HBox([layer, head]),
+            widgets.HBox([token, scale, view]),
+            objective,
+        ]
         super().__init__([*rows, self.output])
 
     def _layer_options(self, res: int) -> list[tuple[str, str]]:
@@ -115,7 +159,7 @@ class AttentionExplorer(widgets.VBox):
         finally:
             self._quiet = quiet
 
-    def _render(self, step, seed, res, layer, head, token, scale, view) -> None:
+    def _render(self, step, seed, res, layer, head, token, scale, view, objective) -> None:
         if self._quiet:
             return
         self.renders += 1
@@ -138,6 +182,17 @@ class AttentionExplorer(widgets.VBox):
             return
         self.figure, self.error = fig, None
         display(fig)
+        self.terms = None
+        if objective != NO_METHOD:
+            name, cache = next(iter(self.runs.items()))
+            try:
+                self.terms = method_terms(cache, objective, step=step, seed=seed)
+            except (ValueError, KeyError) as error:  # AnelabError is a ValueError
+                self.error = f"cannot evaluate {objective} here: {error}"
+                print(self.error)
+                return
+            shown = "; ".join(f"{k} " + " ".join(f"{v:.4g}" for v in values) for k, values in self.terms.items())
+            print(f"{objective} on {name}'s maps at step {step}: {shown}")
 
 
 def attention_explorer(runs: AttentionCache | Mapping[str, AttentionCache], images=None) -> AttentionExplorer:

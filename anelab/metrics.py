@@ -237,7 +237,8 @@ def binding_scores(images: Sequence, prompts: Sequence[str] | str, clip: Clip, b
     for embedding, prompt in zip(image_embeddings, prompts):
         pairs, nouns = attribute_pairs(prompt)
         values = [
-            similarity(embedding, f"a {c} {n}") - np.mean([similarity(embedding, f"a {c} {m}") for m in nouns if m != n])
+            similarity(embedding, f"a {c} {n}")
+            - np.mean([similarity(embedding, f"a {c} {m}") for m in nouns if m != n])
             for c, n in pairs
             if any(m != n for m in nouns)
         ]

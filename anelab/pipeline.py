@@ -265,6 +265,8 @@ def sample(pipe, request: Request) -> GuidedOutput:
             "height": plan.height,
             "width": plan.width,
             "num_inference_steps": int(request.num_inference_steps),
+            "eot": plan.eot,
+            "subjects": [[s.noun, list(s.modifiers)] for s in plan.subjects if s.role == "excite"],
         } | ({"method": plan.method.name} if plan.method is not None and plan.method.name != methods.AE else {})
         attention = recorder.cache(meta)
     return GuidedOutput(

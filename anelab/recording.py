@@ -25,7 +25,7 @@ from .errors import AnelabError
 from .objectives import token_statistics
 from .tokens import prompt_tokens, resolve_tokens
 
-TOKEN_CHOICES = ("subjects", "prompt")
+TOKEN_CHOICES = ("subjects", "prompt", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Record:
     )
     steps: Sequence[int] | None = None  # loop indices to record; None = every iteration
     tokens: str | Sequence[str | int] = (
-        "subjects"  # "subjects" (the guided tokens), "prompt" (all, incl. <eot>) or a list
+        "subjects"  # "subjects" (the guided tokens), "prompt" (all, incl. <eot>), "all" (every text position) or a list
     )
     maps: bool = True  # keep the maps; False keeps only the token statistics (cheap scalars)
     heads: bool = False  # keep every head's map, [n_seeds, heads, h, w, K] per (step, layer), instead of the head mean (x heads memory)
@@ -143,9 +143,11 @@ def plan_record(
         positions = list(measured if measured is not None else subjects)
     elif record.tokens == "prompt":
         positions = [*words, eot]
+    elif record.tokens == "all":  # every text position: what a method's objective reads (AttentionCache.text_maps)
+        positions = list(range(pipe.tokenizer.model_max_length))
     else:
         positions = resolve_tokens(pipe.tokenizer, prompt, record.tokens)
-    names = words | {eot: "<eot>"}
+    names = {i: "<sot>" if i == 0 else "<eot>" if i == eot else "<pad>" for i in positions} | words | {eot: "<eot>"}
     size = torch.empty(0, dtype=record.dtype).element_size()
     copies = {
         layer.name: pipe.unet.get_submodule(layer.name).heads if record.heads else 1 for layer in recorded_layers

@@ -38,7 +38,7 @@ def _maps(explorer):
 def test_every_control_redraws_the_side_by_side_runs_without_error(sd, ae):
     explorer = attention_explorer({"SD": sd.attention, "A&E": ae.attention}, {"SD": sd.images, "A&E": ae.images})
     controls = explorer.controls
-    assert list(controls) == ["step", "seed", "res", "layer", "head", "token", "scale", "view"]
+    assert list(controls) == ["step", "seed", "res", "layer", "head", "token", "scale", "view", "objective"]
     assert explorer.renders == 1 and explorer.error is None and controls["step"].continuous_update is False
     assert (
         controls["res"].value == 16 and controls["scale"].value == "token" and controls["view"].value == "over"
@@ -173,3 +173,30 @@ def test_notebook_00_keeps_its_shape_and_parameters():
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None
+
+
+def test_the_objective_selector_asks_a_method_about_recorded_maps(tiny_pipe):
+    """SynGen's objective on maps an A&E run recorded: the explorer's number is methods.evaluate on those maps."""
+    from anelab import methods
+    from anelab.explore import method_terms
+
+    config = anelab.GuidanceConfig(attention_res=8, thresholds={})
+    prompt, subjects = "a red apple and a blue bowl", [("apple", ["red"]), ("bowl", ["blue"])]
+    run = anelab.generate(
+        tiny_pipe, prompt, subjects=subjects, config=config, record=Record(steps=[0, 3], tokens="all"), **FAST
+    )
+    cache = run.attention
+    maps = cache.text_maps(step=3, seed=1)
+    assert set(maps) == set(cache.resolutions) and maps[8].shape == (1, 8, 8, 77)
+    method = methods.get("syngen", attention_res=8)
+    expected = methods.evaluate(method, maps, [(3, [2]), (7, [6])], eot=8)["loss"].item()
+    assert method_terms(cache, method, step=3, seed=1)["loss"] == [pytest.approx(expected)]
+    explorer = attention_explorer(cache, run.images)
+    explorer.controls["objective"].value = "syngen"  # at its default resolution 16: this run has 16 recorded too
+    assert explorer.error is None and explorer.terms["loss"] and len(explorer.terms["positive"]) == 2
+    explorer.controls["objective"].value = "initno"  # reads self-attention, which is not recorded
+    assert "cannot evaluate initno here" in explorer.error
+    prompt_only = anelab.generate(tiny_pipe, prompt, ["apple"], config=config, record=RECORD, **FAST)
+    partial = attention_explorer(prompt_only.attention)
+    partial.controls["objective"].value = "syngen"
+    assert "record with anelab.Record(tokens='all')" in partial.error

@@ -227,7 +227,9 @@ def test_score_folder_is_resumable_and_reports_what_it_could_not_score(tmp_path,
         again, _, counts = score_folder(tmp_path, clip, blip, progress=False)
     finally:
         del clip.embed_images
-    assert calls == [1, 1] and len(again) == 5  # CLIP's scores and its binding margin, of the new image only and counts == {"scored": 1, "already": 4}  # only the new image was scored
+    assert (
+        calls == [1, 1] and len(again) == 5
+    )  # CLIP's scores and its binding margin, of the new image only and counts == {"scored": 1, "already": 4}  # only the new image was scored
     pd.testing.assert_frame_equal(again.iloc[:4], table)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
@@ -326,7 +328,10 @@ def test_the_binding_margin_compares_each_colour_on_its_own_object_with_the_othe
     from anelab.prompts import attribute_pairs
 
     assert attribute_pairs("a monkey and a red car") == ([("red", "car")], ["monkey", "car"])
-    assert attribute_pairs("a pink crown and a purple bow") == ([("pink", "crown"), ("purple", "bow")], ["crown", "bow"])
+    assert attribute_pairs("a pink crown and a purple bow") == (
+        [("pink", "crown"), ("purple", "bow")],
+        ["crown", "bow"],
+    )
     target = clip.embed_prompt("a red car")
     original = clip.embed_images
     clip.embed_images = lambda images, *a: target[None].expand(len(images), -1)

@@ -241,7 +241,12 @@ def test_results_rows_trace_statistics_and_scores(study_file, tiny_pipe, tmp_pat
         set(narrow.columns) == {"variant", "category", "key", "res", "max_attention"} and len(narrow) == len(stats) // 2
     )
     done = score_run(out, Scorers("tiny", "tiny", "tiny"), progress=False)
-    assert {k: c["scored"] for k, c in done["counts"].items()} == {"clip": 24, "binding": 24, "blip": 24, "detector": 24}
+    assert {k: c["scored"] for k, c in done["counts"].items()} == {
+        "clip": 24,
+        "binding": 24,
+        "blip": 24,
+        "detector": 24,
+    }
     scored = load_results(out)
     assert scored.full_prompt.notna().all() and scored.text_text.notna().all() and len(scored) == 24
     assert set(scored.all_present.dropna()) <= {0.0, 1.0} and scored.present_0.notna().all()
