@@ -333,7 +333,6 @@ def test_the_binding_margin_compares_each_colour_on_its_own_object_with_the_othe
         ["crown", "bow"],
     )
     target = clip.embed_prompt("a red car")
-    original = clip.embed_images
     clip.embed_images = lambda images, *a: target[None].expand(len(images), -1)
     try:
         scores = binding_scores([None, None], ["a monkey and a red car", "a cat and a dog"], clip)
