@@ -35,7 +35,14 @@ from .testing import sd14_sized_pipeline
 
 RESULTS_DIR = Path("benchmarks") / "results"  # under the working directory (never inside the installed package)
 PROMPT, TOKENS, INDICES = "a cat and a dog", ["cat", "dog"], [2, 5]
-COMPARISONS = ("a_vs_diffusers_port", "b_vs_plain_sd", "c_batching", "d_recording")  # result keys, by letter
+COMPARISONS = (
+    "a_vs_diffusers_port",
+    "b_vs_plain_sd",
+    "c_batching",
+    "d_recording",
+    "e_methods",
+)  # result keys, by letter
+METHOD_PROMPT, METHOD_SUBJECTS = "a red apple and a blue bowl", [("apple", ["red"]), ("bowl", ["blue"])]
 
 
 @dataclasses.dataclass
@@ -53,6 +60,17 @@ class Workload:
         return (
             GuidanceConfig(max_refinement_steps=self.max_refinement_steps).rescaled(50, self.steps).replace(**changes)
         )
+
+    def method(self, name: str):
+        """Method ``name`` at its official defaults for this workload: its loop-index settings rescaled to the steps,
+        its resolutions to the image side (the same fraction of the image as at 512 px), refinement capped as the
+        workload caps A&E's."""
+        from . import methods
+
+        method = methods.get(name).rescaled(50, self.steps)
+        method = method.at_scale(self.size / 512) or method
+        caps = {k: self.max_refinement_steps for k in ("max_refinement_steps", "max_refinement_steps_first")}
+        return method.replace(**{k: min(v, getattr(method, k)) for k, v in caps.items() if hasattr(method, k)})
 
 
 WORKLOADS = {
@@ -166,9 +184,11 @@ def run_bench(
     comparisons: str = "abcd",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    methods=None,
 ) -> dict:
-    """Measure ``comparisons`` (a)–(d) on one workload (a name of :data:`WORKLOADS` or a :class:`Workload`
-    on the tiny pipeline), ``repeats`` timed runs of each program (None: the workload's own);
+    """Measure ``comparisons`` (a)–(e) on one workload (a name of :data:`WORKLOADS` or a :class:`Workload`
+    on the tiny pipeline), ``repeats`` timed runs of each program (None: the workload's own); (e) times ``methods``
+    (names of :func:`anelab.methods.names`; None: all) at their official defaults against plain SD;
     returns the results, also written to ``results_dir/<workload>.json``.
 
     Comparisons not run now are kept from that file when it holds the same workload on the same
@@ -178,9 +198,15 @@ def run_bench(
     w = dataclasses.replace(
         w, device=str(device or w.device), dtype=dtype or w.dtype
     )  # --device / --dtype override the workload's
-    unknown = set(comparisons) - set("abcd")
+    unknown = set(comparisons) - set("abcde")
     if unknown or not comparisons:
-        raise AnelabError(f"comparisons must be letters of 'abcd', got {comparisons!r}")
+        raise AnelabError(f"comparisons must be letters of 'abcde', got {comparisons!r}")
+    from . import methods as registry
+
+    chosen = list(registry.names() if methods is None else methods)
+    strange = [m for m in chosen if m not in registry.REGISTRY]
+    if strange:
+        raise AnelabError(f"unknown method(s) {strange}; the methods are {', '.join(registry.names())}")
     if torch.device(w.device).type == "cuda" and not torch.cuda.is_available():
         raise AnelabError(f"the {w.name} workload needs a CUDA GPU and torch sees none here; run tiny or sd14-cpu")
     pipe = (
@@ -333,6 +359,26 @@ def run_bench(
         )
         _drop_results(d)
         results["d_recording"] = d | {"ratio": d["record_all"]["seconds"] / d["no_recording"]["seconds"]}
+
+    if "e" in comparisons:
+        say(f"[{w.name}] (e) every method at its official defaults vs plain SD: {', '.join(chosen)} ...")
+        runs = {"sd": dict(config=None)} | {name: dict(method=w.method(name)) for name in chosen}
+        e = _alternate(
+            {
+                name: functools.partial(
+                    generate, pipe, METHOD_PROMPT, seeds=[0], subjects=METHOD_SUBJECTS, **arguments, **common
+                )
+                for name, arguments in runs.items()
+            },
+            repeats,
+            w.device,
+            w.warmup,
+        )
+        _drop_results(e)
+        results["e_methods"] = e | {
+            "ratios": {name: e[name]["seconds"] / e["sd"]["seconds"] for name in chosen},
+            "settings": {name: registry.spec(runs[name]["method"]) for name in chosen},
+        }
     return _write(results, results_dir)
 
 
@@ -500,6 +546,13 @@ def table(results: dict) -> str:
                 d["record_all"]["peak_bytes"] / mib,
                 f"{d['ratio']:.2f}x (target <= 1.15 CPU / 1.1 GPU)",
             ),
+        ]
+    if "e_methods" in results:
+        e = results["e_methods"]
+        rows.append(("(e) plain SD", e["sd"]["seconds"], e["sd"]["peak_bytes"] / mib, METHOD_PROMPT))
+        rows += [
+            (f"(e) {name}, official defaults", e[name]["seconds"], e[name]["peak_bytes"] / mib, f"{ratio:.2f}x SD")
+            for name, ratio in e["ratios"].items()
         ]
     w = results["workload"]
     runs = ", ".join(f"{key[0]} {results[key]['repeats']}" for key in COMPARISONS if key in results)

@@ -25,6 +25,7 @@ app = typer.Typer(
 
 #: Options that take several values after one flag (``--tokens cat dog``), as in the README.
 MULTI_VALUE_OPTIONS = ("--tokens", "--seeds", "--suppress", "--only", "--workload", "--layout", "--subjects")
+BENCH_MULTI_VALUE = ("--method",)  # bench times several methods; generate takes one
 
 MODEL = typer.Option(
     "tiny",
@@ -509,8 +510,13 @@ def bench(
         min=1,
         help="Timed runs per program; figures are medians. Default: the workload's (tiny 5, sd14-cpu 1, sd14-gpu 5).",
     ),
-    comparisons: str = typer.Option(
-        "abcd", help="Which of (a) port, (b) plain SD, (c) batching, (d) recording to run, e.g. abd."
+    comparisons: Optional[str] = typer.Option(
+        None,
+        help="Which of (a) port, (b) plain SD, (c) batching, (d) recording, (e) methods to run, e.g. abd "
+        "(default abcd; e alone with --method).",
+    ),
+    method: list[str] = typer.Option(
+        [], help="(e): the methods to time against plain SD at their official defaults: --method syngen initno"
     ),
     device: Optional[str] = typer.Option(None, help="Override the workload's device (e.g. cuda:1)."),
     dtype: Optional[str] = typer.Option(None, help="Override the workload's dtype (fp32 / fp16 / bf16)."),
@@ -529,10 +535,12 @@ def bench(
     chosen = None if device is None else resolve_device(device)
     dtype = resolve_dtype(dtype)
     ensure_writable(out)
+    comparisons = comparisons or ("e" if method else "abcd")
     for name in workload:
-        typer.echo(
-            table(run_bench(name, repeats, comparisons=comparisons, results_dir=out, device=chosen, dtype=dtype))
+        results = run_bench(
+            name, repeats, comparisons=comparisons, results_dir=out, device=chosen, dtype=dtype, methods=method or None
         )
+        typer.echo(table(results))
 
 
 def _layout_point(text: str) -> tuple[str, tuple[float, float]]:
@@ -550,9 +558,10 @@ def _layout_point(text: str) -> tuple[str, tuple[float, float]]:
 def _expand_multi_value(argv: list[str]) -> list[str]:
     """``--tokens cat dog`` → ``--tokens cat --tokens dog`` (click options take one value per flag)."""
     out, current = [], None
+    multi = MULTI_VALUE_OPTIONS + (BENCH_MULTI_VALUE if argv[:1] == ["bench"] else ())
     for arg in argv:
         if arg.startswith("-") and not arg.lstrip("-").isdigit():
-            current = arg if arg in MULTI_VALUE_OPTIONS else None
+            current = arg if arg in multi else None
             out.append(arg)
         elif current and out[-1] != current:
             out += [current, arg]

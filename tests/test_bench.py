@@ -70,7 +70,7 @@ def test_bench_measures_every_comparison_and_writes_json(tmp_path):
 def test_bench_runs_only_the_comparisons_asked_for(tmp_path):
     from anelab import AnelabError
 
-    with pytest.raises(AnelabError, match="comparisons must be letters of 'abcd', got 'ax'"):
+    with pytest.raises(AnelabError, match="comparisons must be letters of 'abcde', got 'ax'"):
         run_bench("tiny", comparisons="ax", results_dir=tmp_path)
     if not torch.cuda.is_available():
         with pytest.raises(AnelabError, match="the sd14-gpu workload needs a CUDA GPU"):
@@ -118,3 +118,21 @@ def test_the_sd14_size_pipeline_has_sd14s_sizes():
     assert sum(p.numel() for p in pipe.unet.parameters()) == 859_520_964  # SD-1.4's UNet
     assert pipe.text_encoder.config.hidden_size == 768 and pipe.text_encoder.config.num_hidden_layers == 12
     assert pipe.unet.dtype == torch.float16 and pipe.unet.device.type == "meta"
+
+
+def test_bench_times_methods_at_their_official_defaults_against_plain_sd(tmp_path, capsys):
+    """(e): each chosen method at its defaults (resolutions scaled to the workload's side), its ratio to plain SD
+    derived from the stored medians; ``anelab bench --method`` runs it alone."""
+    w = Workload("methods", 256, 4, "cpu", torch.float32, max_refinement_steps=2, warmup=False)
+    results = run_bench(
+        w, repeats=1, progress=False, results_dir=tmp_path, comparisons="e", methods=["syngen", "divide_and_bind"]
+    )
+    e = results["e_methods"]
+    assert set(e["ratios"]) == {"syngen", "divide_and_bind"}
+    for name, ratio in e["ratios"].items():
+        assert ratio == pytest.approx(e[name]["seconds"] / e["sd"]["seconds"]) and ratio > 0
+    assert e["settings"]["divide_and_bind"]["attention_res"] == 8  # 16 at 512 px is 8 at 256 px
+    assert e["settings"]["divide_and_bind"]["max_refinement_steps_first"] == 2  # capped like A&E's
+    assert "(e) syngen, official defaults" in table(results)
+    with pytest.raises(Exception, match="unknown method"):
+        run_bench(w, repeats=1, progress=False, results_dir=tmp_path, comparisons="e", methods=["dnb"])
