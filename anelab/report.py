@@ -45,12 +45,12 @@ NOTEBOOKS = (
 )
 #: Longest first, so that parallel workers finish together (measured smoke times on the tiny model).
 LONGEST_FIRST = (
-    "07_methods",
     "06_architectures",
     "04_step_size_and_kernel",
     "02_resolution",
     "05_suppression_and_layout",
     "03_timesteps",
+    "07_methods",
     "01_reproduction",
     "00_attention_explorer",
 )

@@ -255,3 +255,23 @@ def test_bad_method_requests_fail_before_denoising(tiny_pipe, monkeypatch):
         anelab.generate(
             tiny_pipe, PROMPT, subjects=SUBJECTS, method=methods.get("divide_and_bind", mode="tv_bind"), **run
         )
+
+
+@pytest.fixture(scope="module")
+def stand_ins():
+    return {name: anelab.load_pipeline(name) for name in ("tiny-sd2", "tiny-xl")}
+
+
+@pytest.mark.parametrize("model", ["tiny-sd2", "tiny-xl"])
+@pytest.mark.parametrize("name", list(QUICK))
+def test_every_method_runs_on_sd2_and_sdxl(stand_ins, model, name):
+    """On SD 2.x ('!' padding: A&E's legacy columns are the prompt's) and SDXL (two encoders, added conditioning,
+    Euler's scaled input), at the coarsest resolutions the stand-ins have at 128 px."""
+    pipe = stand_ins[model]
+    low, high = anelab.attention_resolutions(pipe, 128, 128)[:2]
+    changes = {"attention_res": low} | ({"attribute_res": (high,)} if name == "divide_and_bind" else {})
+    method = methods.get(name, **(QUICK[name] | changes)).rescaled(50, 6)
+    out = anelab.generate(pipe, PROMPT, subjects=SUBJECTS, method=method, seeds=[0], **SMALL)
+    plain = anelab.generate(pipe, PROMPT, seeds=[0], **SMALL)
+    assert not out.trace.empty and np.isfinite(out.trace.objective).all()
+    assert float((out.latents - plain.latents).abs().max()) > 1e-4

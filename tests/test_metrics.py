@@ -181,7 +181,9 @@ def test_guidance_stats_by_category_and_with_nothing_triggered():
     overall = stats[stats.step.isna()].set_index("category")
     assert overall.at["animal_animal", "guidance_rate"] == 0 and np.isnan(overall.at["animal_animal", "success_rate"])
     assert overall.at["animal_object", "mean_refinement_rounds"] == 2
-    assert guidance_stats(trace.assign(threshold=np.nan)).pairs.tolist() == [0]
+    assert guidance_stats(trace.assign(threshold=np.nan, triggered=False)).pairs.tolist() == [0]
+    unthresholded = guidance_stats(trace.assign(threshold=np.nan))  # refined without a threshold (CONFORM)
+    assert unthresholded.pairs.tolist() == [1, 1] and unthresholded.success_rate.isna().all()
 
 
 def test_summarize_gives_mean_std_and_a_t_interval_per_category_and_overall():

@@ -60,3 +60,13 @@ def test_the_report_command_plans_and_refuses_a_shard_without_generate_only(tmp_
     with pytest.raises(SystemExit) as done:
         main(["report", "--size", "huge"])
     assert done.value.code == 2 and "--size must be one of smoke, quick, full" in capsys.readouterr().err
+
+
+def test_the_plan_counts_the_methods_study():
+    """Notebook 07's study: plain SD and seven method variants on the same prompts and seeds (quick: SynGen only on the
+    prompts with a colour, the others everywhere)."""
+    plan, _ = plan_report(["07_methods"], scale="quick", context=Context.of("tiny", device="cpu"), store=Store())
+    row = plan.set_index("notebook").loc["07_methods"]
+    study = load_study("methods", scale="quick")
+    coloured = sum(any(m for _, m in s) for s in study.prompts.subjects)
+    assert row.studies == "methods" and row.images == (7 * len(study.prompts) + coloured) * len(study.seeds)
