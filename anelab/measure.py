@@ -48,61 +48,41 @@ class Measure:
     def outputs(self, term: str) -> dict:
         """The terms with ∇ of ``term`` as plain tensors: what a captured graph of the measurement returns."""
         self.gradient(term)
-        out = {f"term:{k}": v for k, v in _flat_terms(self.terms).items()}
+        out = {f"term:{k}": v for k, v in fast_path.flat(self.terms).items()}
         return out | {f"grad:{term}": self.grads[term], "nonfinite": self.nonfinite}
 
     @classmethod
     def from_outputs(cls, out: dict) -> "Measure":
         flat = {k.removeprefix("term:"): v for k, v in out.items() if k.startswith("term:")}
         grads = {k.removeprefix("grad:"): v for k, v in out.items() if k.startswith("grad:")}
-        measure = cls(None, _nested_terms(flat), grads)
+        measure = cls(None, fast_path.nested(flat), grads)
         measure.nonfinite = out["nonfinite"]
         return measure
 
     def detached(self, keep_grad: bool) -> "Measure":
         """A copy of the terms (detached), with the loss gradient if ``keep_grad``: what refinement fills in."""
-        terms = {k: _map(lambda t: t.detach().clone(), v) for k, v in self.terms.items()}
+        terms = map_tensors(lambda t: t.detach().clone(), self.terms)
         return Measure(None, terms, {"loss": self.grads["loss"].clone()} if keep_grad else None)
 
     def put(self, rows: torch.Tensor, other: "Measure", which: torch.Tensor) -> None:
         """Rows ``rows`` of this (detached) measure take ``other``'s rows ``which`` (its loss gradient too, if kept)."""
-        for name, value in self.terms.items():
-            _put(value, other.terms[name], rows, which)
+        put_rows(self.terms, other.terms, rows, which)
         if "loss" in self.grads:
             self.grads["loss"][rows] = other.grads["loss"][which]
 
 
-def _map(fn, value):
-    return {k: _map(fn, v) for k, v in value.items()} if isinstance(value, dict) else fn(value)
+def map_tensors(fn, value):
+    """``fn`` on every tensor of a (nested) dict of tensors, or on a tensor."""
+    return {k: map_tensors(fn, v) for k, v in value.items()} if isinstance(value, dict) else fn(value)
 
 
-def _put(target, source, rows, which):
+def put_rows(target, source, rows, which=slice(None)) -> None:
+    """``target[rows] = source[which]`` for every tensor of (nested) dicts of tensors, in place."""
     if isinstance(target, dict):
         for k in target:
-            _put(target[k], source[k], rows, which)
+            put_rows(target[k], source[k], rows, which)
     else:
         target[rows] = source.detach()[which]
-
-
-def _flat_terms(terms: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in terms.items():
-        if isinstance(v, dict):
-            out |= _flat_terms(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _nested_terms(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        *path, name = key.split(".")
-        target = out
-        for part in path:
-            target = target.setdefault(part, {})
-        target[name] = value
-    return out
 
 
 class Measurer:

@@ -46,7 +46,7 @@ from . import memory, methods, models
 from .cache import AttentionCache
 from .checks import is_int, require_number, require_seeds
 from .errors import AnelabError
-from .measure import Measure, Measurer
+from .measure import Measure, Measurer, map_tensors, put_rows
 from .methods.base import Method, TokenSoftmax
 from .objectives import gaussian_target
 from .recording import Record, Recorder, RecordPlan, plan_record
@@ -427,7 +427,9 @@ class _Sampler:
         before (:class:`anelab.measure.Measurer`); on the fast path replayed, with ∇ of ``term``, from a CUDA graph of
         the run's batch (refinement's subsets and a method's staged updates run eagerly)."""
         unet_kwargs = self.conditioning.unet_kwargs(len(z), cfg=False)
-        previous = self.state if rows is None or self.state is None else _rows(self.state, rows)  # the rows' own
+        previous = (
+            self.state if rows is None or self.state is None else map_tensors(lambda t: t[rows], self.state)
+        )  # the rows' own
         eager = self.graphs is None or len(self.method.stages(self.plan.subjects)) > 1 or rows is not None
         eager = eager or self.method.refine_term != "loss"  # two gradients of one forward
         graph = None
@@ -445,9 +447,9 @@ class _Sampler:
             measure = Measure.from_outputs(graph(inputs))
         if measure.state is not None and self.method.state_per_measurement:  # the next measurement starts from it
             if rows is None or self.state is None:
-                self.state = _map_detached(measure.state)
+                self.state = map_tensors(lambda t: t.detach().clone(), measure.state)
             else:
-                _put_rows(self.state, rows, measure.state)
+                put_rows(self.state, measure.state, rows)
         return measure
 
     def guide(self, z: torch.Tensor, i: int, t) -> torch.Tensor:
@@ -481,7 +483,7 @@ class _Sampler:
                 z = torch.where(move[:, None, None, None], z - alpha * grad, z)
             updated = updated | move
         if end.state is not None and not method.state_per_measurement:  # the next step's measurements start from it
-            self.state = _map_detached(end.state)
+            self.state = map_tensors(lambda t: t.detach().clone(), end.state)
         self.nonfinite_steps += self.nonfinite.any()
         self.traces.add(
             step=i,
@@ -579,22 +581,6 @@ class _NoiseContext:
     def fresh_noise(self, rows: list[int]) -> torch.Tensor:
         """New initial noise for the samples ``rows``, each from its seed's generator (continuing its stream)."""
         return self.sampler.draw_noise([self.sampler.generators[r] for r in rows])
-
-
-def _rows(state, rows):
-    return {k: _rows(v, rows) for k, v in state.items()} if isinstance(state, dict) else state[rows]
-
-
-def _map_detached(state):
-    return {k: _map_detached(v) for k, v in state.items()} if isinstance(state, dict) else state.detach().clone()
-
-
-def _put_rows(target, rows, source):
-    if isinstance(target, dict):
-        for k in target:
-            _put_rows(target[k], rows, source[k])
-    else:
-        target[rows] = source.detach()
 
 
 # -- preparation ---------------------------------------------------------------------------------
