@@ -36,11 +36,37 @@ def share_like_user(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask())
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it."""
+def no_links(path: Path, root: Path | None) -> Path:
+    """``path``, refused (one line) if a folder between ``root`` and it is a symbolic link: nothing anelab writes below a
+    shared folder (the run store, an output folder) may follow a link somebody planted there. (A link at ``path``
+    itself is replaced by the atomic rename, never followed.)"""
     path = Path(path)
+    if root is None:
+        return path
+    root = Path(root)
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        raise AnelabError(f"{str(path)!r} is not inside {str(root)!r}") from None
+    current = root
+    for part in parts[:-1]:
+        current = current / part
+        if current.is_symlink():
+            raise AnelabError(
+                f"{str(current)!r} is a symbolic link inside {str(root)!r}; anelab writes nothing through links "
+                "planted in a shared folder (remove it)"
+            )
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, within: Path | None = None):
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, else delete it (``within``: a folder
+    below which no link may be followed, :func:`no_links`; the rename replaces a link at ``path`` itself, never its
+    target)."""
+    path = no_links(Path(path), within)
     path.parent.mkdir(parents=True, exist_ok=True)
+    no_links(path, within)  # the folders just made are ours; one swapped in meanwhile is refused here
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -73,30 +99,30 @@ def atomic_dir(path: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
+def write_parquet(frame: pd.DataFrame, path: Path, within: Path | None = None) -> Path:
     """Write ``frame`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, within) as tmp:
         frame.to_parquet(tmp, index=False)
     return Path(path)
 
 
-def write_json(data, path: Path) -> Path:
+def write_json(data, path: Path, within: Path | None = None) -> Path:
     """Write ``data`` as indented JSON to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, within) as tmp:
         tmp.write_text(json.dumps(data, indent=1, default=str))
     return Path(path)
 
 
-def write_text(text: str, path: Path) -> Path:
-    with atomic_path(path) as tmp:
+def write_text(text: str, path: Path, within: Path | None = None) -> Path:
+    with atomic_path(path, within) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
-def save_images(images: Sequence, paths: Sequence[Path]) -> list[Path]:
+def save_images(images: Sequence, paths: Sequence[Path], within: Path | None = None) -> list[Path]:
     """Save PIL images to ``paths`` (format from the suffix), each atomically."""
     for image, path in zip(images, paths, strict=True):
-        with atomic_path(path) as tmp:
+        with atomic_path(path, within) as tmp:
             image.save(tmp, format=Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG"))
     return [Path(p) for p in paths]
 
@@ -123,12 +149,24 @@ def ensure_writable(directory: str | os.PathLike, what: str = "--out") -> Path:
     return directory
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 @contextlib.contextmanager
-def file_lock(path: Path, timeout: float = -1):
-    """An inter-process lock (``filelock``) on ``path``; ``timeout`` seconds (−1: wait) before a one-line error."""
+def file_lock(path: Path, timeout: float = -1, within: Path | None = None):
+    """An inter-process lock (``filelock``, which opens with ``O_NOFOLLOW``) on ``path``; ``timeout`` seconds (−1: wait)
+    before a one-line error."""
     from filelock import FileLock, Timeout
 
-    path = Path(path)
+    path = no_links(Path(path), within)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path), timeout=timeout)
     try:

@@ -9,6 +9,7 @@ columns and rows asked for (``columns=``, ``filter=`` a ``pyarrow.compute`` expr
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -56,10 +57,18 @@ def load_results(out: str | Path) -> pd.DataFrame:
     view, keys, store = load_view(out)
     noise = [f"noise_{c}" for c in NOISE_COLUMNS]
     rows = store.latest_rows(
-        set(keys.key), columns=["seconds", "pairs", "triggered", "reached", "refinement_rounds", *noise]
+        set(keys.key), columns=["seconds", "pairs", "triggered", "reached", "refinement_rounds", "image_bytes", *noise]
     )
     if rows.empty:
         return pd.DataFrame(columns=ROW_COLUMNS)
+    intact = store.intact(rows)
+    if not intact.all():
+        warnings.warn(
+            f"{int((~intact).sum())} image(s) of {out} are missing or damaged in the store and left out; "
+            "run the study again to make them",
+            stacklevel=2,
+        )
+        rows = rows[intact]
     table = keys.merge(rows.drop(columns=["write", "written"]), on="key", how="inner")
     table["image"] = [str(store.image(k)) for k in table.key]
     table = table[ROW_COLUMNS + [c for c in noise if c in table and table[c].notna().any()]]

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .. import __version__
 from ..analysis import guidance_pairs
 from ..errors import AnelabError
-from ..io import file_lock, save_images, write_json, write_parquet
+from ..io import file_digest, file_lock, save_images, write_json, write_parquet
 from ..pipeline import Request, plan_run, sample, schedule
 from ..recording import Record
 from ..subjects import Subject
@@ -328,7 +328,9 @@ def missing(store: Store, jobs: list[Job]) -> list[Job]:
     """The jobs with a seed the store lacks, or lacks the statistics this study records."""
     if not jobs:
         return []
-    have = store.latest_rows({k for j in jobs for k in j.keys}, columns=["recorded"])
+    have = store.latest_rows({k for j in jobs for k in j.keys}, columns=["recorded", "image_bytes"])
+    if len(have):
+        have = have[store.intact(have)]  # a deleted, truncated or replaced image is made again
     recorded = dict(zip(have.key, have.recorded)) if len(have) else {}
     return [j for j in jobs if not all(k in recorded and covers(recorded[k], j.record) for k in j.keys)]
 
@@ -338,8 +340,8 @@ def _make(job: Job, lock, study: Study, pipe, store: Store, writer: "_Writer", b
     record = _union_record(job, store, study.record)
     bar.set_postfix_str(f"{job.block.variant}: {job.block.prompt[:40]}", refresh=False)
     result = sample(pipe, dataclasses.replace(job.request, record=record))
-    save_images(result.images, [store.image(k) for k in job.keys])
-    writer.add(job, result, lock)
+    saved = save_images(result.images, [store.image(k) for k in job.keys], within=store.root)
+    writer.add(job, result, lock, saved)
     bar.update(len(job.keys))
 
 
@@ -370,8 +372,8 @@ class _Writer:
         self.pending: list[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]] = []
         self.locks = []
 
-    def add(self, job: Job, result, lock) -> None:
-        self.pending.append(_frames(job, result))
+    def add(self, job: Job, result, lock, saved: list[Path]) -> None:
+        self.pending.append(_frames(job, result, saved))
         self.locks.append(lock)
         self.summary["images"] += len(job.keys)
         self.summary["generate_seconds"] += result.seconds
@@ -388,8 +390,9 @@ class _Writer:
         self.pending, self.locks = [], []
 
 
-def _frames(job: Job, result) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Rows (one per image, with its guidance counts), trace and statistics of one block, keyed."""
+def _frames(job: Job, result, saved: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Rows (one per image, with its guidance counts and its image's size and SHA-256 as written), trace and
+    statistics of one block, keyed."""
     key_of = dict(zip(job.block.seeds, job.keys))
     pairs = guidance_pairs(result.trace)
     counts = pairs.groupby("seed").agg(
@@ -413,6 +416,8 @@ def _frames(job: Job, result) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
             "seconds": result.seconds_per_image,
             "recorded": recorded,
             "identity": json.dumps(job.identity, sort_keys=True),
+            "image_bytes": [p.stat().st_size for p in saved],
+            "image_sha256": [file_digest(p) for p in saved],
         }
     )
     rows = rows.join(counts, on="seed").fillna({"pairs": 0, "triggered": 0, "reached": 0, "refinement_rounds": 0})
@@ -496,8 +501,8 @@ def stored_generate(
                 True,
             )
         result = sample(pipe, request)
-        save_images(result.images, [store.image(k) for k in job.keys])
-        store.write(*_frames(job, result))
+        saved = save_images(result.images, [store.image(k) for k in job.keys], within=store.root)
+        store.write(*_frames(job, result, saved))
         return result.images, result.trace, result.seconds_per_image, False
     finally:
         lock.release()

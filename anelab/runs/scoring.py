@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..io import file_lock, write_json
+from ..io import file_digest, file_lock, write_json
 from ..metrics import Scorers, _as_rgb, score_images
 from .results import load_view
 from .runner import VIEW
@@ -33,16 +33,26 @@ def score_run(
     Returns counts per scorer (``{"clip": {"scored": n, "already": m}, ...}``) and the notices."""
     out = Path(out)
     view, keys, store = load_view(out)
-    rows = store.latest_rows(set(keys.key), columns=["prompt"])
+    rows = store.latest_rows(set(keys.key), columns=["prompt", "image_bytes", "image_sha256"])
+    rows = rows[store.intact(rows)] if len(rows) else rows  # a missing or cut image is not scored (a sweep remakes it)
     images = keys.drop_duplicates("key").merge(
-        rows[["key", "prompt"]].rename(columns={"prompt": "stored_prompt"}), on="key"
+        rows[["key", "prompt", "image_sha256"]].rename(columns={"prompt": "stored_prompt"}), on="key"
     )
     if only is not None:
         images = images[images.key.isin(set(only))].reset_index(drop=True)
     counts, notices = {}, []
+    scored = {kind: set(store.scores(kind, model, set(images.key)).key) if len(images) else set()
+              for kind, model in scorers.names().items()}  # fmt: skip
+    needed = images[[any(k not in have for have in scored.values()) for k in images.key]]
+    damaged = [
+        k for k, digest in zip(needed.key, needed.image_sha256) if digest and file_digest(store.image(k)) != digest
+    ]
+    for key in damaged:  # the bytes changed since they were written: moved aside, made again by the next sweep
+        store.set_aside_image(key, "its bytes differ from those written")
+        notices.append(f"image {key} was damaged and is set aside; run the study again to make it")
+    images = images[~images.key.isin(damaged)].reset_index(drop=True)
     for kind, model in scorers.names().items():
-        have = set(store.scores(kind, model, set(images.key)).key) if len(images) else set()
-        todo = images[~images.key.isin(have)].reset_index(drop=True)
+        todo = images[~images.key.isin(scored[kind])].reset_index(drop=True)
         counts[kind] = {"scored": len(todo), "already": len(images) - len(todo)}
         if todo.empty:
             continue

@@ -35,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import AnelabError
-from ..io import write_json, write_parquet
+from ..io import no_links, write_json, write_parquet, write_text
 from ..methods import AE
 from ..testing import TINY_MODELS
 
@@ -44,6 +44,14 @@ STORE_ENV = "ANELAB_STORE"
 DEFAULT_ROOT = Path("runs") / "store"
 TABLES = ("rows", "trace", "stats")
 SCORER_KINDS = ("clip", "binding", "blip", "detector")
+
+
+#: What a store folder holds (anything else in a folder without STORE.json means it is not a store).
+STORE_ENTRIES = {"STORE.json", "images", "tables", "locks", "quarantine"}
+
+
+def _store_entry(name: str) -> bool:
+    return name in STORE_ENTRIES or (name.startswith(".STORE.json.") and name.endswith(".tmp"))
 
 
 def default_root() -> Path:
@@ -156,51 +164,106 @@ class Store:
     def image(self, key: str) -> Path:
         return self.root / "images" / key[:2] / f"{key}.png"
 
+    def intact(self, rows: pd.DataFrame) -> pd.Series:
+        """Per row of ``rows`` (``key`` and, where the writer recorded it, ``image_bytes``): whether its image is there
+        with the size it was written with (a cheap check: one ``stat`` per image). Rows written before sizes were
+        recorded only need their image to exist."""
+        sizes = rows["image_bytes"] if "image_bytes" in rows else pd.Series(float("nan"), index=rows.index)
+        ok = []
+        for key, size in zip(rows.key, sizes):
+            try:
+                found = self.image(key).stat().st_size
+            except OSError:
+                ok.append(False)
+                continue
+            ok.append(bool(found > 0 and (size != size or found == size)))
+        return pd.Series(ok, index=rows.index, dtype=bool)
+
+    def set_aside_image(self, key: str, why: str) -> None:
+        """Move a damaged image to ``quarantine/`` (the next sweep makes it again), with a warning saying why."""
+        aside = no_links(self.root / "quarantine", self.root)
+        aside.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.image(key), aside / f"images-{key}.png")
+        warnings.warn(
+            f"damaged store image {key} ({why}) moved to {aside}; the next sweep makes it again", stacklevel=3
+        )
+
     def _table_dir(self, kind: str) -> Path:
         return self.root / "tables" / (kind if kind in TABLES else f"scores/{kind}")
 
     def prepare(self) -> None:
-        """Create the store's folders (a new store) and check that it is one."""
+        """Create the store's folders (a new store) and check that it is one, of this format. Safe under any number of
+        writers creating one store at once (a SLURM array's first seconds): the marker is written first, atomically,
+        and a folder holding only store entries (another writer's) is a store being made, not a foreign folder."""
         marker = self.root / "STORE.json"
-        if self.root.exists() and any(self.root.iterdir()) and not marker.is_file():
-            raise AnelabError(
-                f"{self.root} is not empty and is not a run store (no STORE.json); choose another --store"
-            )
-        for kind in (*TABLES, *SCORER_KINDS):
-            self._table_dir(kind).mkdir(parents=True, exist_ok=True)
+        if self.root.is_symlink() and not self.root.exists():
+            raise AnelabError(f"--store {str(self.root)!r} is a link to nothing (a dangling symbolic link)")
+        if self.root.exists() and not self.root.is_dir():
+            raise AnelabError(f"--store {str(self.root)!r} is a file; give a directory (it is created if missing)")
         if not marker.is_file():
-            write_json({"format": FORMAT}, marker)
+            foreign = sorted(
+                p.name for p in (self.root.iterdir() if self.root.is_dir() else ()) if not _store_entry(p.name)
+            )
+            if foreign:
+                raise AnelabError(
+                    f"{self.root} is not empty and is not a run store (no STORE.json; it holds {foreign[:3]}); "
+                    "choose another --store"
+                )
+            try:
+                write_json({"format": FORMAT}, marker, within=self.root)  # several writers: the same bytes, one wins
+            except OSError as error:
+                raise AnelabError(f"cannot create the run store {self.root}: {error.strerror or error}") from None
+        self.check_format()
+        for kind in (*TABLES, *SCORER_KINDS):
+            no_links(self._table_dir(kind), self.root).mkdir(parents=True, exist_ok=True)
+
+    def check_format(self) -> None:
+        """Refuse a store of another format version (one line: which, and what this anelab reads)."""
+        marker = self.root / "STORE.json"
+        try:
+            found = json.loads(marker.read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            raise AnelabError(
+                f"{marker} is damaged (not the JSON of a store marker); is {self.root} a run store?"
+            ) from None
+        if found != FORMAT:
+            raise AnelabError(
+                f"the run store {self.root} is of format {found!r}; this anelab reads {FORMAT!r} (use another --store, "
+                "or the anelab version that wrote it)"
+            )
 
     # -- locks ---------------------------------------------------------------------------------
+    def _lock_path(self, block: str) -> Path:
+        path = no_links(self.root / "locks" / block[:2] / f"{block}.lock", self.root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return no_links(path, self.root)
+
     def try_lock(self, block: str):
         """The lock of a block if no other process holds it, else None (non-blocking)."""
         from filelock import FileLock, Timeout
 
-        path = self.root / "locks" / block[:2] / f"{block}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._lock_path(block)
         lock = FileLock(str(path))
         try:
             lock.acquire(timeout=0)
         except Timeout:
             return None
-        path.with_suffix(".owner").write_text(
-            f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}"
-        )
+        owner = f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%H:%M:%S')}"
+        write_text(owner, path.with_suffix(".owner"), within=self.root)  # a rename: never through a planted link
         return lock
 
     def wait_lock(self, block: str, timeout: float = -1):
         """The lock of a block, waiting for its holder to finish."""
         from filelock import FileLock
 
-        path = self.root / "locks" / block[:2] / f"{block}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path), timeout=timeout)
+        lock = FileLock(str(self._lock_path(block)), timeout=timeout)
         lock.acquire()
         return lock
 
     def holder(self, block: str) -> str:
         path = self.root / "locks" / block[:2] / f"{block}.owner"
-        return path.read_text() if path.is_file() else "another process"
+        return path.read_text()[:200] if path.is_file() and not path.is_symlink() else "another process"
 
     # -- writing -------------------------------------------------------------------------------
     def write(self, rows: pd.DataFrame, trace: pd.DataFrame, stats: pd.DataFrame) -> str:
@@ -209,13 +272,15 @@ class Store:
         stamp = {"write": write, "written": time.time_ns()}
         for kind, frame in (("trace", trace), ("stats", stats), ("rows", rows)):
             if kind == "rows" or len(frame):
-                write_parquet(frame.assign(**stamp), self._table_dir(kind) / f"{write}.parquet")
+                write_parquet(frame.assign(**stamp), self._table_dir(kind) / f"{write}.parquet", within=self.root)
         return write
 
     def write_scores(self, kind: str, frame: pd.DataFrame) -> None:
         """Scores of some keys by one scorer model (columns ``key``, ``model`` and the scorer's)."""
         write = f"{time.time_ns()}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        write_parquet(frame.assign(written=time.time_ns()), self._table_dir(kind) / f"{write}.parquet")
+        write_parquet(
+            frame.assign(written=time.time_ns()), self._table_dir(kind) / f"{write}.parquet", within=self.root
+        )
 
     # -- reading -------------------------------------------------------------------------------
     def rows_files(self) -> set[str]:
@@ -266,6 +331,9 @@ class Store:
         """The rows of ``keys`` (one per key: the latest write)."""
         wanted = None if columns is None else list(dict.fromkeys([*columns, "key", "write", "written"]))
         rows = self.read("rows", keys, wanted)
+        for column in wanted or ():  # rows files of an older schema lack newer columns: read as missing values
+            if column not in rows:
+                rows[column] = pd.Series(dtype=object) if rows.empty else None
         if rows.empty:
             return rows
         return rows.sort_values("written", kind="stable").drop_duplicates("key", keep="last").reset_index(drop=True)
@@ -321,7 +389,7 @@ class Store:
 
     def _quarantine(self, kind: str, path: Path, error: Exception) -> None:
         """Move a damaged table file aside, with the other tables of the same write (so its images are made again)."""
-        aside = self.root / "quarantine"
+        aside = no_links(self.root / "quarantine", self.root)
         aside.mkdir(parents=True, exist_ok=True)
         moved = []
         siblings = [self._table_dir(k) / path.name for k in TABLES] if kind in TABLES else [path]
