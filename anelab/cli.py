@@ -482,17 +482,23 @@ def report(
         return
     ensure_writable(out)
     jobs = jobs or (2 if tiny and device.type == "cpu" else 1)
-    results = run_report(
-        model=model,
-        scale=scale,
-        only=names,
-        out=out,
-        runs=runs,
-        device=str(device),
-        dtype=dtype_name,
-        store=store,
-        jobs=jobs,
-    )
+    try:
+        results = run_report(
+            model=model,
+            scale=scale,
+            only=names,
+            out=out,
+            runs=runs,
+            device=str(device),
+            dtype=dtype_name,
+            store=store,
+            jobs=jobs,
+        )
+    except KeyboardInterrupt:
+        typer.echo(
+            "interrupted: every notebook process stopped; the reports not finished keep their previous pages", err=True
+        )
+        raise typer.Exit(130) from None
     for r in results:
         typer.echo(f"{'ok  ' if r.ok else 'FAIL'} {r.name:28s} {r.seconds:6.0f} s" + ("" if r.ok else f"  {r.error}"))
     typer.echo(f"report: {sum(r.ok for r in results)}/{len(results)} notebooks ok -> {out / 'index.html'}")
@@ -579,6 +585,9 @@ def main(argv: list[str] | None = None) -> None:
     except AnelabError as error:
         typer.echo(f"error: {error}", err=True)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: stopped; finished results are kept, nothing half-written replaced them", err=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

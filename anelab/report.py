@@ -109,6 +109,7 @@ class NotebookRun:
     error: str | None
     values: dict
     failed_cell: int | None = None
+    finished: str = ""  # when its report was written (UTC)
 
 
 def match_notebooks(only: Sequence[str] | None) -> list[str]:
@@ -149,6 +150,7 @@ def run_report(
     names = match_notebooks(only)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _clear_stale_staging(out)
     runs = Path(runs) if runs else default_runs(model, scale)
     store = None if store is None else str(Path(store).resolve())
     if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # kernels inherit it: share the cores, don't fight over them
@@ -157,10 +159,11 @@ def run_report(
     order = [n for n in LONGEST_FIRST if n in names] if jobs > 1 else names
     started = datetime.datetime.now(datetime.timezone.utc)
     bar = tqdm(total=len(order), desc="report", unit="notebook", disable=not progress)
-    results = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    results, workers = {}, _Workers()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         futures = {
-            pool.submit(_execute, name, out, parameters | {"out_dir": str((runs / name).resolve())}): name
+            pool.submit(_execute, name, out, parameters | {"out_dir": str((runs / name).resolve())}, workers): name
             for name in order
         }
         for future in concurrent.futures.as_completed(futures):
@@ -168,44 +171,145 @@ def run_report(
             results[result.name] = result
             bar.set_postfix_str(f"{result.name} {'ok' if result.ok else 'FAILED'}")
             bar.update()
-    bar.close()
+            _index(
+                [results[n] for n in names if n in results],
+                out,
+                parameters | {"runs": str(runs), "started": started, "jobs": jobs},
+            )
+    except (
+        KeyboardInterrupt
+    ):  # stop every kernel within seconds; the notebooks not finished keep their previous reports
+        workers.stop()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        bar.close()
     ordered = [results[n] for n in names]
     _index(ordered, out, parameters | {"runs": str(runs), "started": started, "jobs": jobs})
     return ordered
 
 
-def _execute(name: str, out: Path, parameters: dict) -> NotebookRun:
-    """One notebook: papermill (no time limit per cell), then its HTML page (with a failure banner if it failed)."""
-    import papermill
+#: What runs one notebook in its own process (a process group of its own, so Ctrl-C stops it and its kernel at once).
+_WORKER = """
+import json, sys, papermill
+a = json.loads(sys.argv[1])
+try:
+    papermill.execute_notebook(a["source"], a["target"], parameters=a["parameters"], kernel_name="python3",
+                               progress_bar=False, cwd=a["cwd"], log_output=False, execution_timeout=None,
+                               extra_arguments=["--IPKernelApp.log_level=ERROR"])
+except Exception as error:
+    print(json.dumps({"ename": getattr(error, "ename", type(error).__name__), "evalue": str(getattr(error, "evalue", error))}))
+    sys.exit(1)
+"""
 
-    target = out / f"{name}.ipynb"
+
+class _Workers:
+    """The notebook processes running now; :meth:`stop` ends them (and their kernels) and forbids new ones."""
+
+    def __init__(self):
+        self.running: set = set()
+        self.stopped = False
+
+    def run(self, arguments: dict) -> tuple[int, str]:
+        import json
+        import signal
+        import sys
+
+        if self.stopped:
+            raise KeyboardInterrupt
+        process = subprocess.Popen(
+            [sys.executable, "-c", _WORKER, json.dumps(arguments)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,  # Ctrl-C at the terminal reaches us only: we stop the group ourselves
+        )
+        self.running.add(process)
+        try:
+            output, _ = process.communicate()
+        finally:
+            self.running.discard(process)
+        if self.stopped and process.returncode in (-signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL):
+            raise KeyboardInterrupt
+        return process.returncode, output
+
+    def stop(self) -> None:
+        import signal
+
+        self.stopped = True
+        for process in list(self.running):
+            for sig, grace in ((signal.SIGINT, 3.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 1.0)):
+                try:
+                    os.killpg(process.pid, sig)  # the worker and its kernel (started in the worker's group)
+                    process.wait(timeout=grace)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+
+
+def _execute(name: str, out: Path, parameters: dict, workers: _Workers) -> NotebookRun:
+    """One notebook: papermill (no time limit per cell) into a staging folder, then its HTML page (with a failure
+    banner if it failed); only a notebook that ran to its end or to a failed cell replaces the previous report."""
+    import json
+    import shutil
+    import tempfile
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".staging", dir=out))
+    target = staging / f"{name}.ipynb"
     start = time.perf_counter()
     error = None
-    with as_path(notebook(name)) as source:
-        declared = papermill.inspect_notebook(str(source))
-        given = {k: v for k, v in parameters.items() if k in declared}
-        if "interactive" in declared:
-            given["interactive"] = False  # no frontend: the widget would be inert (and nbclient can stall on it)
-        try:
-            papermill.execute_notebook(
-                str(source),
-                str(target),
-                parameters=given,
-                kernel_name="python3",
-                progress_bar=False,
-                cwd=str(Path.cwd()),
-                log_output=False,
-                execution_timeout=None,
-                extra_arguments=["--IPKernelApp.log_level=ERROR"],
-            )  # the kernel's own notices, not ours
-        except Exception as exc:  # papermill raises PapermillExecutionError with the cell's error; report and go on
-            error = _one_line(exc)
-    seconds = time.perf_counter() - start
-    values, failed_cell = {}, None
-    if target.exists():
-        values = recorded(target)
-        failed_cell = _to_html(target, out / f"{name}.html")
-    return NotebookRun(name, error is None, seconds, error, values, failed_cell)
+    try:
+        with as_path(notebook(name)) as source:
+            import papermill
+
+            declared = papermill.inspect_notebook(str(source))
+            given = {k: v for k, v in parameters.items() if k in declared}
+            if "interactive" in declared:
+                given["interactive"] = False  # no frontend: the widget would be inert (and nbclient can stall on it)
+            code, output = workers.run(
+                {"source": str(source), "target": str(target), "parameters": given, "cwd": str(Path.cwd())}
+            )
+        if code != 0:
+            lines = [line for line in output.splitlines() if line.startswith("{")]
+            failure = (
+                json.loads(lines[-1])
+                if lines
+                else {"ename": "Error", "evalue": f"the notebook process exited with {code}"}
+            )
+            error = f"{failure['ename']}: {failure['evalue']}".splitlines()[0][:400]
+        seconds = time.perf_counter() - start
+        values, failed_cell = {}, None
+        if target.exists():
+            values = recorded(target)
+            failed_cell = _to_html(target, staging / f"{name}.html")
+            for suffix in (".ipynb", ".html"):  # both finished: each replaces its predecessor in one rename
+                os.replace(staging / f"{name}{suffix}", out / f"{name}{suffix}")
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return NotebookRun(name, error is None, seconds, error, values, failed_cell, stamp)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _clear_stale_staging(out: Path) -> None:
+    """Remove the staging folders of report runs that were killed (their process is gone)."""
+    import shutil
+
+    for folder in out.glob(".*.staging"):
+        parts = folder.name.split(".")
+        pid = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
+        if pid is None or not _alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _one_line(exc: Exception) -> str:
@@ -302,6 +406,21 @@ def _index(results: list[NotebookRun], out: Path, meta: dict) -> None:
     """``index.html`` (and ``index.json``): when, which commit, model, device, dtype, scale and sizes; per
     notebook its status, time and headline numbers (marked partial when it failed), with links."""
     model = meta["model"]
+    previous = []
+    if (out / "index.json").is_file():  # notebooks not (yet) run again keep their entry: their files are the old ones
+        import json
+
+        try:
+            earlier = json.loads((out / "index.json").read_text()).get("notebooks", [])
+        except (OSError, ValueError):
+            earlier = []
+        done = {r.name for r in results}
+        previous = [
+            NotebookRun(**{k: v for k, v in e.items() if k in NotebookRun.__dataclass_fields__})
+            for e in earlier
+            if e.get("name") not in done and (out / f"{e.get('name')}.ipynb").is_file()
+        ]
+    results = sorted([*results, *previous], key=lambda r: NOTEBOOKS.index(r.name) if r.name in NOTEBOOKS else 99)
     rows = []
     for r in results:
         numbers = (
@@ -311,7 +430,8 @@ def _index(results: list[NotebookRun], out: Path, meta: dict) -> None:
             numbers = f"<span class='fail'>partial (failed in cell {r.failed_cell or '?'})</span><br>{numbers}"
         status = "ok" if r.ok else f"<span class='fail'>failed: {html.escape(r.error or '')}</span>"
         rows.append(
-            f"<tr><td><a href='{r.name}.html'>{r.name}</a></td><td>{status}</td><td>{r.seconds:.0f} s</td><td>{numbers}</td></tr>"
+            f"<tr><td><a href='{r.name}.html'>{r.name}</a><br><small>{html.escape(r.finished)}</small></td><td>{status}</td>"
+            f"<td>{r.seconds:.0f} s</td><td>{numbers}</td></tr>"
         )
 
     note = f"<p class='warn'>{html.escape(RANDOM_WEIGHTS_NOTE)}</p>" if str(model) in TINY_MODELS else ""
