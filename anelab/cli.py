@@ -146,7 +146,12 @@ def generate(
     if generator_device == "cuda":
         resolve_device("cuda")
     token_args = [int(t) if t.isdigit() else t for t in tokens]
-    targets = dict(_layout_point(text) for text in layout)
+    targets = {}
+    for text in layout:
+        word, point = _layout_point(text)
+        if word in targets:
+            raise AnelabError(f"--layout gives {word!r} twice ({targets[word]} and {point}); one target per token")
+        targets[word] = point
     named = [_subject(text) for text in subjects] if subjects else None
     chosen = None
     if not plain:
@@ -280,6 +285,11 @@ def sweep(
     ),
     store: Optional[Path] = STORE,
     low_memory: bool = LOW_MEMORY,
+    allow_large: bool = typer.Option(
+        False,
+        "--allow-large",
+        help=f"Run a study of more than {2_000_000:,} images (refused otherwise, with its size).",
+    ),
 ):
     """Run a study into the run store: every (variant, prompt, seed) the store lacks; OUT holds the study's view.
     Resumable, shardable (--shard, SLURM arrays), accelerate-aware; writers of one store coordinate through locks."""
@@ -290,7 +300,9 @@ def sweep(
     from .runs.runner import describe
 
     _low_memory(low_memory)
-    spec = load_study(study, scale=scale, prompts=prompts, seeds=seeds, steps=steps, batch=batch, size=size)
+    spec = load_study(
+        study, scale=scale, prompts=prompts, seeds=seeds, steps=steps, batch=batch, size=size, allow_large=allow_large
+    )
     share = parse_shard(shard)
     device, dtype = resolve_device(device or process_share()[2]), resolve_dtype(dtype)
     ensure_writable(out)
@@ -299,6 +311,11 @@ def sweep(
     for note in spec.notes:
         typer.echo(f"note: {note}", err=True)
     pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
+    from .runs import Store
+    from .runs.calibration import calibrated
+
+    store = Store(store)
+    spec = calibrated(spec, pipe, store=store, model=model, revision=revision, variant=variant)
     summary = run_sweep(
         spec, pipe, out, model=model, store=store, shard=share, chunk_blocks=chunk, revision=revision, variant=variant
     )

@@ -67,14 +67,17 @@ def check_thresholds(thresholds) -> dict[int, float]:
 
 
 def parse_thresholds(text: str) -> dict[int, float]:
-    """``"0:0.05,10:0.5,20:0.8"`` → ``{0: 0.05, 10: 0.5, 20: 0.8}``; ``""`` → ``{}``."""
+    """``"0:0.05,10:0.5,20:0.8"`` → ``{0: 0.05, 10: 0.5, 20: 0.8}``; ``""`` → ``{}``; a step given twice is an error."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
             step, value = part.split(":")
-            out[int(step)] = float(value)
+            step, value = int(step), float(value)
         except ValueError:
             raise AnelabError(f"thresholds must look like '0:0.05,10:0.5,20:0.8', got {text!r}") from None
+        if step in out:
+            raise AnelabError(f"thresholds give step {step} twice ({out[step]:g} and {value:g}) in {text!r}")
+        out[step] = value
     return check_thresholds(out)
 
 

@@ -1,6 +1,7 @@
 """Study files, the runner and the run store: validation, scales, shards, accelerate, SIGKILL, concurrent writers,
 damaged files, reuse across studies, results."""
 
+import json
 import re
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from study_helpers import STUDY, comparable
 from anelab import AnelabError
 from anelab.resources import study_files
 from anelab.runs import SCALES, Store, load_results, load_stats, load_study, load_trace, run_sweep, score_run
+from anelab.runs.calibration import calibrated
 from anelab.runs.plan import parse_shard, work_plan
 from anelab.runs.runner import steered_subjects
 from anelab.subjects import Subject
@@ -351,7 +353,10 @@ def test_a_calibrated_study_takes_its_thresholds_from_the_sources_plain_sd_stati
             "calibrate": {"from": str(study_file), "variant": "sd", "quantile": 0.5, "variants": ["at4"]},
         }
     )
-    summary = run_sweep(dependent, tiny_pipe, tmp_path / "dep", model="tiny", store=store, progress=False)
+    with pytest.raises(AnelabError, match="takes thresholds calibrated from .*: resolve them first"):
+        run_sweep(dependent, tiny_pipe, tmp_path / "dep", model="tiny", store=store, progress=False)
+    resolved = calibrated(dependent, tiny_pipe, store=store, model="tiny", progress=False)
+    summary = run_sweep(resolved, tiny_pipe, tmp_path / "dep", model="tiny", store=store, progress=False)
     assert (
         summary["images"] == 8
     )  # the calibrated variant; the source's 8 plain-SD images went in first, without a view
@@ -365,3 +370,22 @@ def test_a_calibrated_study_takes_its_thresholds_from_the_sources_plain_sd_stati
     assert {int(k): v for k, v in used.items()} == pytest.approx(expected, abs=1e-6) and load_results(
         tmp_path / "dep"
     ).variant.unique().tolist() == ["at4"]
+
+
+def test_a_calibration_source_follows_the_runs_overrides_and_is_read_beside_the_study_file(
+    study_file, tiny_pipe, tmp_path
+):
+    """A 2-seed, 3-step run of a calibrated study makes its plain-SD source at 2 seeds and 3 steps too, not at the
+    source file's own; a relative ``from`` is the file beside the calibrated study's."""
+    store = Store(tmp_path / "store")
+    dependent = tmp_path / "dependent.yaml"
+    dependent.write_text(
+        STUDY.replace("name: mini", "name: dependent")
+        + "calibrate: {from: mini.yaml, variant: sd, quantile: 0.5, variants: [ae8]}\n"
+    )
+    study = load_study(dependent, seeds=2, steps=3)
+    resolved = calibrated(study, tiny_pipe, store=store, model="tiny", progress=False)
+    rows = store.latest_rows(columns=["identity"])
+    made = [json.loads(i) for i in rows.identity]
+    assert len(made) == 2 * 2 and {i["steps"] for i in made} == {3}  # the source: 2 prompts x 2 seeds, 3 steps
+    assert resolved.calibrate["thresholds"]["ae8"]

@@ -18,6 +18,7 @@ from ..detection import DEFAULT_DETECTOR
 from ..loading import load_pipeline
 from ..metrics import DEFAULT_BLIP, DEFAULT_CLIP, Scorers
 from ..testing import TINY_MODELS
+from .calibration import calibrated
 from .results import load_results, load_stats, load_trace, load_view
 from .runner import describe, run_sweep
 from .scoring import score_run
@@ -66,6 +67,8 @@ def run_study(
     if not isinstance(study, Study):
         study = load_study(study, scale=scale, **overrides)
     pipe = pipe or load_pipeline(model, device=device, dtype=dtype)
+    store = store if isinstance(store, Store) else Store(store)
+    study = calibrated(study, pipe, store=store, model=str(model), progress=progress)
     summary = run_sweep(study, pipe, out, model=str(model), store=store, progress=progress)
     tiny = str(model) in TINY_MODELS
     scorers = Scorers(

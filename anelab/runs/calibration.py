@@ -21,6 +21,18 @@ from .runner import prepare, run_sweep
 from .study import Study, fit_study, load_study
 
 
+def source_path(name: str, beside: str) -> str:
+    """A calibration source: a built-in study name, a path, or a path relative to the calibrated study's own file."""
+    from pathlib import Path
+
+    from ..resources import study_files
+
+    if name in study_files() or Path(name).is_absolute() or Path(name).is_file():
+        return name
+    relative = Path(beside).parent / name
+    return str(relative) if beside and relative.is_file() else name
+
+
 def calibration_stats(
     pipe,
     prompts: pd.DataFrame | Sequence[tuple[str, Sequence[str]]],
@@ -75,6 +87,22 @@ def calibrated_study(
     ), thresholds
 
 
+def calibrated(study: Study, pipe, *, store, model: str, revision=None, variant=None, progress: bool = True) -> Study:
+    """``study`` fitted to the model with its calibrated thresholds resolved (the source's plain SD generated into the
+    store first where it is missing): what a caller of :func:`anelab.runs.run_sweep` passes for a study with a
+    ``calibrate`` section (any other study comes back as it is)."""
+    if not study.calibrate or "thresholds" in study.calibrate:
+        return study
+    study, _ = resolve_calibration(
+        fit_study(study, pipe), pipe, store=store, model=model, revision=revision, variant=variant, progress=progress
+    )
+    print(
+        f"note: {study.name}: thresholds calibrated from {study.calibrate['from']}'s plain-SD statistics: "
+        + "; ".join(f"{v} {t}" for v, t in study.calibrate["thresholds"].items())
+    )
+    return study
+
+
 def resolve_calibration(
     study: Study,
     pipe,
@@ -94,7 +122,7 @@ def resolve_calibration(
     spec = study.calibrate
     if not spec:
         return study, {}
-    source = load_study(spec["from"], scale=study.scale)
+    source = load_study(source_path(spec["from"], study.source), scale=study.scale, **study.overrides)
     source = fit_study(
         source, pipe if pipe is not None else context.arch
     )  # the source on this model, as its own sweep runs it

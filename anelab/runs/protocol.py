@@ -20,11 +20,11 @@ import pandas as pd
 from ..errors import AnelabError
 from ..loading import load_parts, resolve_device, resolve_dtype
 from ..models import architecture
-from .calibration import resolve_calibration
+from .calibration import calibrated, resolve_calibration
 from .plan import work_plan
 from .runner import applies, block_request, describe, request_identity, run_sweep
 from .scoring import score_run
-from .store import image_key, model_identity
+from .store import Store, image_key, model_identity
 from .study import Study, fit_study, load_study
 
 NOTEBOOK_STUDIES: dict[str, tuple[str, ...]] = {
@@ -213,9 +213,11 @@ def generate_report(
     the views go to ``runs/<study>``. A final plain report then finds everything and only analyses."""
 
     done = []
+    store = store if isinstance(store, Store) else Store(store)
     for name in studies_of(notebooks):
         study = load_study(name, scale=scale)
         out = Path(runs) / name
+        study = calibrated(study, pipe, store=store, model=model, revision=revision, variant=variant, progress=progress)
         summary = run_sweep(
             study,
             pipe,

@@ -222,7 +222,8 @@ def run_sweep(
     """Generate every block of ``study`` (this shard's and process's share) that the store lacks; write the view
     in ``out`` (None: none). The study is first fitted to the model (:func:`fit_study`: sizes and resolutions
     scaled to its native side; variants whose resolution it lacks are dropped, with a note, and the view's spec
-    lists them under ``dropped``). A study with a ``calibrate`` section gets its thresholds from the store first.
+    lists them under ``dropped``). A study with a ``calibrate`` section must have its thresholds already
+    (:func:`anelab.runs.calibration.calibrated`).
 
     Returns a summary: images made, already in the store, waited for, writes, generation and total seconds.
     """
@@ -242,14 +243,9 @@ def run_sweep(
         )
         study = fitted
     if study.calibrate and "thresholds" not in study.calibrate:
-        from .calibration import resolve_calibration
-
-        study, thresholds = resolve_calibration(
-            study, pipe, store=store, model=model, revision=revision, variant=variant, progress=progress
-        )
-        print(
-            f"note: {study.name}: thresholds calibrated from {study.calibrate['from']}'s plain-SD statistics: "
-            + "; ".join(f"{v} {t}" for v, t in study.calibrate["thresholds"].items())
+        raise AnelabError(
+            f"study {study.name!r} takes thresholds calibrated from {study.calibrate['from']!r}: resolve them first "
+            "(anelab.runs.calibration.calibrated(study, pipe, store=...), as anelab sweep and run_study do)"
         )
     jobs = prepare(study, pipe, model, revision=revision, variant=variant)
     skipped = {}

@@ -114,6 +114,9 @@ class Study:
         default_factory=dict
     )  # variant -> why this model cannot run it (fit_study)
     full_size: int | None = None  # the side before a smoke slice shrank it (None: size)
+    overrides: dict = dataclasses.field(
+        default_factory=dict
+    )  # load_study's explicit overrides (a calibration source takes them too)
 
     def spec(self) -> dict:
         """Everything that defines the results, as plain JSON (what the spec hash covers)."""
@@ -195,6 +198,79 @@ class Study:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+#: Bounds on what a study file may ask for: its bytes, the YAML nodes it expands to (aliases counted each time they
+#: are used), its seeds, and (unless ``allow_large``) its images.
+MAX_FILE_BYTES = 1 << 20
+MAX_NODES = 200_000
+MAX_SEEDS = 10_000_000
+MAX_IMAGES = 2_000_000
+
+
+class _Repeated(Exception):
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing a key given twice in one mapping (``1`` and ``'1'`` count as the same key)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = str(self.construct_object(key_node, deep=True))
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _Repeated(f"key {key!r} is given twice in one mapping (lines {seen[key]} and {line})")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_nodes(node, memo=None) -> int:
+    """The nodes a YAML document expands to, each alias counted at every use (memoised: no expansion happens)."""
+    memo = {} if memo is None else memo
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a cycle counts once (the safe loader refuses to build one anyway)
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_nodes(k, memo) + _expanded_nodes(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_nodes(v, memo) for v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
+
+
+def read_yaml(path: Path):
+    """``(data, text)`` of a study file, or one line: too large, not UTF-8, not YAML, expanding to too many nodes
+    (nested aliases), a key given twice."""
+    label = str(path)
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise AnelabError(f"{label}: {path.stat().st_size:,} bytes; a study file is at most {MAX_FILE_BYTES:,}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise AnelabError(f"{label}: not UTF-8 text (byte {error.start}); save the study file as UTF-8") from None
+    try:
+        node = yaml.compose(text, Loader=_StrictLoader)
+        if node is not None and _expanded_nodes(node) > MAX_NODES:
+            raise AnelabError(
+                f"{label}: expands to over {MAX_NODES:,} YAML nodes (nested aliases?); a study is far smaller"
+            )
+        data = yaml.load(text, Loader=_StrictLoader)
+    except _Repeated as error:
+        raise AnelabError(f"{label}: {error.message}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "file"
+        raise AnelabError(f"{label}: {where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+    return data, text
+
+
 class _Lines:
     """File line of each key path in a YAML document (for error messages)."""
 
@@ -245,9 +321,12 @@ def load_study(
     batch: int | None = None,
     size: int | None = None,
     base: Mapping | None = None,
+    allow_large: bool = False,
 ) -> Study:
     """Read and validate a study (a YAML path, a study name, or a dict) at a ``scale`` of :data:`SCALES`
-    (and the file's own ``smoke``/``quick`` slice), then apply explicit overrides, which win.
+    (and the file's own ``smoke``/``quick`` slice), then apply explicit overrides, which win (and are checked as the
+    file's values are). A study of more than :data:`MAX_IMAGES` images is refused, with its size, unless
+    ``allow_large`` (``--allow-large``).
 
     ``prompts`` keeps the first K prompts per category (or of an explicit list), ``seeds`` the
     first K seeds; ``steps`` rescales the variants' threshold steps and ``max_iter_to_alter``
@@ -260,14 +339,8 @@ def load_study(
         data, lines, label = dict(source), _Lines(""), "study"
     else:
         path = study_path(source)
-        text = path.read_text()
         label = str(path)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f"line {mark.line + 1}" if mark else "file"
-            raise AnelabError(f"{label}: {where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+        data, text = read_yaml(path)
         lines = _Lines(text)
     if not isinstance(data, Mapping):
         raise AnelabError(f"{label}: a study is a mapping of {sorted(TOP_KEYS)}, got {type(data).__name__}")
@@ -307,6 +380,8 @@ def load_study(
         fail(("variants",), "must map variant names to overrides (or null for plain SD)")
     variants, steering = {}, {}
     for name, overrides in variants_data.items():
+        if str(name) in variants:
+            fail(("variants", name), f"names variant {str(name)!r} twice ({name!r} and another spelling of it)")
         if overrides is not None and not isinstance(overrides, Mapping):
             fail(("variants", name), f"must be a mapping of GuidanceConfig overrides or null, got {overrides!r}")
         if overrides is not None and any(k in STEERING_KEYS for k in overrides):
@@ -333,8 +408,20 @@ def load_study(
         fail(("dropped",), f"must map variant names to reasons, got {dropped!r}")
     calibrate = _calibrate(data.get("calibrate"), variants, fail)
 
-    # the scale, then explicit overrides (CLI / notebook parameters)
+    # the scale, then explicit overrides (CLI / notebook parameters), checked as the file's values are
     given = dict(prompts=prompts, seeds=seeds, steps=steps, batch=batch, base=base)
+    for name, value in (("prompts", prompts), ("seeds", seeds), ("steps", steps), ("batch", batch), ("size", size)):
+        if value is not None and (not is_int(value) or value < (8 if name == "size" else 1)):
+            raise AnelabError(f"{label}: the override {name}={value!r} must be an int >= {8 if name == 'size' else 1}")
+    if size is not None and size % 8:
+        raise AnelabError(f"{label}: the override size={size} must be a multiple of 8 (as the file's size)")
+    if base is not None:
+        if not isinstance(base, Mapping):
+            raise AnelabError(f"{label}: the override base must be a mapping of settings, got {base!r}")
+        known = {f for c in variants.values() if c is not None for f in _settings(type(c))}
+        unknown = sorted(set(base) - known)
+        if unknown:
+            raise AnelabError(f"{label}: the override base names {unknown}, a setting of none of the guided variants")
     scaled = {
         **SCALES[scale],
         **{k: v for k, v in slices.get(scale, {}).items() if k not in ("variants", "categories")},
@@ -367,6 +454,12 @@ def load_study(
         variants = {k: None if c is None else c.rescaled(n_steps, steps) for k, c in variants.items()}
         notes.append(f"steps {n_steps} -> {steps}: threshold steps and max_iter_to_alter rescaled proportionally")
         n_steps = steps
+    images = len(variants) * len(table) * len(seed_list)
+    if images > MAX_IMAGES and not allow_large:
+        raise AnelabError(
+            f"{label}: {len(variants)} variants x {len(table)} prompts x {len(seed_list):,} seeds = {images:,} images, over "
+            f"{MAX_IMAGES:,}; shrink it, or go ahead with --allow-large (allow_large=True)"
+        )
     return Study(
         name=data["name"],
         prompts=table,
@@ -388,6 +481,7 @@ def load_study(
         scaled=sd1_units,
         dropped={str(k): str(v) for k, v in dropped.items()},
         full_size=full_side,
+        overrides={k: v for k, v in dict(given, size=size).items() if v is not None},
     )
 
 
@@ -478,6 +572,8 @@ def _calibrate(spec, variants: Mapping, fail) -> dict | None:
     allowed = {"from", "variant", "quantile", "variants"}
     if not isinstance(spec, Mapping) or set(spec) - allowed or "from" not in spec or "variants" not in spec:
         fail(("calibrate",), f"must be a mapping with from and variants (and variant, quantile), got {spec!r}")
+    if not isinstance(spec["from"], str) or not spec["from"].strip():
+        fail(("calibrate", "from"), f"must name the source study (a built-in name or a file), got {spec['from']!r}")
     quantile = spec.get("quantile", 0.5)
     if not is_number(quantile) or not 0 <= quantile <= 1:
         fail(("calibrate", "quantile"), f"must be a number in [0, 1], got {quantile!r}")
@@ -626,6 +722,8 @@ def _steering(spec, path, fail) -> dict:
 
 def _seeds(spec, fail) -> list[int]:
     if is_int(spec) and spec >= 1:
+        if spec > MAX_SEEDS:
+            fail(("seeds",), f"{spec} seeds is more than any study can run (at most {MAX_SEEDS:,})")
         return list(range(spec))
     if isinstance(spec, list) and spec and all(is_int(s) and 0 <= s < 2**64 for s in spec):
         if len(set(spec)) != len(spec):
