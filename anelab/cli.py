@@ -196,6 +196,11 @@ def generate(
     # 2. what needs the tokenizer and the scheduler only (not the weights)
     tokenizer, scheduler = load_parts(model, revision=revision)
     resolve(tokenizer, prompt, gather(tokens=token_args, subjects=named, suppress=suppress, layout=targets))
+    trained = getattr(scheduler.config, "num_train_timesteps", None)
+    if trained and steps > trained:
+        raise AnelabError(
+            f"--steps {steps} is more than the scheduler's {trained} training timesteps: at most {trained}"
+        )
     if chosen is not None:
         scheduler.set_timesteps(steps)
         chosen.check_schedule(len(scheduler.timesteps))

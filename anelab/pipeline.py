@@ -373,6 +373,11 @@ class _Sampler:
             eps = uncond + self.plan.guidance_scale * (cond - uncond)
         if sinks:
             self.recorder.end_step(i, t)
+        if z.is_meta:  # the scheduler reads values: a shapes-only pipeline can be planned and traced, not sampled
+            raise AnelabError(
+                "a pipeline on the meta device holds shapes only: it can be planned (plan_run) and its forward traced, "
+                "not sampled; load it on cpu or cuda to generate"
+            )
         z = self.scheduler.step(eps, self.host_timesteps[i], z).prev_sample
         broken = ~torch.isfinite(z).flatten(1).all(dim=1)  # noted on the device; read once, at the end
         self.broken_at = torch.where(broken & (self.broken_at < 0), i, self.broken_at)
@@ -599,7 +604,7 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
     steps = request.num_inference_steps
     if not is_int(steps) or steps < 1:
         raise AnelabError(f"num_inference_steps must be an int >= 1, got {steps!r}")
-    guidance_scale = require_number("guidance_scale", request.guidance_scale)
+    guidance_scale = require_number("guidance_scale", request.guidance_scale, minimum=0)  # <= 1: no CFG (diffusers')
     if request.output_type not in OUTPUT_TYPES:
         raise AnelabError(f"output_type must be one of {OUTPUT_TYPES}, got {request.output_type!r}")
     generator_device = request.generator_device
@@ -627,6 +632,11 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
     eot = eot_index(pipe.tokenizer, prompt)
     latent = (height // scale, width // scale)
     layers = hk.cross_attention_layers(pipe.unet, *latent)
+    trained = getattr(pipe.scheduler.config, "num_train_timesteps", None)
+    if trained and steps > trained:
+        raise AnelabError(
+            f"num_inference_steps {steps} is more than the scheduler's {trained} training timesteps: at most {trained}"
+        )
     timesteps = schedule(pipe, steps)
     columns = models.softmax_tokens(pipe, "legacy")
     normaliser = methods.GuidanceConfig().normalised(columns)
@@ -652,6 +662,11 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
             ordered = [s for role in ("excite", "suppress", "layout") for s in subjects if s.role == role]
             points = [s.target for s in ordered if s.target is not None]
             layout_targets = torch.stack([gaussian_target(p, main, active.layout_sigma) for p in points])
+            if not torch.isfinite(layout_targets).all():
+                raise AnelabError(
+                    f"layout_sigma {active.layout_sigma:g} is too narrow for the {main[0]}x{main[1]} guidance grid: the "
+                    f"target would be empty; use at least {0.5 / max(main):.3g} (half a cell)"
+                )
     record = request.record
     if record is not None:
         nouns = [p for p, r in zip(measured, roles) if r != "modifier"]

@@ -21,6 +21,7 @@ import torch
 from . import hooks as hk
 from .cache import FRAME_COLUMNS, MEAN, STAT_COLUMNS, AttentionCache
 from .config import GuidanceConfig
+from .checks import is_number
 from .errors import AnelabError
 from .objectives import token_statistics
 from .tokens import prompt_tokens, resolve_tokens
@@ -75,7 +76,7 @@ class Record:
             raise AnelabError(
                 f"Record.dtype must be a floating torch dtype (torch.float16, torch.float32), got {self.dtype!r}"
             )
-        if isinstance(self.max_gb, bool) or not isinstance(self.max_gb, (int, float)) or self.max_gb <= 0:
+        if not is_number(self.max_gb) or self.max_gb <= 0:  # NaN or inf would turn the budget off
             raise AnelabError(f"Record.max_gb must be a positive number, got {self.max_gb!r}")
 
     def to_dict(self) -> dict:

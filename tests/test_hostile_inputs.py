@@ -255,3 +255,30 @@ def test_an_api_schedule_that_does_not_fit_says_how_to_rescale(tiny_pipe):
         anelab.generate(
             tiny_pipe, "a cat", ["cat"], config=anelab.GuidanceConfig(), num_inference_steps=10, progress=False
         )
+
+
+def test_values_that_would_mean_nothing_are_one_line_errors(tiny_pipe):
+    import math
+
+    import anelab
+    from anelab import AnelabError, GuidanceConfig, Record
+    from anelab.loading import load_pipeline
+
+    run = dict(num_inference_steps=3, height=128, width=128, output_type="latent", progress=False)
+    with pytest.raises(
+        AnelabError, match="num_inference_steps 1001 is more than the scheduler's 1000 training timesteps"
+    ):
+        anelab.generate(tiny_pipe, "a cat and a dog", **(run | {"num_inference_steps": 1001}))
+    with pytest.raises(AnelabError, match="guidance_scale must be a finite number >= 0"):
+        anelab.generate(tiny_pipe, "a cat and a dog", guidance_scale=-2.0, **run)
+    config = GuidanceConfig(attention_res=4, thresholds={}, layout_sigma=1e-6)
+    with pytest.raises(
+        AnelabError, match="layout_sigma 1e-06 is too narrow for the 4x4 guidance grid: .* at least 0.125"
+    ):
+        anelab.generate(tiny_pipe, "a cat and a dog", ["cat"], config=config, layout={"cat": (0.2, 0.5)}, **run)
+    for budget in (math.nan, math.inf):
+        with pytest.raises(AnelabError, match="Record.max_gb must be a positive number"):
+            Record(max_gb=budget)
+    meta = load_pipeline("tiny", device="meta")
+    with pytest.raises(AnelabError, match="a pipeline on the meta device holds shapes only"):
+        anelab.generate(meta, "a cat and a dog", **run)
