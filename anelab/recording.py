@@ -20,8 +20,8 @@ import torch
 
 from . import hooks as hk
 from .cache import FRAME_COLUMNS, MEAN, STAT_COLUMNS, AttentionCache
-from .config import GuidanceConfig
 from .checks import is_number
+from .config import GuidanceConfig
 from .errors import AnelabError
 from .objectives import token_statistics
 from .tokens import prompt_tokens, resolve_tokens
