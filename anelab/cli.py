@@ -599,17 +599,37 @@ def _expand_multi_value(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: runs the app, turning AnelabError into one line and exit code 2."""
+    """Console entry point: runs the app, turning AnelabError, a usage error (an option's value out of range, a missing
+    option) and an OSError into one line and exit code 2."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = _expand_multi_value(sys.argv[1:] if argv is None else list(argv))
     try:
-        app(args=argv, prog_name="anelab")
+        code = app(args=argv, prog_name="anelab", standalone_mode=False)
+    except typer.Exit as done:
+        raise SystemExit(done.exit_code) from None
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
     except AnelabError as error:
         typer.echo(f"error: {error}", err=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: stopped; finished results are kept, nothing half-written replaced them", err=True)
         raise SystemExit(130) from None
+    except OSError as error:  # a full disk, a read-only or vanished folder: what the system said, where, in one line
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        typer.echo(f"error: {error.strerror or error}{where}; nothing half-written was left behind", err=True)
+        raise SystemExit(2) from None
+    except Exception as error:  # the command line's own usage errors (click's, vendored by typer): one line too
+        if not (hasattr(error, "format_message") and hasattr(error, "exit_code")):
+            raise
+        if type(error).__name__ == "NoArgsIsHelpError":  # `anelab` alone: the help was shown, nothing went wrong
+            raise SystemExit(0) from None
+        context = getattr(error, "ctx", None)
+        hint = f" (see {context.command_path} --help)" if context is not None else ""
+        typer.echo(f"error: {error.format_message()}{hint}", err=True)
+        raise SystemExit(2) from None
+    raise SystemExit(code if isinstance(code, int) else 0)  # as click's standalone mode: the entry point always exits
 
 
 if __name__ == "__main__":

@@ -131,6 +131,10 @@ def ensure_writable(directory: str | os.PathLike, what: str = "--out") -> Path:
     """Prove that ``directory`` can be written (or created) before any model work, without creating it:
     otherwise one line saying why (a file in the way, a read-only place, no permission)."""
     directory = Path(directory)
+    if directory.is_symlink() and not directory.exists():
+        raise AnelabError(
+            f"{what} {str(directory)!r} is a link to nothing (a dangling symbolic link); give a directory"
+        )
     if directory.exists() and not directory.is_dir():
         raise AnelabError(f"{what} {str(directory)!r} is a file; give a directory (it is created if missing)")
     probe_in = directory

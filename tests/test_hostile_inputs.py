@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 
 import pandas as pd
@@ -282,3 +283,55 @@ def test_values_that_would_mean_nothing_are_one_line_errors(tiny_pipe):
     meta = load_pipeline("tiny", device="meta")
     with pytest.raises(AnelabError, match="a pipeline on the meta device holds shapes only"):
         anelab.generate(meta, "a cat and a dog", **run)
+
+
+def test_dangling_links_damaged_views_and_a_full_disk_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypatch):
+    import pandas as pd
+
+    from anelab.cli import main
+
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    generate = ["generate", "--prompt", "a cat and a dog", "--tokens", "cat", "--steps", "3", "--height", "64",
+                "--width", "64", "--attention-res", "2", "--thresholds", "", "--max-iter-to-alter", "1"]  # fmt: skip
+    for args, message in (
+        ([*generate, "--out", str(dangling)], "--out .* is a link to nothing"),
+        ([*generate, "--out", str(tmp_path / "o"), "--store", str(dangling)], "--store .* is a link to nothing"),
+    ):
+        with pytest.raises(SystemExit) as done:
+            main(args)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    view = tmp_path / "view"
+    view.mkdir()
+    (view / "study.json").write_text('{"study": {}}')  # no store
+    pd.DataFrame({"variant": ["sd"]}).to_parquet(view / "keys.parquet")  # no key
+    with pytest.raises(SystemExit) as done:
+        main(["score", str(view), "--clip", "tiny", "--blip", "none"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "holds a damaged view (no store, keys.parquet column 'prompt'" in err
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "o" / "trace.parquet"))
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", full)
+    with pytest.raises(SystemExit) as done:
+        main([*generate, "--out", str(tmp_path / "o"), "--store", str(tmp_path / "store")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        done.value.code == 2
+        and err[-1].startswith("error: No space left on device")
+        and "Traceback" not in " ".join(err)
+    )
+
+
+def test_a_refused_sweep_leaves_no_store_skeleton(tmp_path, tiny_pipe):
+    from anelab.runs import Store, load_study, run_sweep
+
+    study = load_study(
+        {"name": "bad", "prompts": [{"prompt": "a cat", "tokens": ["dog"]}], "seeds": 1, "steps": 3, "size": 128,
+         "variants": {"ae": {"attention_res": 8}}}
+    )  # fmt: skip
+    with pytest.raises(AnelabError, match="'dog' is not a token of 'a cat'"):
+        run_sweep(study, tiny_pipe, tmp_path / "view", model="tiny", store=Store(tmp_path / "store"), progress=False)
+    assert not (tmp_path / "store").exists() and not (tmp_path / "view").exists()

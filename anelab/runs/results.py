@@ -33,6 +33,7 @@ ROW_COLUMNS = [
     "key",
 ]
 LABELS = ["variant", "category", "key"]
+VIEW_COLUMNS = ["variant", "prompt", "category", "seed", "tokens", "key"]  # of OUT/keys.parquet
 
 
 def load_view(out: str | Path) -> tuple[dict, pd.DataFrame, Store]:
@@ -46,6 +47,10 @@ def load_view(out: str | Path) -> tuple[dict, pd.DataFrame, Store]:
         raise AnelabError(
             f"{out} holds a damaged view ({type(error).__name__}); run the study again to rewrite it"
         ) from None
+    missing = [k for k in ("store", "study") if not isinstance(view, dict) or k not in view]
+    missing += [f"{KEYS} column {c!r}" for c in VIEW_COLUMNS if c not in keys.columns]
+    if missing:
+        raise AnelabError(f"{out} holds a damaged view (no {', '.join(missing)}); run the study again to rewrite it")
     return view, keys, Store(view["store"])
 
 

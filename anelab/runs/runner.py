@@ -231,7 +231,6 @@ def run_sweep(
     if out is not None and out.exists() and not out.is_dir():
         raise AnelabError(f"--out {str(out)!r} is a file; give a directory")
     store = store if isinstance(store, Store) else Store(store)
-    store.prepare()
     fitted = fit_study(study, pipe)
     if fitted is not study:
         new = {k: v for k, v in fitted.dropped.items() if k not in study.dropped}
@@ -247,7 +246,10 @@ def run_sweep(
             f"study {study.name!r} takes thresholds calibrated from {study.calibrate['from']!r}: resolve them first "
             "(anelab.runs.calibration.calibrated(study, pipe, store=...), as anelab sweep and run_study do)"
         )
-    jobs = prepare(study, pipe, model, revision=revision, variant=variant)
+    jobs = prepare(
+        study, pipe, model, revision=revision, variant=variant
+    )  # every check first: a refusal writes nothing
+    store.prepare()
     skipped = {}
     for block in work_plan(study):
         if not applies(study, block):
@@ -466,8 +468,8 @@ def stored_generate(
     from PIL import Image
 
     store = store if isinstance(store, Store) else Store(store)
+    plan = plan_run(pipe, request)  # every check first: a refused request leaves no store behind
     store.prepare()
-    plan = plan_run(pipe, request)
     common = context_identity(pipe, model, steps=request.num_inference_steps, revision=revision, variant=variant)
     identity = request_identity(request, common, subjects=plan.named_subjects())
     nouns = tuple((s.noun, s.modifiers) for s in plan.named_subjects() if s.role == "excite")
