@@ -48,8 +48,9 @@ def checkpointed(unet, read: Iterable[str]):
     except those holding a read layer (``read``: cross-attention layer names, ``…transformer_blocks.N.attn2``);
     in those, the self-attention and the feed-forward are checkpointed on their own. The UNet's own
     checkpointing settings are restored on exit."""
-    blocks = [unet.get_submodule(name.rpartition(".")[0]) for name in read]
-    keep = {id(block) for block in blocks}
+    read = set(read)
+    blocks = {name: unet.get_submodule(name) for name in sorted({layer.rpartition(".")[0] for layer in read})}
+    keep = {id(block) for block in blocks.values()}
 
     def run(module, *args):
         if id(module) in keep:
@@ -62,7 +63,12 @@ def checkpointed(unet, read: Iterable[str]):
         if hasattr(m, "gradient_checkpointing")
     ]
     unet.enable_gradient_checkpointing(gradient_checkpointing_func=run)
-    parts = [getattr(block, name) for block in blocks for name in ("attn1", "ff") if hasattr(block, name)]
+    parts = [  # a read self-attention (InitNO) runs as it is: its maps are what the objective differentiates
+        getattr(block, part)
+        for name, block in blocks.items()
+        for part in ("attn1", "ff")
+        if hasattr(block, part) and f"{name}.{part}" not in read
+    ]
     for part in parts:  # an instance attribute: nn.Module.__call__ finds it before the class's forward
         part.forward = functools.partial(_checkpointed, part.__class__.forward.__get__(part))
     try:

@@ -84,13 +84,13 @@ def test_a_study_names_methods_per_variant_and_base_reaches_the_fields_they_have
 
 
 def test_a_sweep_of_methods_fills_the_store_once_and_skips_what_a_binding_method_cannot_bind(
-    tmp_path, tiny_pipe, capsys
+    tmp_path, tiny_pipe, notes
 ):
     path = tmp_path / "zoo.yaml"
     path.write_text(METHODS_STUDY)
     store = Store(tmp_path / "store")
     summary = run_sweep(load_study(path), tiny_pipe, tmp_path / "view", model="tiny", store=store, progress=False)
-    assert "variant syngen (syngen) binds attributes and skips the 1 prompt(s)" in capsys.readouterr().out
+    assert "variant syngen (syngen) binds attributes and skips the 1 prompt(s)" in notes.text
     assert summary["images"] == 2 * 2 * 3 + 2  # sd, ae and dnb on both prompts, syngen on the coloured one
     results = load_results(tmp_path / "view")
     assert len(results) == summary["images"] and set(results.variant) == {"sd", "ae", "syngen", "dnb"}
@@ -192,6 +192,17 @@ def test_low_memory_gives_the_same_result_for_a_method_reading_three_resolutions
         anelab.generate(
             tiny_pipe, "a red apple and a blue bowl", subjects=SUBJECTS, method=method, low_memory=flag, **RUN
         )
+        for flag in (False, True)
+    ]
+    torch.testing.assert_close(runs[0].latents, runs[1].latents, rtol=1e-5, atol=1e-5)
+
+
+def test_low_memory_gives_the_same_result_for_initno_which_reads_self_attention(tiny_pipe):
+    method = methods.get(
+        "initno", noise_rounds=1, noise_steps=2, noise_fallback_steps=2, kl_max_steps=5, attention_res=8
+    ).rescaled(50, 6)
+    runs = [
+        anelab.generate(tiny_pipe, "a cat and a dog", tokens=["cat", "dog"], method=method, low_memory=flag, **RUN)
         for flag in (False, True)
     ]
     torch.testing.assert_close(runs[0].latents, runs[1].latents, rtol=1e-5, atol=1e-5)
