@@ -56,6 +56,12 @@ def _low_memory(flag: bool) -> None:
         os.environ["ANELAB_LOW_MEMORY"] = "1"
 
 
+def _note(message: str) -> None:
+    from .log import note
+
+    note(message)
+
+
 def _version(value: bool):
     if value:
         from . import __version__
@@ -69,8 +75,15 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only: no notes, no progress bars."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also what each step of the work did (DEBUG)."),
 ):
     """Attend-and-Excite studies on Stable Diffusion."""
+    from .log import show
+
+    if quiet and verbose:
+        raise AnelabError("--quiet and --verbose contradict each other: give one")
+    show("WARNING" if quiet else "DEBUG" if verbose else "INFO")
 
 
 @app.command()
@@ -170,10 +183,7 @@ def generate(
             shown = ", ".join(
                 f"{k} {getattr(chosen, k)}" for k in ("thresholds", "max_iter_to_alter") if hasattr(chosen, k)
             )
-            typer.echo(
-                f"note: default thresholds and max_iter_to_alter rescaled from {DEFAULT_STEPS} to {steps} steps: {shown}",
-                err=True,
-            )
+            _note(f"default thresholds and max_iter_to_alter rescaled from {DEFAULT_STEPS} to {steps} steps: {shown}")
     elif settings or method != "attend_and_excite":
         raise AnelabError("--plain is Stable Diffusion without guidance: it takes no --method or --set")
     request = Request.of(
@@ -314,7 +324,7 @@ def sweep(
     if store is not None:
         ensure_writable(store, "--store")
     for note in spec.notes:
-        typer.echo(f"note: {note}", err=True)
+        _note(note)
     pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
     from .runs import Store
     from .runs.calibration import calibrated
@@ -371,7 +381,7 @@ def score(
 
         done = score_run(directory, Scorers(clip, blip_spec, detector_spec, threshold, device, dtype), batch_size=batch)
         for notice in done["notices"]:
-            typer.echo(f"note: {notice}", err=True)
+            _note(notice)
         typer.echo(f"{scored_summary(done)} -> the run store of {directory} ({len(load_results(directory))} images)")
         return
     table, notices, counts = score_folder(
@@ -386,7 +396,7 @@ def score(
         rescore=rescore,
     )
     for notice in notices:
-        typer.echo(f"note: {notice}", err=True)
+        _note(notice)
     means = ", ".join(
         f"{c} {table[c].mean():.4f}"
         for c in ("full_prompt", "min_object", "text_text")

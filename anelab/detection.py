@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .analysis import summarize
 from .errors import AnelabError
 from .loading import default_device, load_or_explain, quiet_transformers, resolve_dtype
+from .log import bars_off
 from .testing import tiny_owl
 
 DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"  # the checkpoint TEBOpt's evaluation uses
@@ -265,7 +266,7 @@ def detect_subjects(
         raise AnelabError(f"template must contain '{{}}' where the subject goes, got {template!r}")
     lists = _subject_lists(images, subjects)
     rows, skipped = [], []
-    for start in tqdm(range(0, len(images), batch_size), desc="detecting", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(images), batch_size), desc="detecting", unit="batch", disable=bars_off(progress)):
         indices = range(start, min(start + batch_size, len(images)))
         pictures = {i: _rgb(images[i]) for i in indices}
         words = {i: [w for w in lists[i] if detectable(w)] for i in indices}

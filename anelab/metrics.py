@@ -23,6 +23,7 @@ from .detection import DEFAULT_THRESHOLD, detect_subjects, load_detector, per_im
 from .errors import AnelabError
 from .io import write_parquet
 from .loading import default_device, load_or_explain, quiet_transformers
+from .log import bars_off
 from .names import PROMPTS_FILE
 from .prompts import load_prompts, sub_prompts
 from .resources import data_file
@@ -457,7 +458,7 @@ def score_folder(
     for kind in names:  # load every scorer before the first image: a bad model id fails here, in one line
         if needs[kind]:
             scorers.get(kind)
-    bar = tqdm(total=len(todo), desc="scoring", unit="img", disable=not progress)
+    bar = tqdm(total=len(todo), desc="scoring", unit="img", disable=bars_off(progress))
     for start in range(0, len(todo), chunk):
         rows = todo.iloc[start : start + chunk]
         images, readable = [], []

@@ -33,7 +33,7 @@ import contextlib
 import dataclasses
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,7 @@ from . import memory, methods, models
 from .cache import AttentionCache
 from .checks import is_int, require_number, require_seeds
 from .errors import AnelabError
+from .log import bars_off, logger
 from .measure import Measure, Measurer, map_tensors, put_rows
 from .methods.base import Method, TokenSoftmax
 from .objectives import gaussian_target
@@ -100,6 +101,8 @@ class Request:
     fast: bool | None = None
     low_memory: bool | None = None
     progress: bool = True
+    callback_on_step_end: Callable | None = None  # diffusers' convention (see generate); not part of any identity
+    callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",)
 
     @classmethod
     def of(
@@ -199,6 +202,8 @@ def generate(
     fast: bool | None = None,
     low_memory: bool | None = None,
     progress: bool = True,
+    callback_on_step_end: Callable | None = None,
+    callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
 ) -> GuidedOutput:
     """Sample ``prompt`` for every seed at once; guided on ``tokens`` (or ``subjects``) unless no method is given.
 
@@ -213,7 +218,13 @@ def generate(
     the official code does; the default CPU generator gives the same noise on every machine. ``fast`` (default:
     on CUDA) replays the CFG forward and the measurement with its gradient from CUDA graphs (:mod:`anelab.fast`;
     same results). ``low_memory=True`` holds about a quarter of the activations for the guided backward and
-    recomputes the rest (:mod:`anelab.memory`; None: ``$ANELAB_LOW_MEMORY``). See the module docstring.
+    recomputes the rest (:mod:`anelab.memory`; None: ``$ANELAB_LOW_MEMORY``).
+
+    ``callback_on_step_end(pipe, i, t, callback_kwargs)`` is called after every scheduler step, as diffusers'
+    pipelines call it: ``callback_kwargs`` holds the names of ``callback_on_step_end_tensor_inputs``
+    (:data:`CALLBACK_TENSOR_INPUTS`: ``latents`` [n_seeds, C, h, w]; ``prompt_embeds`` / ``negative_prompt_embeds``
+    [1, 77, D]), and a tensor in the dict it returns replaces that one for the steps after (a diffusers
+    ``PipelineCallback`` brings its own ``tensor_inputs``). See the module docstring.
     """
     request = Request.of(
         prompt,
@@ -234,6 +245,8 @@ def generate(
         fast=fast,
         low_memory=low_memory,
         progress=progress,
+        callback_on_step_end=callback_on_step_end,
+        callback_on_step_end_tensor_inputs=tuple(callback_on_step_end_tensor_inputs),
     )
     return sample(pipe, request)
 
@@ -256,6 +269,18 @@ def sample(pipe, request: Request) -> GuidedOutput:
         latents = sampler.run(request.num_inference_steps, request.progress)
         images = None if request.output_type == "latent" else _decode(pipe, latents, request.output_type)
     seconds = time.perf_counter() - start
+    logger.debug(
+        "%s: %r, %d seed(s), %d steps, %dx%d px%s%s: %.2f s",
+        "SD" if plan.method is None else plan.method.label,
+        plan.prompt,
+        len(plan.seeds),
+        request.num_inference_steps,
+        plan.height,
+        plan.width,
+        " (CUDA graphs)" if plan.fast else "",
+        " (low memory)" if plan.low_memory else "",
+        seconds,
+    )
     attention = None
     if recorder:
         meta = {
@@ -332,13 +357,43 @@ class _Sampler:
         if self.method is not None and hasattr(self.method, "optimise_noise"):
             z, self.noise = self.method.optimise_noise(_NoiseContext(self, z))
         label = "SD" if self.method is None else self.method.label
-        for i, t in enumerate(tqdm(self.scheduler.timesteps, desc=label, disable=not progress, leave=False)):
+        for i, t in enumerate(tqdm(self.scheduler.timesteps, desc=label, disable=bars_off(progress), leave=False)):
             if self.method is not None and self.method.guided(i, n):
                 scale = float(self.scheduler.scale_model_input(torch.ones(()), t))  # the UNet's input is z * scale
                 z = self.guide(z, i, t) if scale == 1.0 else self.guide(z * scale, i, t) / scale
             z = self.denoise(z, i, t)
+            if self.plan.request.callback_on_step_end is not None:
+                z = self.call_back(z, i, t)
         self.check_finite()
         return z
+
+    def call_back(self, z: torch.Tensor, i: int, t) -> torch.Tensor:
+        """The caller's ``callback_on_step_end`` after step ``i``, as diffusers calls it; what it returns replaces
+        the latents or the text embeddings (checked: same shape, finite dtype of the run)."""
+        request, conditioning = self.plan.request, self.conditioning
+        given = {"latents": z, "prompt_embeds": conditioning.cond, "negative_prompt_embeds": conditioning.uncond}
+        names = callback_inputs(request)
+        returned = request.callback_on_step_end(self.pipe, i, t, {k: given[k] for k in names})
+        if returned is None:
+            return z
+        if not isinstance(returned, Mapping):
+            raise AnelabError(
+                f"callback_on_step_end must return a dict of tensors (or None), got {type(returned).__name__}"
+            )
+        for name, value in returned.items():
+            if name not in given:
+                raise AnelabError(
+                    f"callback_on_step_end returned {name!r}; it may return {list(CALLBACK_TENSOR_INPUTS)}"
+                )
+            old = given[name]
+            if old is None or not isinstance(value, torch.Tensor) or value.shape != old.shape:
+                wanted = "nothing (no CFG here)" if old is None else f"a tensor of shape {list(old.shape)}"
+                raise AnelabError(f"callback_on_step_end returned {name!r} as {_shape_of(value)}; expected {wanted}")
+            given[name] = value.to(old.device, old.dtype)
+        self.conditioning = dataclasses.replace(
+            conditioning, cond=given["prompt_embeds"], uncond=given["negative_prompt_embeds"]
+        )
+        return given["latents"]
 
     def initial_latents(self) -> torch.Tensor:
         """Each seed's noise from its own generator on ``plan.generator_device``, drawn as diffusers'
@@ -589,6 +644,29 @@ class _NoiseContext:
 
 
 # -- preparation ---------------------------------------------------------------------------------
+#: What a ``callback_on_step_end`` may read and return (diffusers' Stable Diffusion pipelines' names).
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
+
+
+def callback_inputs(request: Request) -> tuple[str, ...]:
+    """The tensors the request's callback reads: a diffusers ``PipelineCallback``'s ``tensor_inputs``, else the
+    request's ``callback_on_step_end_tensor_inputs`` (checked)."""
+    callback = request.callback_on_step_end
+    names = getattr(callback, "tensor_inputs", None) or request.callback_on_step_end_tensor_inputs
+    if isinstance(names, str):
+        names = (names,)
+    unknown = [n for n in names if n not in CALLBACK_TENSOR_INPUTS]
+    if unknown:
+        raise AnelabError(
+            f"callback_on_step_end_tensor_inputs {unknown} unknown; allowed: {list(CALLBACK_TENSOR_INPUTS)}"
+        )
+    return tuple(names)
+
+
+def _shape_of(value) -> str:
+    return f"shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
 def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
     """Check a :class:`Request` (or ``prompt`` with :func:`generate`'s keyword arguments) against ``pipe`` and
     decide the run, before any denoising (each failure is one clear :class:`AnelabError`). The one pre-flight
@@ -605,6 +683,12 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
     if not is_int(steps) or steps < 1:
         raise AnelabError(f"num_inference_steps must be an int >= 1, got {steps!r}")
     guidance_scale = require_number("guidance_scale", request.guidance_scale, minimum=0)  # <= 1: no CFG (diffusers')
+    if request.callback_on_step_end is not None:
+        if not callable(request.callback_on_step_end):
+            raise AnelabError(
+                f"callback_on_step_end must be callable as fn(pipe, i, t, callback_kwargs), got {request.callback_on_step_end!r}"
+            )
+        callback_inputs(request)
     if request.output_type not in OUTPUT_TYPES:
         raise AnelabError(f"output_type must be one of {OUTPUT_TYPES}, got {request.output_type!r}")
     generator_device = request.generator_device

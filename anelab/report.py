@@ -26,6 +26,7 @@ from tqdm import tqdm
 from . import __version__
 from .errors import AnelabError
 from .io import write_json, write_text
+from .log import bars_off
 from .models import architecture
 from .resources import as_path, notebook
 from .runs import load_study
@@ -158,7 +159,7 @@ def run_report(
     parameters = {"model": str(model), "scale": scale, "device": device, "dtype": dtype, "store": store}
     order = [n for n in LONGEST_FIRST if n in names] if jobs > 1 else names
     started = datetime.datetime.now(datetime.timezone.utc)
-    bar = tqdm(total=len(order), desc="report", unit="notebook", disable=not progress)
+    bar = tqdm(total=len(order), desc="report", unit="notebook", disable=bars_off(progress))
     results, workers = {}, _Workers()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs))
     try:

@@ -1,3 +1,4 @@
+import logging
 import os
 import tempfile
 
@@ -22,3 +23,12 @@ def ane_prompts():
     from anelab.prompts import load_prompts
 
     return load_prompts()
+
+
+@pytest.fixture
+def notes(caplog, monkeypatch):
+    """anelab's log records at INFO and above during the test (``notes.text``), whether or not an earlier test of
+    this worker sent them to stderr with ``anelab.log.show``."""
+    monkeypatch.setattr(logging.getLogger("anelab"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="anelab")
+    return caplog

@@ -360,7 +360,7 @@ def test_studies_fit_each_models_native_side():
     assert scaled_resolution(sdxl.unet, 16, 1024) == 32
 
 
-def test_a_sweep_on_sdxl_drops_what_it_lacks_and_reads_back(pipes, tmp_path, capsys):
+def test_a_sweep_on_sdxl_drops_what_it_lacks_and_reads_back(pipes, tmp_path, notes):
     from anelab.runs import Store, load_results, load_stats, load_study, load_trace, load_view, run_sweep
 
     study = load_study(
@@ -378,7 +378,7 @@ def test_a_sweep_on_sdxl_drops_what_it_lacks_and_reads_back(pipes, tmp_path, cap
     )
     store = Store(tmp_path / "store")
     summary = run_sweep(study, pipes["tiny-xl"], tmp_path / "view", model="tiny-xl", store=store, progress=False)
-    said = capsys.readouterr().out
+    said = notes.text
     assert "variant res32 dropped: attention_res 32: this model has cross-attention at [8, 16] at 256 px" in said
     assert summary["images"] == 4
     view, keys, _ = load_view(tmp_path / "view")

@@ -284,11 +284,11 @@ def test_a_second_study_of_the_same_images_generates_none_of_them(study_file, ti
     )  # seed 2 alone is a new batch (the batch is part of the key); seeds 0-1 are reused
 
 
-def test_a_view_can_be_rewritten_with_another_spec_and_loses_nothing(study_file, tiny_pipe, tmp_path, capsys):
+def test_a_view_can_be_rewritten_with_another_spec_and_loses_nothing(study_file, tiny_pipe, tmp_path, notes):
     store, out = tmp_path / "store", tmp_path / "out"
     run_sweep(load_study(study_file, seeds=2), tiny_pipe, out, model="tiny", store=store, progress=False)
     run_sweep(load_study(study_file, seeds=4), tiny_pipe, out, model="tiny", store=store, progress=False)
-    assert "it now shows this one" in capsys.readouterr().out and len(load_results(out)) == 24
+    assert "it now shows this one" in notes.text and len(load_results(out)) == 24
     run_sweep(load_study(study_file, seeds=2), tiny_pipe, out, model="tiny", store=store, progress=False)
     assert len(load_results(out)) == 12
     (tmp_path / "other").mkdir()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..detection import DEFAULT_DETECTOR
 from ..loading import load_pipeline
+from ..log import logger, note
 from ..metrics import DEFAULT_BLIP, DEFAULT_CLIP, Scorers
 from ..testing import TINY_MODELS
 from .calibration import calibrated
@@ -79,6 +80,6 @@ def run_study(
     )
     scored = score_run(out, scorers, progress=progress)
     for notice in scored["notices"]:
-        print(f"note: {notice}")
-    print(describe(summary, study, Path(out)))
+        note(notice)
+    logger.info(describe(summary, study, Path(out)))
     return load_results(out)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..analysis import calibrate_thresholds
 from ..errors import AnelabError
+from ..log import bars_off, note
 from ..pipeline import generate
 from ..recording import Record
 from .runner import prepare, run_sweep
@@ -49,7 +50,7 @@ def calibration_stats(
         raise AnelabError("calibration needs at least one (prompt, tokens) pair")
     record = Record(resolutions=resolutions, maps=False)
     frames = []
-    for prompt, tokens in tqdm(pairs, desc="calibration (plain SD)", disable=not progress):
+    for prompt, tokens in tqdm(pairs, desc="calibration (plain SD)", disable=bars_off(progress)):
         out = generate(
             pipe,
             prompt,
@@ -96,8 +97,8 @@ def calibrated(study: Study, pipe, *, store, model: str, revision=None, variant=
     study, _ = resolve_calibration(
         fit_study(study, pipe), pipe, store=store, model=model, revision=revision, variant=variant, progress=progress
     )
-    print(
-        f"note: {study.name}: thresholds calibrated from {study.calibrate['from']}'s plain-SD statistics: "
+    note(
+        f"{study.name}: thresholds calibrated from {study.calibrate['from']}'s plain-SD statistics: "
         + "; ".join(f"{v} {t}" for v, t in study.calibrate["thresholds"].items())
     )
     return study

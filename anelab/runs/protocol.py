@@ -19,6 +19,7 @@ import pandas as pd
 
 from ..errors import AnelabError
 from ..loading import load_parts, resolve_device, resolve_dtype
+from ..log import logger
 from ..models import architecture
 from .calibration import calibrated, resolve_calibration
 from .plan import work_plan
@@ -229,7 +230,7 @@ def generate_report(
             revision=revision,
             variant=variant,
         )
-        print(describe(summary, study, out))
+        logger.info(describe(summary, study, out))
         if scorers is not None:  # this shard's (and accelerate process's) share of the study, whoever generated it
             score_run(out, scorers, only=summary["keys"], progress=progress)
         done.append({"study": name, **{k: v for k, v in summary.items() if k != "keys"}})

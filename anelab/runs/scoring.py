@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..io import file_digest, file_lock, write_json
+from ..log import bars_off
 from ..metrics import Scorers, _as_rgb, score_images
 from .results import load_view
 from .runner import VIEW
@@ -57,7 +58,7 @@ def score_run(
         if todo.empty:
             continue
         scorers.get(kind)  # load before the first image: a bad model id fails here
-        bar = tqdm(total=len(todo), desc=f"scoring ({kind})", unit="img", disable=not progress)
+        bar = tqdm(total=len(todo), desc=f"scoring ({kind})", unit="img", disable=bars_off(progress))
         for start in range(0, len(todo), chunk):
             part = todo.iloc[start : start + chunk]
             pictures = [_as_rgb(store.image(k)) for k in part.key]
