@@ -1,9 +1,21 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from anelab import GuidanceConfig
-from anelab.objectives import excite_loss, gaussian_kernel, max_attention, renormalise, smooth, token_columns
+from anelab.objectives import (
+    excite_loss,
+    gaussian_kernel,
+    gaussian_target,
+    layout_kl,
+    max_attention,
+    renormalise,
+    smooth,
+    token_columns,
+    token_statistics,
+)
 
 
 def test_legacy_gaussian_matches_the_official_weights():
@@ -59,3 +71,51 @@ def test_max_attention_without_smoothing_is_the_raw_max_of_the_renormalised_map(
     config = GuidanceConfig(smooth=False)
     expected = renormalise(maps, [2, 3], token_columns("legacy", 4), 100.0).flatten(2).amax(-1)
     torch.testing.assert_close(max_attention(maps, [2, 3], 4, config), expected)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.1])
+def test_the_layout_target_is_centred_on_its_point_with_the_width_sigma(sigma):
+    target = gaussian_target((0.5, 0.4), (64, 64), sigma).double()  # far from the borders: the grid barely truncates
+    x = (torch.arange(64, dtype=torch.float64) + 0.5) / 64
+    px, py = target.sum(0), target.sum(1)  # marginals over y and over x
+    assert float((px * x).sum()) == pytest.approx(0.5, abs=1e-4) and float((py * x).sum()) == pytest.approx(
+        0.4, abs=1e-4
+    )
+    assert float((px * (x - 0.5) ** 2).sum()) == pytest.approx(sigma**2, rel=0.01)  # σ in image widths, not σ²
+    assert float((py * (x - 0.4) ** 2).sum()) == pytest.approx(sigma**2, rel=0.01)
+    assert float(target.sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_layout_kl_is_kl_of_the_attention_against_the_target():
+    """KL(A ‖ D): a one-hot map A at cell j against a broad D gives −log D_j (3.6 here); the other direction,
+    KL(D ‖ A), would weigh every empty cell of A by log(1/eps) (about 17 here)."""
+    target = gaussian_target((0.5, 0.5), (4, 4), 0.3).double()
+    one_hot = torch.zeros(4, 4, dtype=torch.float64)
+    one_hot[0, 3] = 5.0  # any scale: the map is normalised over space first
+    kl = layout_kl(one_hot[None, None], target[None], eps=1e-8)[0, 0]
+    assert float(kl) == pytest.approx(-math.log(float(target[0, 3])), rel=1e-6)
+    uniform = torch.full((4, 4), 1 / 16, dtype=torch.float64)
+    expected = float((uniform * (uniform.log() - target.log())).sum())
+    assert float(layout_kl(uniform[None, None], target[None])[0, 0]) == pytest.approx(expected, rel=1e-6)
+    a = one_hot / one_hot.sum()
+    reverse = float((target * ((target + 1e-8).log() - (a + 1e-8).log())).sum())
+    assert reverse > 15 > 5 > float(kl)
+
+
+def test_token_statistics_are_the_raw_maps_max_mean_and_centroid():
+    maps = torch.zeros(1, 4, 4, 77, dtype=torch.float64)
+    maps[0, :, :, 0] = 0.5  # <sot>
+    maps[0, 1, 2, 2] = 0.05  # token 2: one cell, at x = 2.5/4, y = 1.5/4
+    maps[0, :, :, 3] = 0.01  # token 3: flat, but for one cell
+    maps[0, 3, 0, 3] = 0.4
+    stats = token_statistics(maps, [2, 3], 5, GuidanceConfig())
+    assert stats["raw_max"][0].tolist() == pytest.approx([0.05, 0.4])  # the raw probability, not the renormalised one
+    assert stats["mass"][0].tolist() == pytest.approx([0.05 / 16, (15 * 0.01 + 0.4) / 16])
+    assert stats["centroid_x"][0, 0] == pytest.approx(2.5 / 4) and stats["centroid_y"][0, 0] == pytest.approx(1.5 / 4)
+    total = 15 * 0.01 + 0.4
+    assert stats["centroid_y"][0, 1] == pytest.approx(
+        ((0.01 * 4 * (0.5 + 1.5 + 2.5) + 0.01 * 3 * 3.5) + 0.4 * 3.5) / 4 / total
+    )
+    renormalised = max_attention(maps, [2, 3], 5, GuidanceConfig())
+    torch.testing.assert_close(stats["max_attention"], renormalised)
+    assert float(stats["max_attention"][0, 0]) > 0.2 > 0.1 > float(stats["raw_max"][0, 0])  # two statistics
