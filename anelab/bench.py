@@ -31,7 +31,7 @@ from .loading import load_pipeline
 from .memory import HeldForBackward
 from .pipeline import generate
 from .recording import Record
-from .testing import sd14_sized_pipeline
+from .stand_ins import sd14_sized_pipeline
 
 RESULTS_DIR = Path("benchmarks") / "results"  # under the working directory (never inside the installed package)
 PROMPT, TOKENS, INDICES = "a cat and a dog", ["cat", "dog"], [2, 5]

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from .errors import AnelabError
+from .log import note, show
 
 app = typer.Typer(
     help="Attend-and-Excite studies on Stable Diffusion: generate, sweep, score, report, bench.",
@@ -56,12 +57,6 @@ def _low_memory(flag: bool) -> None:
         os.environ["ANELAB_LOW_MEMORY"] = "1"
 
 
-def _note(message: str) -> None:
-    from .log import note
-
-    note(message)
-
-
 def _version(value: bool):
     if value:
         from . import __version__
@@ -79,8 +74,6 @@ def _root(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also what each step of the work did (DEBUG)."),
 ):
     """Attend-and-Excite studies on Stable Diffusion."""
-    from .log import show
-
     if quiet and verbose:
         raise AnelabError("--quiet and --verbose contradict each other: give one")
     show("WARNING" if quiet else "DEBUG" if verbose else "INFO")
@@ -183,7 +176,7 @@ def generate(
             shown = ", ".join(
                 f"{k} {getattr(chosen, k)}" for k in ("thresholds", "max_iter_to_alter") if hasattr(chosen, k)
             )
-            _note(f"default thresholds and max_iter_to_alter rescaled from {DEFAULT_STEPS} to {steps} steps: {shown}")
+            note(f"default thresholds and max_iter_to_alter rescaled from {DEFAULT_STEPS} to {steps} steps: {shown}")
     elif settings or method != "attend_and_excite":
         raise AnelabError("--plain is Stable Diffusion without guidance: it takes no --method or --set")
     request = Request.of(
@@ -323,8 +316,8 @@ def sweep(
     ensure_writable(out)
     if store is not None:
         ensure_writable(store, "--store")
-    for note in spec.notes:
-        _note(note)
+    for notice in spec.notes:
+        note(notice)
     pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
     from .runs import Store
     from .runs.calibration import calibrated
@@ -381,7 +374,7 @@ def score(
 
         done = score_run(directory, Scorers(clip, blip_spec, detector_spec, threshold, device, dtype), batch_size=batch)
         for notice in done["notices"]:
-            _note(notice)
+            note(notice)
         typer.echo(f"{scored_summary(done)} -> the run store of {directory} ({len(load_results(directory))} images)")
         return
     table, notices, counts = score_folder(
@@ -396,7 +389,7 @@ def score(
         rescore=rescore,
     )
     for notice in notices:
-        _note(notice)
+        note(notice)
     means = ", ".join(
         f"{c} {table[c].mean():.4f}"
         for c in ("full_prompt", "min_object", "text_text")
@@ -448,7 +441,7 @@ def report(
     from .report import default_runs, match_notebooks, run_report
     from .runs.plan import parse_shard
     from .runs.study import SCALES
-    from .testing import TINY_MODELS
+    from .stand_ins import TINY_MODELS
 
     _low_memory(low_memory)
 

@@ -29,7 +29,7 @@ from .analysis import summarize
 from .errors import AnelabError
 from .loading import default_device, load_or_explain, quiet_transformers, resolve_dtype
 from .log import bars_off
-from .testing import tiny_owl
+from .stand_ins import tiny_owl
 
 DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"  # the checkpoint TEBOpt's evaluation uses
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import ipywidgets as widgets
-from IPython.display import display
+from IPython.display import Pretty, display
 
 from .cache import MEAN, AttentionCache, short_layer_name
 from .plotting import SCALES, VIEWS, attention_compare, named_runs, run_images
@@ -176,9 +176,9 @@ class AttentionExplorer(widgets.VBox):
                 scale=scale,
                 view=view,
             )
-        except (ValueError, KeyError, IndexError) as error:  # shown in the output widget, not lost in a log
+        except (ValueError, KeyError, IndexError) as error:  # shown in the output widget as text, not lost in a log
             self.error = f"cannot draw this choice: {error}"
-            print(self.error)
+            display(Pretty(self.error))
             return
         self.figure, self.error = fig, None
         display(fig)
@@ -189,10 +189,10 @@ class AttentionExplorer(widgets.VBox):
                 self.terms = method_terms(cache, objective, step=step, seed=seed)
             except (ValueError, KeyError) as error:  # AnelabError is a ValueError
                 self.error = f"cannot evaluate {objective} here: {error}"
-                print(self.error)
+                display(Pretty(self.error))
                 return
             shown = "; ".join(f"{k} " + " ".join(f"{v:.4g}" for v in values) for k, values in self.terms.items())
-            print(f"{objective} on {name}'s maps at step {step}: {shown}")
+            display(Pretty(f"{objective} on {name}'s maps at step {step}: {shown}"))
 
 
 def attention_explorer(runs: AttentionCache | Mapping[str, AttentionCache], images=None) -> AttentionExplorer:

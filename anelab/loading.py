@@ -18,7 +18,7 @@ import torch
 
 from . import fast as fast_path
 from .errors import AnelabError
-from .testing import TINY_MODELS, tiny_model, tiny_parts
+from .stand_ins import TINY_MODELS, tiny_model, tiny_parts
 
 #: dtype names accepted where a torch.dtype is (CLI options, notebook parameters).
 DTYPES = {
@@ -140,7 +140,7 @@ def load_pipeline(
     :func:`anelab.generate`.
 
     ``spec``: ``"tiny"``, ``"tiny-sd2"`` or ``"tiny-xl"`` (offline random SD-1.x / 2.x / SDXL-shaped models, see
-    :mod:`anelab.testing`), a Hub id such as ``"CompVis/stable-diffusion-v1-4"``,
+    :mod:`anelab.stand_ins`), a Hub id such as ``"CompVis/stable-diffusion-v1-4"``,
     ``"stabilityai/stable-diffusion-2-1"`` or ``"stabilityai/stable-diffusion-xl-base-1.0"``, a local directory
     saved with ``save_pretrained`` (the class comes from its ``model_index.json``), or an already built pipeline
     (used as is). ``device`` defaults to CUDA when available; ``dtype`` (a torch dtype or a name such as

@@ -27,7 +27,7 @@ from .log import bars_off
 from .names import PROMPTS_FILE
 from .prompts import load_prompts, sub_prompts
 from .resources import data_file
-from .testing import tiny_blip, tiny_clip
+from .stand_ins import tiny_blip, tiny_clip
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"  # the paper's ViT-B/16 weights
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-base"  # BLIP base captioner (COCO-finetuned)

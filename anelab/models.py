@@ -24,7 +24,7 @@ import torch
 from .errors import AnelabError
 from .hooks import cross_attention_layers
 from .loading import load_or_explain, load_parts
-from .testing import TINY_MODELS, tiny_model
+from .stand_ins import TINY_MODELS, tiny_model
 from .tokens import prompt_ids
 
 FAMILIES = ("sd1", "sd2", "sdxl")

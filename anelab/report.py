@@ -32,7 +32,7 @@ from .resources import as_path, notebook
 from .runs import load_study
 from .runs.protocol import studies_of
 from .runs.study import fit_study
-from .testing import TINY_MODELS
+from .stand_ins import TINY_MODELS
 
 NOTEBOOKS = (
     "00_attention_explorer",
@@ -200,7 +200,7 @@ try:
                                progress_bar=False, cwd=a["cwd"], log_output=False, execution_timeout=None,
                                extra_arguments=["--IPKernelApp.log_level=ERROR"])
 except Exception as error:
-    print(json.dumps({"ename": getattr(error, "ename", type(error).__name__), "evalue": str(getattr(error, "evalue", error))}))
+    sys.stdout.write(json.dumps({"ename": getattr(error, "ename", type(error).__name__), "evalue": str(getattr(error, "evalue", error))}))
     sys.exit(1)
 """
 

@@ -15,7 +15,7 @@ import torch
 
 import anelab
 from anelab.loading import pipeline_modules
-from anelab.testing import sd14_sized_pipeline
+from anelab.stand_ins import sd14_sized_pipeline
 
 FAILED = []
 

@@ -140,21 +140,7 @@ def test_bars_follow_the_logger_level():
 
 
 def _generate(tmp_path, *flags):
-    args = [
-        *flags,
-        "generate",
-        "--prompt",
-        PROMPT,
-        "--tokens",
-        "cat",
-        "dog",
-        "--steps",
-        "6",
-        "--height",
-        "128",
-        "--width",
-        "128",
-    ]
+    args = [*flags, "generate", "--prompt", PROMPT, *"--tokens cat dog --steps 6 --height 128 --width 128".split()]
     with pytest.raises(SystemExit) as done:
         main([*args, "--out", str(tmp_path / "o"), "--store", str(tmp_path / "store")])
     return done.value.code

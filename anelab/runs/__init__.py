@@ -18,7 +18,7 @@ from ..detection import DEFAULT_DETECTOR
 from ..loading import load_pipeline
 from ..log import logger, note
 from ..metrics import DEFAULT_BLIP, DEFAULT_CLIP, Scorers
-from ..testing import TINY_MODELS
+from ..stand_ins import TINY_MODELS
 from .calibration import calibrated
 from .results import load_results, load_stats, load_trace, load_view
 from .runner import describe, run_sweep

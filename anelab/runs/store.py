@@ -37,7 +37,7 @@ import pandas as pd
 from ..errors import AnelabError
 from ..io import no_links, write_json, write_parquet, write_text
 from ..methods import AE
-from ..testing import TINY_MODELS
+from ..stand_ins import TINY_MODELS
 
 FORMAT = "anelab-store/1"
 STORE_ENV = "ANELAB_STORE"
