@@ -48,7 +48,12 @@ class Layer:
         return self.shape[1]
 
     def sort_key(self) -> tuple:
-        block, attention, transformer, which = (int(x or 0) for x in _NAME.match(self.name).groups()[1:])
+        """Execution order: a UNet's down, mid, up blocks; a transformer's blocks, FLUX's single-stream ones after."""
+        match = _NAME.match(self.name)
+        if match is None:  # an MMDiT block (anelab.mmdit): transformer_blocks.N.attn, single_transformer_blocks.N.attn
+            kind, index = self.name.split(".")[:2]
+            return (int(kind == "single_transformer_blocks"), int(index), 0, 0, 0)
+        block, attention, transformer, which = (int(x or 0) for x in match.groups()[1:])
         return (_PLACE_ORDER[self.place], block, attention, transformer, which)  # attn1 runs before attn2
 
 
@@ -209,14 +214,15 @@ _HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
-def attention_capture(unet, layers: Iterable[Layer | str]):
-    """Install capture processors on ``layers`` (every other layer keeps its own); restore on exit."""
+def attention_capture(unet, layers: Iterable[Layer | str], processor=CaptureProcessor):
+    """Install capture processors on ``layers`` (every other layer keeps its own); restore on exit. ``processor``
+    ``(name, hooks, fallback)`` builds one (a transformer's: :class:`anelab.mmdit.JointCapture`)."""
     wanted = {layer.name if isinstance(layer, Layer) else layer for layer in layers}
     original = unet.attn_processors
     hooks = _HOOKS.setdefault(unet, AttentionHooks())  # one per UNet: a CUDA graph captured through it stays valid
     unet.set_attn_processor(
         {
-            key: CaptureProcessor(key.removesuffix(".processor"), hooks, proc)
+            key: processor(key.removesuffix(".processor"), hooks, proc)
             if key.removesuffix(".processor") in wanted
             else proc
             for key, proc in original.items()
@@ -248,6 +254,6 @@ class MeanAttention:
         """Mean map ``[B, h, w, S]`` over every captured (layer, head)."""
         if not self.captured:
             raise RuntimeError("no attention was captured: the UNet never reached the requested layers")
-        ordered = sorted(self.captured, key=lambda item: self._ORDER[_PLACE[item[0].split(".")[0]]])
+        ordered = sorted(self.captured, key=lambda item: self._ORDER.get(_PLACE.get(item[0].split(".")[0]), 0))
         stacked = torch.cat([probs for _, probs in ordered], dim=1)  # [B, Σheads, hw, S]
         return (stacked.sum(dim=1) / stacked.shape[1]).unflatten(1, shape)

@@ -1,6 +1,6 @@
-"""`load_pipeline`: an offline stand-in (``tiny``, ``tiny-sd2``, ``tiny-xl``), a Hub id, a local directory, or a
-built pipeline — SD 1.x / 2.x (``StableDiffusionPipeline``) or SDXL (``StableDiffusionXLPipeline``, picked from
-the saved ``model_index.json``) — placed on the device and dtype asked for, every component checked.
+"""`load_pipeline`: an offline stand-in (``tiny``, ``tiny-sd2``, ``tiny-xl``, ``tiny-sd3``, ``tiny-flux``), a Hub id, a
+local directory, or a built pipeline — SD 1.x / 2.x, SDXL, SD 3 or FLUX, the class picked from the saved
+``model_index.json`` (:data:`PIPELINE_CLASSES`) — placed on the device and dtype asked for, every component checked.
 
 Devices and dtypes are validated here once (:func:`resolve_device`, :func:`resolve_dtype`): an unknown
 name, or a GPU that torch cannot see, is a one-line :class:`AnelabError`, never a silent CPU run.
@@ -136,12 +136,13 @@ def load_pipeline(
     local_files_only: bool | None = None,
     fast: bool | None = None,
 ):
-    """A diffusers ``StableDiffusionPipeline`` (SD 1.x, 2.x) or ``StableDiffusionXLPipeline`` (SDXL) ready for
-    :func:`anelab.generate`.
+    """A diffusers ``StableDiffusionPipeline`` (SD 1.x, 2.x), ``StableDiffusionXLPipeline`` (SDXL),
+    ``StableDiffusion3Pipeline`` (SD 3, 3.5) or ``FluxPipeline`` (FLUX.1) ready for :func:`anelab.generate`.
 
-    ``spec``: ``"tiny"``, ``"tiny-sd2"`` or ``"tiny-xl"`` (offline random SD-1.x / 2.x / SDXL-shaped models, see
-    :mod:`anelab.stand_ins`), a Hub id such as ``"CompVis/stable-diffusion-v1-4"``,
-    ``"stabilityai/stable-diffusion-2-1"`` or ``"stabilityai/stable-diffusion-xl-base-1.0"``, a local directory
+    ``spec``: ``"tiny"``, ``"tiny-sd2"``, ``"tiny-xl"``, ``"tiny-sd3"`` or ``"tiny-flux"`` (offline random models of
+    each family's shape, see :mod:`anelab.stand_ins`), a Hub id such as ``"CompVis/stable-diffusion-v1-4"``,
+    ``"stabilityai/stable-diffusion-2-1"``, ``"stabilityai/stable-diffusion-xl-base-1.0"``,
+    ``"stabilityai/stable-diffusion-3-medium-diffusers"`` or ``"black-forest-labs/FLUX.1-dev"``, a local directory
     saved with ``save_pretrained`` (the class comes from its ``model_index.json``), or an already built pipeline
     (used as is). ``device`` defaults to CUDA when available; ``dtype`` (a torch dtype or a name such as
     ``"fp16"``) to the weights' own (fp32 for the tiny models); SDXL's VAE stays in fp32 under fp16 when its
@@ -154,9 +155,10 @@ def load_pipeline(
     dtype = resolve_dtype(dtype)
     target = None if device is None and _is_pipeline(spec) else resolve_device(device)
     with quiet_transformers():
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        import diffusers
+        from diffusers import StableDiffusionXLPipeline
 
-    if isinstance(spec, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+    if isinstance(spec, tuple(getattr(diffusers, name) for name in PIPELINE_CLASSES)):
         pipe = spec
     elif isinstance(spec, (str, os.PathLike)) and str(spec) in TINY_MODELS:
         with quiet_transformers():
@@ -168,7 +170,7 @@ def load_pipeline(
         pipe = _from_pretrained(str(spec), dtype, {k: v for k, v in options.items() if v is not None})
     else:
         raise AnelabError(
-            f"model must be 'tiny', a Hub id, a local directory or a StableDiffusionPipeline (or StableDiffusionXLPipeline; "
+            f"model must be 'tiny', a Hub id, a local directory or a pipeline ({', '.join(PIPELINE_CLASSES)}; "
             f"offline stand-ins: {', '.join(TINY_MODELS)}), got {type(spec).__name__}"
         )
     modules = pipeline_modules(pipe)
@@ -179,8 +181,9 @@ def load_pipeline(
         and getattr(pipe.vae.config, "force_upcast", False)
     ):
         torch.nn.Module.to(pipe.vae, dtype=torch.float32)
-    if fast is None and fast_path.available(pipe.unet.device) or fast:
-        fast_path.channels_last(*(m for m in (pipe.unet, getattr(pipe, "vae", None)) if m is not None))
+    unet = getattr(pipe, "unet", None)  # SD 3 and FLUX have a transformer (no channels-last there)
+    if unet is not None and (fast is None and fast_path.available(unet.device) or fast):
+        fast_path.channels_last(*(m for m in (unet, getattr(pipe, "vae", None)) if m is not None))
     for module in modules.values():
         module.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
@@ -213,12 +216,17 @@ def _is_pipeline(spec) -> bool:
 
 
 #: Pipeline classes anelab runs, by the ``_class_name`` of a saved ``model_index.json``.
-PIPELINE_CLASSES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+PIPELINE_CLASSES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
 
 
 def pipeline_class(path: str, options: dict):
-    """``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, as the saved ``model_index.json`` says. When it cannot
-    be read (offline, missing), ``StableDiffusionPipeline``: its own ``from_pretrained`` then fails with the reason."""
+    """The pipeline class of :data:`PIPELINE_CLASSES` the saved ``model_index.json`` names. When it cannot be read
+    (offline, missing), ``StableDiffusionPipeline``: its own ``from_pretrained`` then fails with the reason."""
     import diffusers
 
     try:
@@ -229,7 +237,8 @@ def pipeline_class(path: str, options: dict):
         return diffusers.StableDiffusionPipeline
     if name not in PIPELINE_CLASSES:
         raise AnelabError(
-            f"{path!r} is a {name}; anelab runs SD 1.x / 2.x (StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline)"
+            f"{path!r} is a {name}; anelab runs SD 1.x / 2.x (StableDiffusionPipeline), SDXL (StableDiffusionXLPipeline), "
+            "SD 3 (StableDiffusion3Pipeline) and FLUX (FluxPipeline)"
         )
     return getattr(diffusers, name)
 
@@ -243,6 +252,8 @@ def _from_pretrained(spec: str, dtype, options: dict):
             dict(add_watermarker=False)
             if cls is StableDiffusionXLPipeline
             else dict(safety_checker=None, requires_safety_checker=False)
+            if cls.__name__ == "StableDiffusionPipeline"
+            else {}  # SD 3 and FLUX have neither
         )
         return cls.from_pretrained(path, torch_dtype=dtype, **quiet, **options)
 

@@ -21,20 +21,28 @@ import dataclasses
 
 import torch
 
+from . import mmdit
 from .errors import AnelabError
 from .hooks import cross_attention_layers
 from .loading import load_or_explain, load_parts
 from .stand_ins import TINY_MODELS, tiny_model
 from .tokens import prompt_ids
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
+#: What ``generate`` uses when steps or guidance scale are not given: each family's own diffusers pipeline's defaults
+#: (``StableDiffusionPipeline`` 50 / 7.5, ``StableDiffusionXLPipeline`` 50 / 5.0, SD 3 28 / 7.0, FLUX 28 / 3.5).
+DEFAULTS = {"sd1": (50, 7.5), "sd2": (50, 7.5), "sdxl": (50, 5.0)} | {
+    name: (d["steps"], d["guidance_scale"]) for name, d in mmdit.DEFAULTS.items()
+}
 #: The image side the built-in studies are written for (SD 1.x's native side).
 SD1_SIZE = 512
 
 
 def family(pipe) -> str:
-    """``"sdxl"`` (added text/time conditioning), ``"sd2"`` (a tokenizer padding with something other than
-    ``<|endoftext|>``, SD 2's ``!``) or ``"sd1"``."""
+    """``"sd3"`` or ``"flux"`` (a transformer, :mod:`anelab.mmdit`), ``"sdxl"`` (added text/time conditioning), ``"sd2"``
+    (a tokenizer padding with something other than ``<|endoftext|>``, SD 2's ``!``) or ``"sd1"``."""
+    if mmdit.is_mmdit(pipe):
+        return mmdit.family(pipe)
     if getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
         return "sdxl"
     return "sd2" if pads_with_bang(pipe.tokenizer) else "sd1"
@@ -46,8 +54,9 @@ def pads_with_bang(tokenizer) -> bool:
 
 
 def tokenizers(pipe) -> list:
-    """The pipeline's tokenizers (SDXL: two)."""
-    return [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+    """The pipeline's CLIP tokenizers (SDXL and SD 3: two; a T5 tokenizer is :mod:`anelab.mmdit`'s)."""
+    found = (pipe.tokenizer, getattr(pipe, "tokenizer_2", None))
+    return [t for t in found if t is not None and "T5" not in type(t).__name__]
 
 
 def native_size(pipe_or_unet, vae_scale: int | None = None) -> int:
@@ -77,13 +86,15 @@ def softmax_tokens(pipe, mode: str) -> str:
     and its ``<eot>`` padding); on a model whose tokenizer pads with ``!`` — SD 2.x, and SDXL, whose second
     encoder's half of every padding key is a ``!`` — the official SD 2.1 switch, the prompt's own tokens
     (``"prompt"``). ``"prompt"`` and ``"padded"`` (1..75) mean the same on every model."""
+    if mode == "legacy" and mmdit.is_mmdit(pipe):  # T5 has no padding columns in CLIP's places: the prompt's own
+        return "prompt"
     if mode == "legacy" and any(pads_with_bang(t) for t in tokenizers(pipe)):
         return "prompt"
     return mode
 
 
 def check_tokenizers(pipe, prompt: str) -> None:
-    """SDXL: the two tokenizers must split ``prompt`` alike, since guidance reads the positions of the first."""
+    """SDXL, SD 3: the two CLIP tokenizers must split ``prompt`` alike, since guidance reads the positions of the first."""
 
     first, *others = tokenizers(pipe)
     ids = prompt_ids(first, prompt)

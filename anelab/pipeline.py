@@ -42,7 +42,7 @@ from tqdm import tqdm  # text bars everywhere: a notebook widget bar leaves "mod
 
 from . import fast as fast_path
 from . import hooks as hk
-from . import memory, methods, models
+from . import memory, methods, mmdit, models
 from .cache import AttentionCache
 from .checks import is_int, require_number, require_seeds
 from .errors import AnelabError
@@ -91,8 +91,8 @@ class Request:
     subjects: tuple[Subject, ...] = ()
     seeds: tuple[int, ...] = (0,)
     method: Method | None = None
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    num_inference_steps: int | None = None  # None: the family's own pipeline's (models.DEFAULTS)
+    guidance_scale: float | None = None
     height: int | None = None
     width: int | None = None
     output_type: str = "pil"
@@ -103,6 +103,13 @@ class Request:
     progress: bool = True
     callback_on_step_end: Callable | None = None  # diffusers' convention (see generate); not part of any identity
     callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",)
+    # SD 3 / FLUX only (anelab.mmdit): which blocks are read, how a word's text keys combine, the text softmax,
+    # the step-size rule on the flow-matching latent, the T5 length (None: the pipeline's)
+    blocks: tuple | None = None
+    token_maps: str | None = None
+    text_softmax: str = "text"
+    flow_step: str = "index"
+    max_sequence_length: int | None = None
 
     @classmethod
     def of(
@@ -160,6 +167,15 @@ class RunPlan:
     generator_device: str = "cpu"
     fast: bool = False  # CUDA graphs for the CFG forward and the guided step (anelab.fast)
     low_memory: bool = False  # checkpoint the guided forward's unread blocks (anelab.memory)
+    num_inference_steps: int = 50  # as given, or the family's default
+    family: str = "sd1"
+    reading: mmdit.Reading | None = None  # SD 3 / FLUX: how the read blocks' maps are made
+    t5_length: int = 0  # SD 3 / FLUX: the T5 positions the text has
+
+    @property
+    def transformer(self) -> bool:
+        """SD 3 or FLUX (:mod:`anelab.mmdit`)."""
+        return self.family in mmdit.FAMILIES
 
     def named_subjects(self) -> tuple[Subject, ...]:
         """The subjects in the prompt's own words (what the store identity of ``anelab generate`` names)."""
@@ -192,8 +208,8 @@ def generate(
     method=None,
     suppress: Sequence[str | int] = (),
     layout: Mapping[str | int, tuple[float, float]] | None = None,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
     output_type: str = "pil",
@@ -204,6 +220,11 @@ def generate(
     progress: bool = True,
     callback_on_step_end: Callable | None = None,
     callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    blocks=None,
+    token_maps: str | None = None,
+    text_softmax: str = "text",
+    flow_step: str = "index",
+    max_sequence_length: int | None = None,
 ) -> GuidedOutput:
     """Sample ``prompt`` for every seed at once; guided on ``tokens`` (or ``subjects``) unless no method is given.
 
@@ -225,6 +246,15 @@ def generate(
     (:data:`CALLBACK_TENSOR_INPUTS`: ``latents`` [n_seeds, C, h, w]; ``prompt_embeds`` / ``negative_prompt_embeds``
     [1, 77, D]), and a tensor in the dict it returns replaces that one for the steps after (a diffusers
     ``PipelineCallback`` brings its own ``tensor_inputs``). See the module docstring.
+
+    ``num_inference_steps`` and ``guidance_scale`` default to the model family's own pipeline's (SD 1.x/2.x 50 and
+    7.5, SDXL 50 and 5.0, SD 3 28 and 7.0, FLUX 28 and 3.5: FLUX's is its guidance embedding, there is no CFG batch).
+    On SD 3 and FLUX (:mod:`anelab.mmdit`) ``blocks`` chooses the joint-attention blocks read (indices, ``"a-b"``
+    ranges, names; default SD 3 all, FLUX the double-stream ones), ``token_maps`` how a word's CLIP and T5 keys
+    combine (``"clip"``, ``"t5"``, ``"mean"``), ``text_softmax`` the map's softmax (``"text"`` keys only, or the
+    ``"joint"`` softmax's text columns), ``flow_step`` the step size on the flow-matching latent (``"index"``: A&E's
+    α_i unchanged; ``"snr"``: α_i·((1−σ)²+σ²), the same step relative to the signal as on SD 1.x, reference §2),
+    ``max_sequence_length`` the T5 length (the pipeline's default).
     """
     request = Request.of(
         prompt,
@@ -247,6 +277,11 @@ def generate(
         progress=progress,
         callback_on_step_end=callback_on_step_end,
         callback_on_step_end_tensor_inputs=tuple(callback_on_step_end_tensor_inputs),
+        blocks=None if blocks is None else tuple([blocks] if isinstance(blocks, (int, str)) else blocks),
+        token_maps=token_maps,
+        text_softmax=text_softmax,
+        flow_step=flow_step,
+        max_sequence_length=max_sequence_length,
     )
     return sample(pipe, request)
 
@@ -257,16 +292,20 @@ def sample(pipe, request: Request) -> GuidedOutput:
     recorder = Recorder(plan.record, plan.prompt, plan.seeds) if plan.record else None
     read = [layer for layers in plan.read_layers.values() for layer in layers]
     hooked = read + (plan.record.layers if plan.record else [])
-    graphs = fast_path.graph_cache(pipe.unet) if plan.fast else None  # before the capture processors go in
+    net = denoiser(pipe)
+    graphs = fast_path.graph_cache(net) if plan.fast else None  # before the capture processors go in
+    processor = hk.CaptureProcessor
+    if plan.reading is not None:
+        processor = lambda name, hooks, fallback: mmdit.JointCapture(name, hooks, fallback, plan.reading)  # noqa: E731
     start = time.perf_counter()
     with (
         torch.no_grad(),
-        _frozen(pipe.unet),
-        hk.attention_capture(pipe.unet, hooked) as hooks,
-        memory.checkpointed(pipe.unet, [layer.name for layer in read]) if plan.low_memory else contextlib.nullcontext(),
+        _frozen(net),
+        hk.attention_capture(net, hooked, processor) as hooks,
+        memory.checkpointed(net, [layer.name for layer in read]) if plan.low_memory else contextlib.nullcontext(),
     ):
         sampler = _Sampler(pipe, plan, hooks, recorder, graphs)
-        latents = sampler.run(request.num_inference_steps, request.progress)
+        latents = sampler.run(plan.num_inference_steps, request.progress)
         images = None if request.output_type == "latent" else _decode(pipe, latents, request.output_type)
     seconds = time.perf_counter() - start
     logger.debug(
@@ -274,7 +313,7 @@ def sample(pipe, request: Request) -> GuidedOutput:
         "SD" if plan.method is None else plan.method.label,
         plan.prompt,
         len(plan.seeds),
-        request.num_inference_steps,
+        plan.num_inference_steps,
         plan.height,
         plan.width,
         " (CUDA graphs)" if plan.fast else "",
@@ -289,7 +328,7 @@ def sample(pipe, request: Request) -> GuidedOutput:
             "guidance_scale": plan.guidance_scale,
             "height": plan.height,
             "width": plan.width,
-            "num_inference_steps": int(request.num_inference_steps),
+            "num_inference_steps": int(plan.num_inference_steps),
             "eot": plan.eot,
             "subjects": [[s.noun, list(s.modifiers)] for s in plan.subjects if s.role == "excite"],
         } | ({"method": plan.method.name} if plan.method is not None and plan.method.name != methods.AE else {})
@@ -320,13 +359,32 @@ class _Sampler:
         recorder: Recorder | None = None,
         graphs: fast_path.GraphCache | None = None,
     ):
-        self.pipe, self.plan, self.hooks, self.unet, self.recorder = pipe, plan, hooks, pipe.unet, recorder
+        self.pipe, self.plan, self.hooks, self.unet, self.recorder = pipe, plan, hooks, denoiser(pipe), recorder
         self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # stateful: own copy
-        self.device, self.dtype = pipe.unet.device, pipe.unet.dtype
-        self.cfg = plan.guidance_scale > 1.0
-        self.conditioning = models.Conditioning.encode(
-            pipe, plan.prompt, height=plan.height, width=plan.width, cfg=self.cfg, device=self.device, dtype=self.dtype
-        )
+        self.device, self.dtype = self.unet.device, self.unet.dtype
+        self.cfg = plan.guidance_scale > 1.0 and plan.family != "flux"  # FLUX: a guidance embedding, no CFG batch
+        if not plan.transformer:
+            self.conditioning = models.Conditioning.encode(
+                pipe,
+                plan.prompt,
+                height=plan.height,
+                width=plan.width,
+                cfg=self.cfg,
+                device=self.device,
+                dtype=self.dtype,
+            )
+        else:
+            self.conditioning = mmdit.JointConditioning.encode(
+                pipe,
+                plan.prompt,
+                height=plan.height,
+                width=plan.width,
+                cfg=self.cfg,
+                guidance_scale=plan.guidance_scale,
+                t5_length=plan.t5_length,
+                device=self.device,
+                dtype=self.dtype,
+            )
         self.method = plan.active
         self.traces = TraceLog(
             seeds=plan.seeds, measured=plan.measured, roles=plan.roles, words=plan.token_words, method=plan.active
@@ -342,8 +400,8 @@ class _Sampler:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, num_inference_steps: int, progress: bool) -> torch.Tensor:
-        self.scheduler.set_timesteps(
-            num_inference_steps, device=self.device
+        set_timesteps(
+            self.pipe, self.scheduler, num_inference_steps, self.plan, self.device
         )  # first: Euler's init_noise_sigma depends on it
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
@@ -359,7 +417,7 @@ class _Sampler:
         label = "SD" if self.method is None else self.method.label
         for i, t in enumerate(tqdm(self.scheduler.timesteps, desc=label, disable=bars_off(progress), leave=False)):
             if self.method is not None and self.method.guided(i, n):
-                scale = float(self.scheduler.scale_model_input(torch.ones(()), t))  # the UNet's input is z * scale
+                scale = input_scale(self.scheduler, t)  # the UNet's input is z * scale
                 z = self.guide(z, i, t) if scale == 1.0 else self.guide(z * scale, i, t) / scale
             z = self.denoise(z, i, t)
             if self.plan.request.callback_on_step_end is not None:
@@ -409,17 +467,25 @@ class _Sampler:
         """One noise latent per generator (continuing its stream), times the scheduler's ``init_noise_sigma``."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        shape = (1, self.unet.config.in_channels, self.plan.height // 8, self.plan.width // 8)
+        plan = self.plan
+        if not plan.transformer:
+            scale = getattr(self.pipe, "vae_scale_factor", 8)
+            shape = (1, self.unet.config.in_channels, plan.height // scale, plan.width // scale)
+        else:
+            shape = mmdit.latent_shape(self.pipe, plan.height, plan.width)
         where = self._noise_device()
         noise = [randn_tensor(shape, generator=g, device=where, dtype=self.dtype) for g in generators]
-        return torch.cat(noise).to(self.device) * self.scheduler.init_noise_sigma
+        noise = torch.cat(noise).to(self.device)
+        sigma = getattr(self.scheduler, "init_noise_sigma", None)  # flow matching: none, the noise is x at σ = 1
+        return noise if sigma is None else noise * sigma
 
     def denoise(self, z: torch.Tensor, i: int, t) -> torch.Tensor:
         """CFG noise prediction on the (updated) latent, then the scheduler step; the recorder
         watches the conditional rows of this forward at recorded steps."""
         n = len(z)
         sinks = self.recorder.sinks(i) if self.recorder else {}
-        x = self.scheduler.scale_model_input(torch.cat([z, z]) if self.cfg else z, t)
+        x = torch.cat([z, z]) if self.cfg else z
+        x = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
         eps, probs = self.predict(x, t, self.conditioning.unet_kwargs(n, cfg=self.cfg), list(sinks))
         for name, p in probs.items():  # in the order the layers ran
             sinks[name](name, p)
@@ -634,7 +700,7 @@ class _NoiseContext:
     def measure(self, z: torch.Tensor) -> Measure:
         """The method's terms at ``z`` (the UNet's input at the first timestep), with autograd alive to ``z``."""
         s = self.sampler
-        scale = float(s.scheduler.scale_model_input(torch.ones(()), self.t))
+        scale = input_scale(s.scheduler, self.t)
         kwargs = s.conditioning.unet_kwargs(len(z), cfg=False)
         return s.measurer(z * scale, self.t, kwargs, step=0, previous=None, targets=s.layout_targets)
 
@@ -679,10 +745,15 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
     if not isinstance(prompt, str) or not prompt.strip():
         raise AnelabError(f"prompt must be a non-empty string, got {prompt!r}")
     seeds = require_seeds(request.seeds)
-    steps = request.num_inference_steps
+    kind = models.family(pipe)
+    transformer = kind in mmdit.FAMILIES
+    default_steps, default_scale = models.DEFAULTS[kind]
+    steps = default_steps if request.num_inference_steps is None else request.num_inference_steps
     if not is_int(steps) or steps < 1:
         raise AnelabError(f"num_inference_steps must be an int >= 1, got {steps!r}")
-    guidance_scale = require_number("guidance_scale", request.guidance_scale, minimum=0)  # <= 1: no CFG (diffusers')
+    guidance_scale = default_scale if request.guidance_scale is None else request.guidance_scale
+    guidance_scale = require_number("guidance_scale", guidance_scale, minimum=0)  # <= 1: no CFG (diffusers')
+    _check_transformer_options(request, kind)
     if request.callback_on_step_end is not None:
         if not callable(request.callback_on_step_end):
             raise AnelabError(
@@ -698,30 +769,44 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
         raise AnelabError(
             "generator_device='cuda' draws the noise with torch.Generator('cuda') as the official code does; torch sees no GPU here"
         )
-    if request.fast and not fast_path.available(pipe.unet.device):
+    device = denoiser(pipe).device
+    if request.fast and not fast_path.available(device):
         raise AnelabError(
-            f"fast=True replays CUDA graphs and needs the pipeline on a CUDA GPU; it is on {pipe.unet.device} (leave fast=None)"
+            f"fast=True replays CUDA graphs and needs the pipeline on a CUDA GPU; it is on {device} (leave fast=None)"
         )
     low_memory = memory.requested(request.low_memory)
+    if transformer and (request.fast or low_memory or request.record is not None):
+        what = "fast=True" if request.fast else "low_memory" if low_memory else "record="
+        raise AnelabError(f"{what} is not available on {kind} yet (a transformer); it runs on SD 1.x, 2.x and SDXL")
     method = request.method
     scale = getattr(pipe, "vae_scale_factor", 8)
-    height = request.height or pipe.unet.config.sample_size * scale
-    width = request.width or pipe.unet.config.sample_size * scale
+    side = mmdit.native_size(pipe) if transformer else pipe.unet.config.sample_size * scale
+    height, width = request.height or side, request.width or side
+    step = mmdit.multiple(pipe) if transformer else scale
     for name, value in (("height", height), ("width", width)):
-        if not is_int(value) or value < scale or value % scale:
-            raise AnelabError(f"{name} must be a positive multiple of {scale}, got {value!r}")
+        if not is_int(value) or value < step or value % step:
+            raise AnelabError(f"{name} must be a positive multiple of {step}, got {value!r}")
     subjects = resolve(pipe.tokenizer, prompt, request.subjects)
     models.check_tokenizers(pipe, prompt)
     words = prompt_tokens(pipe.tokenizer, prompt)
     eot = eot_index(pipe.tokenizer, prompt)
     latent = (height // scale, width // scale)
-    layers = hk.cross_attention_layers(pipe.unet, *latent)
+    t5_length = 0
+    if transformer:
+        t5_length = request.max_sequence_length
+        t5_length = mmdit.DEFAULTS[kind]["t5_length"] if t5_length is None else t5_length
+        if not is_int(t5_length) or not 1 <= t5_length <= 512:
+            raise AnelabError(f"max_sequence_length must be an int in 1..512 (T5 positions), got {t5_length!r}")
+        layers = mmdit.choose_blocks(pipe, mmdit.blocks(pipe, height, width), request.blocks)
+    else:
+        layers = hk.cross_attention_layers(pipe.unet, *latent)
     trained = getattr(pipe.scheduler.config, "num_train_timesteps", None)
     if trained and steps > trained:
         raise AnelabError(
             f"num_inference_steps {steps} is more than the scheduler's {trained} training timesteps: at most {trained}"
         )
-    timesteps = schedule(pipe, steps)
+    timesteps = schedule(pipe, steps, height, width)
+    reading = None
     columns = models.softmax_tokens(pipe, "legacy")
     normaliser = methods.GuidanceConfig().normalised(columns)
     active, read_layers, step_sizes, layout_targets = None, {}, np.zeros(len(timesteps)), None
@@ -733,7 +818,10 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
         if isinstance(active, TokenSoftmax):
             normaliser = active
         measured, roles = active.measured(subjects)
-        read_layers = _read_layers(pipe, method, layers, latent, height, width)
+        if transformer:
+            read_layers = _read_blocks(pipe, method, layers, height, width)
+        else:
+            read_layers = _read_layers(pipe, method, layers, latent, height, width)
         main = read_layers[("cross", method.reads().cross[0])][0].shape
         if getattr(active, "smooth", False) and active.kernel_size // 2 >= min(main):
             raise AnelabError(
@@ -741,6 +829,18 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
             )
         method.check_schedule(len(timesteps))
         step_sizes = method.step_sizes(len(timesteps))
+        if transformer:
+            native = mmdit.grid(pipe, height, width)
+            reading = mmdit.Reading(
+                kind,
+                mmdit.TextColumns.of(pipe, prompt, request.token_maps, t5_length),
+                request.text_softmax,
+                native,
+                main,
+            )
+            if request.flow_step == "snr":  # the same step relative to the signal as SD 1.x's (reference §2)
+                sigmas = flow_sigmas(pipe, steps, height, width)
+                step_sizes = step_sizes * ((1 - sigmas) ** 2 + sigmas**2)
         targets = [s.target for s in subjects if s.target is not None]
         if targets:
             ordered = [s for role in ("excite", "suppress", "layout") for s in subjects if s.role == role]
@@ -794,8 +894,12 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
         normaliser=normaliser,
         record=record,
         generator_device=generator_device,
-        fast=fast_path.available(pipe.unet.device) if request.fast is None else bool(request.fast),
+        fast=(fast_path.available(device) and not transformer) if request.fast is None else bool(request.fast),
         low_memory=low_memory,
+        num_inference_steps=int(steps),
+        family=kind,
+        reading=reading,
+        t5_length=t5_length,
     )
 
 
@@ -821,11 +925,72 @@ def _read_layers(pipe, method: Method, cross_layers, latent, height: int, width:
     return out
 
 
-def schedule(pipe, num_inference_steps: int) -> list[int]:
-    """The scheduler's timesteps for ``num_inference_steps`` (one per loop index; PNDM 50 steps → 51)."""
+def schedule(pipe, num_inference_steps: int, height: int | None = None, width: int | None = None) -> list[int]:
+    """The scheduler's timesteps for ``num_inference_steps`` (one per loop index; PNDM 50 steps → 51; flow matching:
+    ``int(1000·σ)``, FLUX's at ``height`` × ``width``, default native)."""
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(int(num_inference_steps))
+    set_timesteps(pipe, scheduler, int(num_inference_steps), (height, width))
     return [int(t) for t in scheduler.timesteps]
+
+
+def flow_sigmas(pipe, num_inference_steps: int, height: int, width: int) -> np.ndarray:
+    """σ at each loop index of a flow-matching schedule (``x = (1−σ)x₀ + σε``)."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    set_timesteps(pipe, scheduler, int(num_inference_steps), (height, width))
+    return scheduler.sigmas[: len(scheduler.timesteps)].double().numpy()
+
+
+def set_timesteps(pipe, scheduler, num_inference_steps: int, size, device=None) -> None:
+    """The model's own pipeline's schedule (SD 3 and FLUX: :func:`anelab.mmdit.set_timesteps`); ``size`` a
+    :class:`RunPlan` or ``(height, width)`` (None: native)."""
+    if not mmdit.is_mmdit(pipe):
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        return
+    height, width = (size.height, size.width) if isinstance(size, RunPlan) else size
+    side = mmdit.native_size(pipe)
+    mmdit.set_timesteps(pipe, scheduler, num_inference_steps, height or side, width or side, device)
+
+
+def input_scale(scheduler, t) -> float:
+    """What ``scale_model_input`` multiplies the latent by at ``t`` (1 for PNDM, DDIM and flow matching)."""
+    if not hasattr(scheduler, "scale_model_input"):
+        return 1.0
+    return float(scheduler.scale_model_input(torch.ones(()), t))
+
+
+def denoiser(pipe):
+    """What the loop calls as ``net(x, t, **kwargs).sample``: the UNet, or a transformer as :class:`anelab.mmdit.Denoiser`."""
+    return mmdit.denoiser(pipe) if mmdit.is_mmdit(pipe) else pipe.unet
+
+
+def _check_transformer_options(request: Request, kind: str) -> None:
+    """The SD 3 / FLUX options: allowed values, and refused on a UNet (one line naming what to use there)."""
+    transformer = kind in mmdit.FAMILIES
+    given = [n for n in ("blocks", "token_maps", "max_sequence_length") if getattr(request, n) is not None]
+    given += [n for n, d in (("text_softmax", "text"), ("flow_step", "index")) if getattr(request, n) != d]
+    if given and not transformer:
+        raise AnelabError(
+            f"{', '.join(given)}: for SD 3 and FLUX (transformers); this is {kind}, whose maps come from attention_res"
+        )
+    for name, allowed in (("text_softmax", mmdit.TEXT_SOFTMAX), ("flow_step", ("index", "snr"))):
+        if getattr(request, name) not in allowed:
+            raise AnelabError(f"{name} must be one of {allowed}, got {getattr(request, name)!r}")
+    if request.token_maps is not None and request.token_maps not in mmdit.TOKEN_MAPS:
+        raise AnelabError(f"token_maps must be one of {mmdit.TOKEN_MAPS}, got {request.token_maps!r}")
+
+
+def _read_blocks(pipe, method: Method, chosen: list[hk.Layer], height: int, width: int) -> dict:
+    """``("cross", res) -> blocks`` on SD 3 / FLUX: the chosen blocks, on the grid ``attention_res`` means there."""
+    reads = method.reads()
+    if reads.self_attention:
+        raise AnelabError(
+            f"{method.name} reads self-attention, which a transformer's joint attention does not separate; it runs on "
+            "SD 1.x, 2.x and SDXL"
+        )
+    if len(set(reads.cross)) > 1:
+        raise AnelabError(f"{method.name} reads several attention resolutions; a transformer has one grid per block")
+    shape = mmdit.read_grid(pipe, reads.cross[0], height, width)
+    return {("cross", reads.cross[0]): [hk.Layer(b.name, b.place, shape) for b in chosen]}
 
 
 class _frozen:
@@ -844,7 +1009,10 @@ class _frozen:
 
 
 def _decode(pipe, latents: torch.Tensor, output_type: str):
-    """The VAE decode of the model's own pipeline (with the latents mean/std when the VAE config has them)."""
+    """The VAE decode of the model's own pipeline (with the latents mean/std when the VAE config has them; SD 3 and
+    FLUX with the VAE's shift, :func:`anelab.mmdit.decode`)."""
+    if mmdit.is_mmdit(pipe):
+        return mmdit.decode(pipe, latents, output_type)
     vae = pipe.vae
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
     if mean is not None and std is not None:

@@ -5,7 +5,9 @@ blocks, the mid block and three up blocks (at 512 px: 64, 32, 16 and 8), a small
 down-sampling, a small CLIP text encoder, SD-1.4's PNDM scheduler configuration and a CLIP-style
 BPE tokenizer over ``assets/tiny_vocab.txt``. ``tiny_sd2_pipeline()`` (``"tiny-sd2"``) and
 ``tiny_xl_pipeline()`` (``"tiny-xl"``) do the same for SD 2.x and SDXL (:mod:`anelab.models`); all three
-are 512 px models by default. Numbers they produce are meaningless; they exist to run every code path
+are 512 px models by default. ``tiny_sd3_pipeline()`` (``"tiny-sd3"``) and ``tiny_flux_pipeline()`` (``"tiny-flux"``)
+are the MMDiT transformers (:mod:`anelab.mmdit`), 256 px by default, with a T5 encoder and a T5 tokenizer made
+offline from the same vocabulary. Numbers they produce are meaningless; they exist to run every code path
 end to end.
 """
 
@@ -32,7 +34,7 @@ SD14_PNDM_CONFIG = dict(
 #: Bumped whenever the tiny models change, so run-store keys of their images change too.
 TINY_VERSION = "1"
 #: The offline stand-ins :func:`anelab.load_pipeline` builds by name, with the version in their run-store identity.
-TINY_MODELS = {"tiny": TINY_VERSION, "tiny-sd2": "1", "tiny-xl": "1"}
+TINY_MODELS = {"tiny": TINY_VERSION, "tiny-sd2": "1", "tiny-xl": "1", "tiny-sd3": "1", "tiny-flux": "1"}
 
 #: Cross-attention query/key weights are multiplied by this after random initialisation, so that
 #: attention is peaked enough for the A&E loss to respond to the latent (plain random init gives
@@ -95,14 +97,24 @@ def tiny_tokenizer():
 
 def tiny_model(name: str):
     """The stand-in called ``name`` (:data:`TINY_MODELS`), built."""
-    builders = {"tiny": tiny_pipeline, "tiny-sd2": tiny_sd2_pipeline, "tiny-xl": tiny_xl_pipeline}
+    builders = {
+        "tiny": tiny_pipeline,
+        "tiny-sd2": tiny_sd2_pipeline,
+        "tiny-xl": tiny_xl_pipeline,
+        "tiny-sd3": tiny_sd3_pipeline,
+        "tiny-flux": tiny_flux_pipeline,
+    }
     return builders[name]()
 
 
 def tiny_parts(name: str):
     """The tokenizer and scheduler of the stand-in ``name``, without building it."""
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, PNDMScheduler
 
+    if name == "tiny-sd3":
+        return tiny_tokenizer(), FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW_CONFIG)
+    if name == "tiny-flux":
+        return tiny_tokenizer(), FlowMatchEulerDiscreteScheduler.from_config(FLUX_FLOW_CONFIG)
     if name == "tiny-sd2":
         return tiny_tokenizer_bang(), DDIMScheduler.from_config(SD21_DDIM_CONFIG)
     if name == "tiny-xl":
@@ -506,3 +518,162 @@ def tiny_owl(seed: int = 0, kind: str = "owlv2"):
     size = {"height": 32, "width": 32}
     image_processor = image_processor_class(size=size, **({"crop_size": size} if kind == "owlvit" else {}))
     return model, processor_class(image_processor=image_processor, tokenizer=tokenizer)
+
+
+#: Stable Diffusion 3 medium's scheduler (scheduler/scheduler_config.json of stabilityai/stable-diffusion-3-medium-diffusers).
+SD3_FLOW_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
+#: FLUX.1-dev's scheduler (black-forest-labs/FLUX.1-dev, scheduler/scheduler_config.json).
+FLUX_FLOW_CONFIG = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
+def tiny_t5_tokenizer():
+    """A ``T5Tokenizer`` (unigram, ``</s>`` at the end, no ``<sot>``) in which every vocabulary word is one piece
+    ``▁word``; other text falls back to single characters, as T5's SentencePiece model does for rare words."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    special = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    words = [("\u2581" + w, -1.0) for w in vocabulary_words()]
+    chars = [(c, -10.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=special + words + chars + [("\u2581", -5.0)], extra_ids=0)
+
+
+def _tiny_t5(tokenizer, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def _responsive_joint(transformer, gain: float) -> None:
+    """Sharpen every joint attention's image-query × text-key scores by ``gain`` (as :func:`_responsive` does for
+    cross-attention): the query/key normalisations' weights where the block has them (RMS norm undoes a scaled
+    projection), else the image-query and text-key projections."""
+    with torch.no_grad():
+        for name, module in transformer.named_modules():
+            if not name.endswith(".attn"):
+                continue
+            norms = [getattr(module, n, None) for n in ("norm_q", "norm_added_k", "norm_k")]
+            if norms[0] is not None and getattr(norms[0], "weight", None) is not None:
+                for norm in norms:
+                    if norm is not None:
+                        norm.weight.mul_(gain**0.5)
+            else:
+                module.to_q.weight.mul_(gain)
+                if getattr(module, "add_k_proj", None) is not None:
+                    module.add_k_proj.weight.mul_(gain)
+
+
+def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_gain: float = CROSS_ATTENTION_GAIN):
+    """Random SD-3-shaped ``StableDiffusion3Pipeline`` on CPU, fp32, built offline (``"tiny-sd3"``).
+
+    SD 3's layout, scaled down (diffusers' own test configuration, with four joint blocks and SD 3's patch 2): an
+    ``SD3Transformer2DModel`` whose last block is ``context_pre_only``, two CLIP encoders with projection (hidden
+    states concatenated, then padded to T5's width) and a T5 encoder whose positions follow CLIP's 77 in the joint
+    text, the SD 3 VAE's shift and scale, SD 3 medium's flow-matching scheduler. ``sample_size`` 32 gives 256 px
+    (a 16×16 image-token grid) by default.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2, tokenizer_3 = tiny_tokenizer(), tiny_tokenizer_bang(), tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip = dict(hidden_size=16, intermediate_size=32, projection_dim=16)
+        text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, **clip))
+        text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden_act="gelu", **clip))
+        text_encoder_3 = _tiny_t5(tokenizer_3)
+        transformer = SD3Transformer2DModel(
+            sample_size=sample_size,
+            patch_size=2,
+            in_channels=4,
+            num_layers=4,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            out_channels=4,
+        )
+        vae = _tiny_vae(1.5305, force_upcast=False)
+        vae.register_to_config(shift_factor=0.0609)
+        _responsive_joint(transformer, cross_attention_gain)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW_CONFIG),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3.eval(),
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_gain: float = CROSS_ATTENTION_GAIN):
+    """Random FLUX-shaped ``FluxPipeline`` on CPU, fp32, built offline (``"tiny-flux"``).
+
+    FLUX.1-dev's layout, scaled down (diffusers' own test configuration, two double-stream and two single-stream
+    blocks): latents packed 2×2 into tokens, RoPE over text and image positions, QK RMS norms, a guidance embedding
+    (no CFG batch), a CLIP encoder giving only the pooled vector and a T5 encoder giving the text tokens, FLUX's
+    VAE shift and scale and its resolution-dependent flow-matching shift. ``sample_size`` 32 (the pipeline's
+    ``default_sample_size``, FLUX's is 128) gives 256 px (16×16 image tokens) by default.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(), tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_text_config(tokenizer))
+        text_encoder_2 = _tiny_t5(tokenizer_2)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 4, 8),
+        )
+        vae = _tiny_vae(0.3611, force_upcast=False)
+        vae.register_to_config(shift_factor=0.1159)
+        _responsive_joint(transformer, cross_attention_gain)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_FLOW_CONFIG),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer.eval(),
+    )
+    pipe.default_sample_size = sample_size
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -415,8 +415,8 @@ def test_loading_sdxl_from_a_directory_and_its_placement(pipes, tmp_path):
         half.unet.dtype == half.text_encoder_2.dtype == torch.float16 and half.vae.dtype == torch.float32
     )  # force_upcast
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    with pytest.raises(AnelabError, match="is a StableDiffusion3Pipeline; anelab runs SD 1.x / 2.x"):
+    (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(AnelabError, match="is a KandinskyPipeline; anelab runs SD 1.x / 2.x"):
         anelab.load_pipeline(str(tmp_path / "other"), device="cpu")
     assert (model_identity("tiny"), model_identity("tiny-sd2"), model_identity("tiny-xl")) == (
         "tiny/1",

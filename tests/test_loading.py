@@ -99,7 +99,7 @@ def test_loading_with_a_dtype(tmp_path, tiny_pipe):
             "nobody/no-such-model",
             "'nobody/no-such-model' is not a local directory and is not in the Hugging Face cache, and the Hub cannot be reached",
         ),
-        (3, "model must be 'tiny', a Hub id, a local directory or a StableDiffusionPipeline"),
+        (3, "model must be 'tiny', a Hub id, a local directory or a pipeline \\(StableDiffusionPipeline"),
     ],
 )
 def test_unloadable_models_give_one_clear_error(spec, message):
