@@ -7,7 +7,10 @@ in the same process. Workloads (issue: speed and memory):
   rescaled from the 50-step defaults;
 - ``sd14-cpu``: random weights of SD-1.4's real size on the CPU, 512 px, 4 steps, at most 2
   refinement rounds (a CPU cannot afford more);
-- ``sd14-gpu``: the same model on CUDA in fp16, 512 px, the full 50 steps and defaults.
+- ``sd14-gpu``: the same model on CUDA in fp16, 512 px, the full 50 steps and defaults;
+- ``tiny-sd3``, ``tiny-flux``: the transformer stand-ins on the CPU, 256 px, their pipelines' 28 steps: (f) plain
+  sampling against the family's own diffusers pipeline (time and latent difference) and A&E against plain, and (e)
+  the methods that apply (every one but InitNO, which reads self-attention).
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ COMPARISONS = (
     "c_batching",
     "d_recording",
     "e_methods",
+    "f_transformer",
 )  # result keys, by letter
+TRANSFORMERS = ("tiny-sd3", "tiny-flux")
 METHOD_PROMPT, METHOD_SUBJECTS = "a red apple and a blue bowl", [("apple", ["red"]), ("bowl", ["blue"])]
 
 
@@ -68,7 +73,8 @@ class Workload:
         from . import methods
 
         method = methods.get(name).rescaled(50, self.steps)
-        method = method.at_scale(self.size / 512) or method
+        if self.name not in TRANSFORMERS:  # a transformer's maps are pooled to 16x16 at any side
+            method = method.at_scale(self.size / 512) or method
         caps = {k: self.max_refinement_steps for k in ("max_refinement_steps", "max_refinement_steps_first")}
         return method.replace(**{k: min(v, getattr(method, k)) for k, v in caps.items() if hasattr(method, k)})
 
@@ -77,6 +83,8 @@ WORKLOADS = {
     "tiny": Workload("tiny", 256, 25, "cpu", torch.float32),
     "sd14-cpu": Workload("sd14-cpu", 512, 4, "cpu", torch.float32, max_refinement_steps=2, repeats=1, warmup=False),
     "sd14-gpu": Workload("sd14-gpu", 512, 50, "cuda", torch.float16),
+    "tiny-sd3": Workload("tiny-sd3", 256, 28, "cpu", torch.float32),
+    "tiny-flux": Workload("tiny-flux", 256, 28, "cpu", torch.float32),
 }
 
 
@@ -198,12 +206,15 @@ def run_bench(
     w = dataclasses.replace(
         w, device=str(device or w.device), dtype=dtype or w.dtype
     )  # --device / --dtype override the workload's
-    unknown = set(comparisons) - set("abcde")
+    transformer = w.name in TRANSFORMERS
+    allowed = "ef" if transformer else "abcde"
+    unknown = set(comparisons) - set(allowed)
     if unknown or not comparisons:
-        raise AnelabError(f"comparisons must be letters of 'abcde', got {comparisons!r}")
+        raise AnelabError(f"comparisons must be letters of {allowed!r} on the {w.name} workload, got {comparisons!r}")
     from . import methods as registry
 
-    chosen = list(registry.names() if methods is None else methods)
+    every = [m for m in registry.names() if not (transformer and m == "initno")]  # InitNO reads self-attention
+    chosen = list(every if methods is None else methods)
     strange = [m for m in chosen if m not in registry.REGISTRY]
     if strange:
         raise AnelabError(f"unknown method(s) {strange}; the methods are {', '.join(registry.names())}")
@@ -212,7 +223,7 @@ def run_bench(
     pipe = (
         sd14_sized_pipeline(device=w.device, dtype=w.dtype)
         if w.name.startswith("sd14")
-        else load_pipeline("tiny", device=w.device, dtype=w.dtype)
+        else load_pipeline(w.name if transformer else "tiny", device=w.device, dtype=w.dtype)
     )
     common = dict(num_inference_steps=w.steps, height=w.size, width=w.size, output_type="latent", progress=False)
     defaults, no_refinement = w.config(), w.config(thresholds={})
@@ -378,6 +389,40 @@ def run_bench(
         results["e_methods"] = e | {
             "ratios": {name: e[name]["seconds"] / e["sd"]["seconds"] for name in chosen},
             "settings": {name: registry.spec(runs[name]["method"]) for name in chosen},
+        }
+
+    if "f" in comparisons:
+        say(f"[{w.name}] (f) plain sampling vs the family's diffusers pipeline, and A&E vs plain ...")
+
+        def run_diffusers():
+            latents = pipe(
+                PROMPT,
+                generator=torch.Generator("cpu").manual_seed(0),
+                num_inference_steps=w.steps,
+                height=w.size,
+                width=w.size,
+                output_type="latent",
+            ).images
+            return (
+                pipe._unpack_latents(latents, w.size, w.size, pipe.vae_scale_factor) if latents.ndim == 3 else latents
+            )
+
+        f = _alternate(
+            {
+                "diffusers": run_diffusers,
+                "sd": lambda: generate(pipe, PROMPT, seeds=[0], **common).latents,
+                "ae_defaults": lambda: generate(pipe, PROMPT, TOKENS, seeds=[0], config=defaults, **common).latents,
+            },
+            repeats,
+            w.device,
+            w.warmup,
+        )
+        mine, theirs = (f[k].pop("result").double() for k in ("sd", "diffusers"))
+        f["ae_defaults"].pop("result")
+        results["f_transformer"] = f | {
+            "sd_vs_diffusers": f["sd"]["seconds"] / f["diffusers"]["seconds"],
+            "ratio_ae_defaults": f["ae_defaults"]["seconds"] / f["sd"]["seconds"],
+            "max_abs_latent_difference_vs_diffusers": (mine - theirs).abs().max().item(),
         }
     return _write(results, results_dir)
 
@@ -553,6 +598,28 @@ def table(results: dict) -> str:
         rows += [
             (f"(e) {name}, official defaults", e[name]["seconds"], e[name]["peak_bytes"] / mib, f"{ratio:.2f}x SD")
             for name, ratio in e["ratios"].items()
+        ]
+    if "f_transformer" in results:
+        f = results["f_transformer"]
+        rows += [
+            (
+                "(f) the family's diffusers pipeline",
+                f["diffusers"]["seconds"],
+                f["diffusers"]["peak_bytes"] / mib,
+                "",
+            ),
+            (
+                "(f) anelab, no guidance",
+                f["sd"]["seconds"],
+                f["sd"]["peak_bytes"] / mib,
+                f"{f['sd_vs_diffusers']:.2f}x diffusers, max |latent diff| {f['max_abs_latent_difference_vs_diffusers']:.1e}",
+            ),
+            (
+                "(f) anelab A&E, defaults",
+                f["ae_defaults"]["seconds"],
+                f["ae_defaults"]["peak_bytes"] / mib,
+                f"{f['ratio_ae_defaults']:.2f}x no guidance",
+            ),
         ]
     w = results["workload"]
     runs = ", ".join(f"{key[0]} {results[key]['repeats']}" for key in COMPARISONS if key in results)

@@ -205,7 +205,8 @@ def generate(
             f"--steps {steps} is more than the scheduler's {trained} training timesteps: at most {trained}"
         )
     if chosen is not None:
-        scheduler.set_timesteps(steps)
+        shifting = scheduler.config.get("use_dynamic_shifting", False)  # FLUX: mu moves σ, not how many steps
+        scheduler.set_timesteps(steps, **({"mu": 0.0} if shifting else {}))
         chosen.check_schedule(len(scheduler.timesteps))
     # 3. the model (or the store, when it already has these images)
     import dataclasses
@@ -214,7 +215,15 @@ def generate(
     from .runs.runner import stored_generate
 
     pipe = load_pipeline(model, device=device, dtype=dtype, revision=revision, variant=variant)
-    if chosen is not None and attention_res is None and not any(s.startswith("attention_res=") for s in settings):
+    from .mmdit import is_mmdit
+
+    fit = not is_mmdit(pipe)  # a transformer's maps are pooled to 16x16 at any side
+    if (
+        fit
+        and chosen is not None
+        and attention_res is None
+        and not any(s.startswith("attention_res=") for s in settings)
+    ):
         from .models import SD1_SIZE, native_size
 
         fitted = chosen.at_scale(native_size(pipe) / SD1_SIZE)  # 16 on SD 1.x and 2.1-base, 24 on SD 2.1, 32 on SDXL
@@ -534,7 +543,8 @@ def report(
 @app.command()
 def bench(
     workload: list[str] = typer.Option(
-        ["tiny"], help="tiny (CPU), sd14-cpu (SD-1.4 size, CPU, 4 steps), sd14-gpu (fp16, 50 steps)."
+        ["tiny"],
+        help="tiny (CPU), sd14-cpu (SD-1.4 size, CPU, 4 steps), sd14-gpu (fp16, 50 steps), tiny-sd3 / tiny-flux (CPU, 28 steps).",
     ),
     repeats: Optional[int] = typer.Option(
         None,
@@ -543,8 +553,8 @@ def bench(
     ),
     comparisons: Optional[str] = typer.Option(
         None,
-        help="Which of (a) port, (b) plain SD, (c) batching, (d) recording, (e) methods to run, e.g. abd "
-        "(default abcd; e alone with --method).",
+        help="Which of (a) port, (b) plain SD, (c) batching, (d) recording, (e) methods, (f) transformer vs its "
+        "pipeline to run, e.g. abd (default abcd, tiny-sd3/tiny-flux ef; e alone with --method).",
     ),
     method: list[str] = typer.Option(
         [], help="(e): the methods to time against plain SD at their official defaults: --method syngen initno"
@@ -566,8 +576,13 @@ def bench(
     chosen = None if device is None else resolve_device(device)
     dtype = resolve_dtype(dtype)
     ensure_writable(out)
-    comparisons = comparisons or ("e" if method else "abcd")
+    from .bench import TRANSFORMERS
+
+    given = comparisons
+    comparisons = None
     for name in workload:
+        default = ("e" if method else "ef") if name in TRANSFORMERS else ("e" if method else "abcd")
+        comparisons = given or default
         results = run_bench(
             name, repeats, comparisons=comparisons, results_dir=out, device=chosen, dtype=dtype, methods=method or None
         )

@@ -457,6 +457,30 @@ def set_timesteps(pipe, scheduler, steps: int, height: int, width: int, device=N
         scheduler.set_timesteps(steps, device=device, **options)
 
 
+def sigma_placement(pipe, steps: int, height: int, width: int):
+    """``place(i) -> j``: loop index ``i`` of SD 1.x's 50-step schedule (where A&E's thresholds and update range are
+    written) → the step ``j`` of this flow-matching schedule whose σ is nearest the one of equal signal-to-noise ratio,
+    σ = 1 / (1 + √(ᾱ_t / (1 − ᾱ_t))) (reference §2: A&E's steps 0/10/20/25 sit at σ ≈ 0.93/0.82/0.68/0.60)."""
+    from diffusers import PNDMScheduler
+
+    from .stand_ins import SD14_PNDM_CONFIG
+
+    sd = PNDMScheduler.from_config(SD14_PNDM_CONFIG)
+    sd.set_timesteps(50)
+    abar = sd.alphas_cumprod[sd.timesteps].double()
+    matched = 1 / (1 + (abar / (1 - abar)).sqrt())
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    set_timesteps(pipe, scheduler, steps, height, width)
+    sigmas = scheduler.sigmas[:steps].double()
+
+    def place(i: int) -> int:
+        if i >= len(matched):
+            return steps
+        return int((sigmas - matched[i]).abs().argmin())
+
+    return place
+
+
 def decode(pipe, latents: torch.Tensor, output_type: str):
     """The pipeline's decode: ``latents / scaling_factor + shift_factor`` through the VAE, then its post-processing."""
     vae = pipe.vae

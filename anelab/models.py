@@ -61,7 +61,9 @@ def tokenizers(pipe) -> list:
 
 def native_size(pipe_or_unet, vae_scale: int | None = None) -> int:
     """The image side the model was trained at: ``unet.config.sample_size`` × the VAE's down-sampling
-    (SD 1.x and 2.1-base 512, SD 2.1 768, SDXL 1024)."""
+    (SD 1.x and 2.1-base 512, SD 2.1 768, SDXL 1024; SD 3 and FLUX: :func:`anelab.mmdit.native_size`)."""
+    if mmdit.is_mmdit(pipe_or_unet):
+        return mmdit.native_size(pipe_or_unet)
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     scale = vae_scale or getattr(pipe_or_unet, "vae_scale_factor", 8)
     size = unet.config.sample_size
@@ -160,6 +162,13 @@ class Conditioning:
         return kwargs
 
 
+#: Why a study, a sweep or a report refuses SD 3 / FLUX (one line).
+TRANSFORMER_STUDIES = (
+    "the studies and reports run SD 1.x, 2.x and SDXL; {kind} is a transformer, which anelab.generate, "
+    "anelab generate and anelab bench run (reports on transformers are not built yet)"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     """What a study needs of a model before running it: its family, native side and UNet (weights, or a
@@ -179,7 +188,29 @@ class Architecture:
 
     @classmethod
     def of(cls, pipe) -> "Architecture":
+        if mmdit.is_mmdit(pipe):
+            raise AnelabError(TRANSFORMER_STUDIES.format(kind=mmdit.family(pipe)))
         return cls(family(pipe), native_size(pipe), pipe.unet, getattr(pipe, "vae_scale_factor", 8))
+
+
+def refuse_transformer(model, revision: str | None = None) -> None:
+    """A one-line error when ``model`` (a name, a directory or a Hub id, read from its ``model_index.json`` where it can
+    be) is SD 3 or FLUX, whose studies and reports are not built yet; nothing is loaded."""
+    import os
+
+    if not isinstance(model, (str, os.PathLike)):
+        if mmdit.is_mmdit(model):
+            raise AnelabError(TRANSFORMER_STUDIES.format(kind=mmdit.family(model)))
+        return
+    from .loading import PIPELINE_CLASSES, pipeline_class
+
+    kind = {"tiny-sd3": "sd3", "tiny-flux": "flux"}.get(str(model))
+    if kind is None and str(model) not in TINY_MODELS:
+        kind = PIPELINE_CLASSES.get(
+            pipeline_class(str(model), {} if revision is None else {"revision": revision}).__name__
+        )
+    if kind in mmdit.FAMILIES:
+        raise AnelabError(TRANSFORMER_STUDIES.format(kind=kind))
 
 
 def architecture(model, revision: str | None = None, **hub_options) -> Architecture:
@@ -205,6 +236,11 @@ def architecture(model, revision: str | None = None, **hub_options) -> Architect
             unet = UNet2DConditionModel.from_config(unet_config)
         return unet, 2 ** (len(vae_config.get("block_out_channels", (0,) * 4)) - 1)
 
+    from .loading import PIPELINE_CLASSES, pipeline_class
+
+    kind = PIPELINE_CLASSES.get(pipeline_class(str(model), options).__name__)
+    if kind in mmdit.FAMILIES:
+        raise AnelabError(TRANSFORMER_STUDIES.format(kind=kind))
     unet, vae_scale = load_or_explain("diffusers pipeline", str(model), "model_index.json", load)
     name = "sdxl" if unet.config.addition_embed_type == "text_time" else "sd2" if pads_with_bang(tokenizer) else "sd1"
     return Architecture(name, native_size(unet, vae_scale), unet, vae_scale)

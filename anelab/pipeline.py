@@ -109,6 +109,7 @@ class Request:
     token_maps: str | None = None
     text_softmax: str = "text"
     flow_step: str = "index"
+    thresholds: str = "index"
     max_sequence_length: int | None = None
 
     @classmethod
@@ -224,6 +225,7 @@ def generate(
     token_maps: str | None = None,
     text_softmax: str = "text",
     flow_step: str = "index",
+    thresholds: str = "index",
     max_sequence_length: int | None = None,
 ) -> GuidedOutput:
     """Sample ``prompt`` for every seed at once; guided on ``tokens`` (or ``subjects``) unless no method is given.
@@ -254,6 +256,8 @@ def generate(
     combine (``"clip"``, ``"t5"``, ``"mean"``), ``text_softmax`` the map's softmax (``"text"`` keys only, or the
     ``"joint"`` softmax's text columns), ``flow_step`` the step size on the flow-matching latent (``"index"``: A&E's
     α_i unchanged; ``"snr"``: α_i·((1−σ)²+σ²), the same step relative to the signal as on SD 1.x, reference §2),
+    ``thresholds`` where the method's loop-index settings land (``"index"``: as given; ``"sigma"``: read as SD 1.x's
+    50-step indices and placed at the step of equal noise level, :func:`anelab.mmdit.sigma_placement`),
     ``max_sequence_length`` the T5 length (the pipeline's default).
     """
     request = Request.of(
@@ -281,6 +285,7 @@ def generate(
         token_maps=token_maps,
         text_softmax=text_softmax,
         flow_step=flow_step,
+        thresholds=thresholds,
         max_sequence_length=max_sequence_length,
     )
     return sample(pipe, request)
@@ -812,6 +817,8 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
     active, read_layers, step_sizes, layout_targets = None, {}, np.zeros(len(timesteps)), None
     measured = [s.noun for s in subjects]
     roles = [s.role for s in subjects]
+    if method is not None and transformer and request.thresholds == "sigma":
+        method = method.remapped(mmdit.sigma_placement(pipe, steps, height, width))
     if method is not None:
         method.check_subjects(subjects, words)
         active = method.normalised(columns) if isinstance(method, TokenSoftmax) else method
@@ -967,12 +974,20 @@ def _check_transformer_options(request: Request, kind: str) -> None:
     """The SD 3 / FLUX options: allowed values, and refused on a UNet (one line naming what to use there)."""
     transformer = kind in mmdit.FAMILIES
     given = [n for n in ("blocks", "token_maps", "max_sequence_length") if getattr(request, n) is not None]
-    given += [n for n, d in (("text_softmax", "text"), ("flow_step", "index")) if getattr(request, n) != d]
+    given += [
+        n
+        for n, d in (("text_softmax", "text"), ("flow_step", "index"), ("thresholds", "index"))
+        if getattr(request, n) != d
+    ]
     if given and not transformer:
         raise AnelabError(
             f"{', '.join(given)}: for SD 3 and FLUX (transformers); this is {kind}, whose maps come from attention_res"
         )
-    for name, allowed in (("text_softmax", mmdit.TEXT_SOFTMAX), ("flow_step", ("index", "snr"))):
+    for name, allowed in (
+        ("text_softmax", mmdit.TEXT_SOFTMAX),
+        ("flow_step", ("index", "snr")),
+        ("thresholds", ("index", "sigma")),
+    ):
         if getattr(request, name) not in allowed:
             raise AnelabError(f"{name} must be one of {allowed}, got {getattr(request, name)!r}")
     if request.token_maps is not None and request.token_maps not in mmdit.TOKEN_MAPS:

@@ -149,6 +149,9 @@ def run_report(
     failing notebook is reported and the others still run.
     """
     names = match_notebooks(only)
+    from .models import refuse_transformer
+
+    refuse_transformer(model)  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _clear_stale_staging(out)

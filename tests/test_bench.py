@@ -70,7 +70,7 @@ def test_bench_measures_every_comparison_and_writes_json(tmp_path):
 def test_bench_runs_only_the_comparisons_asked_for(tmp_path):
     from anelab import AnelabError
 
-    with pytest.raises(AnelabError, match="comparisons must be letters of 'abcde', got 'ax'"):
+    with pytest.raises(AnelabError, match="comparisons must be letters of 'abcde' on the tiny workload, got 'ax'"):
         run_bench("tiny", comparisons="ax", results_dir=tmp_path)
     if not torch.cuda.is_available():
         with pytest.raises(AnelabError, match="the sd14-gpu workload needs a CUDA GPU"):
@@ -136,3 +136,16 @@ def test_bench_times_methods_at_their_official_defaults_against_plain_sd(tmp_pat
     assert "(e) syngen, official defaults" in table(results)
     with pytest.raises(Exception, match="unknown method"):
         run_bench(w, repeats=1, progress=False, results_dir=tmp_path, comparisons="e", methods=["dnb"])
+
+
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-flux"])
+def test_bench_times_a_transformer_against_its_own_pipeline(tmp_path, name):
+    work = Workload(name, 256, 3, "cpu", torch.float32, repeats=1, warmup=False)
+    results = run_bench(work, comparisons="f", results_dir=tmp_path, progress=False)
+    f = results["f_transformer"]
+    assert f["max_abs_latent_difference_vs_diffusers"] == 0.0  # unguided sampling is the pipeline's, bit for bit
+    assert f["ratio_ae_defaults"] > 0 and f["diffusers"]["seconds"] > 0
+    assert "(f) anelab A&E, defaults" in table(results)
+    assert json.loads((tmp_path / f"{name}.json").read_text())["f_transformer"]["sd_vs_diffusers"] > 0
+    with pytest.raises(Exception, match="comparisons must be letters of 'ef' on the tiny-sd3 workload"):
+        run_bench(Workload("tiny-sd3", 256, 3, "cpu", torch.float32), comparisons="a", results_dir=tmp_path)

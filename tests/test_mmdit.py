@@ -269,5 +269,64 @@ def test_a_saved_transformer_pipeline_loads_with_its_class(pipes, name, tmp_path
     assert type(loaded) is type(pipes[name])
     a = anelab.generate(pipes[name], PROMPT, seeds=[4], height=256, width=256, **FAST).latents
     b = anelab.generate(loaded, PROMPT, seeds=[4], height=256, width=256, **FAST).latents
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # memory-mapped weights may round differently in the last bit
+    torch.testing.assert_close(
+        a, b, rtol=1e-5, atol=1e-5
+    )  # memory-mapped weights may round differently in the last bit
     assert isinstance(Layer("transformer_blocks.0.attn", "joint", (16, 16)).sort_key(), tuple)
+
+
+def test_thresholds_placed_by_sigma_land_at_the_step_of_equal_noise_level(pipes):
+    sd3 = pipes["tiny-sd3"]
+    plan = plan_run(sd3, PROMPT, tokens=TOKENS, config=GuidanceConfig(), thresholds="sigma", num_inference_steps=28)
+    # A&E's 50-step loop indices 0/10/20/25 run at PNDM's t = 981/801/601/501: σ of equal SNR 0.93/0.84/0.70/0.62,
+    # which SD 3's 28-step shift-3 schedule reaches at steps 5/10/15/18
+    assert plan.method.thresholds == {5: 0.05, 10: 0.5, 15: 0.8} and plan.method.max_iter_to_alter == 18
+    sigma = anelab.pipeline.flow_sigmas(sd3, 28, 256, 256)
+    assert abs(sigma[10] - 0.837) < 0.01
+    by_index = plan_run(sd3, PROMPT, tokens=TOKENS, config=GuidanceConfig(), num_inference_steps=28)
+    assert by_index.method.thresholds == {0: 0.05, 10: 0.5, 20: 0.8}
+    with pytest.raises(AnelabError, match=r"thresholds must be one of \('index', 'sigma'\)"):
+        plan_run(sd3, PROMPT, tokens=TOKENS, config=GuidanceConfig(), thresholds="t")
+
+
+def test_the_cli_generates_on_transformers_through_the_store_and_reports_refuse_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "anelab", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
+
+    args = ("generate", "--model", "tiny-flux", "--prompt", PROMPT, "--tokens", "cat", "dog", "--steps", "3")
+    first = run(*args, "--out", "a", "--store", "store")
+    again = run(*args, "--out", "b", "--store", "store")
+    assert first.returncode == again.returncode == 0, first.stderr[-2000:]
+    assert "s/image" in first.stdout and "from the run store" in again.stdout
+    assert (tmp_path / "a" / PROMPT / "0.png").exists()
+    refused = run("report", "--model", "tiny-sd3", "--out", "reports")
+    assert refused.returncode == 2 and "sd3 is a transformer" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "reports").exists()  # nothing written when it refuses
+
+
+def test_transformer_options_enter_the_store_identity_only_when_given(pipes):
+    from anelab.pipeline import Request
+    from anelab.runs.runner import context_identity, request_identity
+
+    sd3 = pipes["tiny-sd3"]
+    common = context_identity(sd3, "tiny-sd3", steps=4)
+    base = Request(PROMPT, seeds=(0,), num_inference_steps=4, guidance_scale=7.0, height=256, width=256)
+    plain = request_identity(base, common)
+    assert "transformer" not in plain and common["dtype"] == "torch.float32"
+    import dataclasses
+
+    for change in (
+        dict(blocks=(0,)),
+        dict(token_maps="t5"),
+        dict(text_softmax="joint"),
+        dict(flow_step="snr"),
+        dict(thresholds="sigma"),
+        dict(max_sequence_length=128),
+    ):
+        other = request_identity(dataclasses.replace(base, **change), common)
+        assert other["transformer"] == {k: list(v) if isinstance(v, tuple) else v for k, v in change.items()}

@@ -162,6 +162,23 @@ class Method:
                 changes[f.name] = tuple(dict((scale(i), v) for i, v in value).items())
         return dataclasses.replace(self, **changes)
 
+    def remapped(self, place) -> "Method":
+        """Every loop-index setting moved by ``place(i) -> j`` (indices that land on one keep the later value): what
+        :meth:`rescaled` does proportionally, and what SD 3 / FLUX's σ placement does by noise level
+        (:func:`anelab.mmdit.sigma_placement`)."""
+        changes = {}
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.metadata.get("loop")
+            if kind == "index" and value is not None:
+                changes[f.name] = place(value)
+            elif kind == "keys":
+                changes[f.name] = {place(k): v for k, v in value.items()}
+            elif kind == "indices":
+                changes[f.name] = tuple(dict.fromkeys(place(i) for i in value))
+            elif kind == "table" and isinstance(value, tuple):
+                changes[f.name] = tuple(dict((place(i), v) for i, v in value).items())
+        return dataclasses.replace(self, **changes)
+
     def resolutions(self) -> list[int]:
         """Every attention resolution the method reads (cross and self), the main one first."""
         reads = self.reads()

@@ -24,7 +24,7 @@ from ..analysis import guidance_pairs
 from ..errors import AnelabError
 from ..io import file_digest, file_lock, save_images, write_json, write_parquet
 from ..log import bars_off, logger, note
-from ..pipeline import Request, plan_run, sample, schedule
+from ..pipeline import Request, denoiser, plan_run, sample, schedule
 from ..recording import Record
 from ..subjects import Subject
 from .plan import Block, my_share, process_share, work_plan
@@ -102,25 +102,35 @@ def context_identity(pipe, model: str, *, steps: int, revision=None, variant=Non
     """The store identity's fields that come from the model and the run's device, dtype and scheduler."""
     return dict(
         model=model_identity(model, revision, variant),
-        dtype=str(pipe.unet.dtype),
-        device=pipe.unet.device.type,
+        dtype=str(denoiser(pipe).dtype),
+        device=denoiser(pipe).device.type,
         scheduler=type(pipe.scheduler).__name__,
         iterations=len(schedule(pipe, steps)),
     )
 
 
-def request_identity(request: Request, common: dict, subjects=None) -> dict:
-    """:func:`block_identity` of a request (``subjects``: in words; default the request's own)."""
+#: The SD 3 / FLUX options of a request and their defaults: only other values enter a store identity.
+TRANSFORMER_OPTIONS = dict(
+    blocks=None, token_maps=None, text_softmax="text", flow_step="index", thresholds="index", max_sequence_length=None
+)
+
+
+def request_identity(request: Request, common: dict, subjects=None, plan=None) -> dict:
+    """:func:`block_identity` of a request (``subjects``: in words; default the request's own; ``plan``: its
+    :func:`plan_run`, whose steps, guidance scale and size fill what the request leaves to the family's defaults)."""
+    given = {k: getattr(request, k) for k, default in TRANSFORMER_OPTIONS.items() if getattr(request, k) != default}
+    transformer = {k: list(v) if isinstance(v, tuple) else v for k, v in given.items()}
     return block_identity(
         prompt=request.prompt,
         subjects=request.subjects if subjects is None else subjects,
         seeds=request.seeds,
-        steps=request.num_inference_steps,
-        height=request.height,
-        width=request.width,
-        guidance_scale=request.guidance_scale,
+        steps=request.num_inference_steps if plan is None else plan.num_inference_steps,
+        height=request.height if plan is None else plan.height,
+        width=request.width if plan is None else plan.width,
+        guidance_scale=request.guidance_scale if plan is None else plan.guidance_scale,
         method=request.method,
         generator_device=request.generator_device,
+        transformer=transformer,
         **common,
     )
 
@@ -474,8 +484,8 @@ def stored_generate(
     store = store if isinstance(store, Store) else Store(store)
     plan = plan_run(pipe, request)  # every check first: a refused request leaves no store behind
     store.prepare()
-    common = context_identity(pipe, model, steps=request.num_inference_steps, revision=revision, variant=variant)
-    identity = request_identity(request, common, subjects=plan.named_subjects())
+    common = context_identity(pipe, model, steps=plan.num_inference_steps, revision=revision, variant=variant)
+    identity = request_identity(request, common, subjects=plan.named_subjects(), plan=plan)
     nouns = tuple((s.noun, s.modifiers) for s in plan.named_subjects() if s.role == "excite")
     job = Job(
         Block("generate", request.prompt, "custom", tuple(n for n, _ in nouns), tuple(plan.seeds), nouns),

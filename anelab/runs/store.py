@@ -92,6 +92,7 @@ def block_identity(
     guidance_scale: float,
     method,
     generator_device: str,
+    transformer: dict | None = None,
 ) -> dict:
     """Everything of one generate call that changes its images' bytes (the recording does not: it only observes).
     ``subjects`` are :class:`anelab.subjects.Subject` values in words; ``iterations``: the scheduler's loop length for
@@ -99,7 +100,8 @@ def block_identity(
 
     Attend-and-Excite and plain SD are keyed exactly as anelab 0.2.0 keyed them (tokens, suppress, layout and the
     settings as ``config``), so a store written then keeps serving; another method adds its ``method`` name and its
-    ``subjects`` (noun, modifiers)."""
+    ``subjects`` (noun, modifiers); SD 3 / FLUX options other than their defaults (``transformer``: blocks, token maps,
+    text softmax, step rule, threshold placement, T5 length) add ``transformer``."""
     guidance = (
         None if method is None else method.to_dict() | {"step_sizes": [float(a) for a in method.step_sizes(iterations)]}
     )
@@ -124,6 +126,8 @@ def block_identity(
     if method is not None and method.name != AE:
         identity["method"] = method.name
         identity["subjects"] = [[str(s.noun), [str(m) for m in s.modifiers]] for s in subjects]
+    if transformer:
+        identity["transformer"] = dict(transformer)
     return identity
 
 
