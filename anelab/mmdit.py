@@ -147,7 +147,7 @@ def choose_blocks(pipe, every: list[Layer], chosen) -> list[Layer]:
     return sorted(unique, key=Layer.sort_key)
 
 
-def read_grid(pipe, res: int, height: int, width: int) -> tuple[int, int]:
+def read_grid(pipe, res: int, height: int, width: int, what: str = "attention_res") -> tuple[int, int]:
     """The grid the maps are read on for a method's ``attention_res``: native, or pooled to 16 on the width."""
     native = grid(pipe, height, width)
     if res == native[1]:
@@ -156,8 +156,8 @@ def read_grid(pipe, res: int, height: int, width: int) -> tuple[int, int]:
         return (native[0] * COMPARISON_GRID // native[1], COMPARISON_GRID)
     allowed = sorted({native[1], COMPARISON_GRID} if native[1] % COMPARISON_GRID == 0 else {native[1]})
     raise AnelabError(
-        f"attention_res {res}: a transformer has no attention resolutions, every block has one {native[0]}x{native[1]} "
-        f"image-token grid at {height}x{width} px; attention_res may be {allowed} (the native grid or 16, pooled), "
+        f"{what} {res}: a transformer has no attention resolutions, every block has one {native[0]}x{native[1]} "
+        f"image-token grid at {height}x{width} px; {what} may be {allowed} (the native grid or 16, pooled), "
         "and blocks= chooses where to read"
     )
 

@@ -780,8 +780,8 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
             f"fast=True replays CUDA graphs and needs the pipeline on a CUDA GPU; it is on {device} (leave fast=None)"
         )
     low_memory = memory.requested(request.low_memory)
-    if transformer and (request.fast or low_memory or request.record is not None):
-        what = "fast=True" if request.fast else "low_memory" if low_memory else "record="
+    if transformer and (request.fast or low_memory):
+        what = "fast=True" if request.fast else "low_memory"
         raise AnelabError(f"{what} is not available on {kind} yet (a transformer); it runs on SD 1.x, 2.x and SDXL")
     method = request.method
     scale = getattr(pipe, "vae_scale_factor", 8)
@@ -859,6 +859,9 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
                     f"target would be empty; use at least {0.5 / max(main):.3g} (half a cell)"
                 )
     record = request.record
+    record_layers = layers
+    if record is not None and transformer:  # every block, on the guidance grid (or the one Record.resolutions names)
+        reading, record_layers = _recorded_blocks(pipe, request, reading, prompt, t5_length, height, width)
     if record is not None:
         nouns = [p for p, r in zip(measured, roles) if r != "modifier"]
         record = plan_record(
@@ -870,7 +873,7 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
             eot=eot,
             seeds=seeds,
             timesteps=timesteps,
-            layers=layers,
+            layers=record_layers,
             config=normaliser,
             height=height,
             width=width,
@@ -992,6 +995,26 @@ def _check_transformer_options(request: Request, kind: str) -> None:
             raise AnelabError(f"{name} must be one of {allowed}, got {getattr(request, name)!r}")
     if request.token_maps is not None and request.token_maps not in mmdit.TOKEN_MAPS:
         raise AnelabError(f"token_maps must be one of {mmdit.TOKEN_MAPS}, got {request.token_maps!r}")
+
+
+def _recorded_blocks(pipe, request: Request, reading, prompt: str, t5_length: int, height: int, width: int):
+    """SD 3 / FLUX: ``(reading, blocks)`` a recording reads: every block of the model, on one grid for the whole run
+    (the guidance grid; without guidance the side ``Record.resolutions`` names, default 16, pooled)."""
+    wanted = request.record.resolutions
+    if reading is None:
+        kind = mmdit.family(pipe)
+        side = mmdit.COMPARISON_GRID if wanted is None else wanted[0]
+        if wanted is not None and len(wanted) > 1:
+            raise AnelabError(f"Record.resolutions {list(wanted)}: a transformer has one grid per run; name one side")
+        grid = mmdit.read_grid(pipe, side, height, width, "Record.resolutions")
+        columns = mmdit.TextColumns.of(pipe, prompt, request.token_maps, t5_length)
+        reading = mmdit.Reading(kind, columns, request.text_softmax, mmdit.grid(pipe, height, width), grid)
+    elif wanted is not None and list(wanted) != [reading.read[1]]:
+        raise AnelabError(
+            f"Record.resolutions {list(wanted)}: on a transformer the recording reads the guidance grid, "
+            f"{reading.read[0]}x{reading.read[1]}; record resolutions=None or [{reading.read[1]}]"
+        )
+    return reading, [hk.Layer(b.name, b.place, reading.read) for b in mmdit.blocks(pipe, height, width)]
 
 
 def _read_blocks(pipe, method: Method, chosen: list[hk.Layer], height: int, width: int) -> dict:

@@ -27,6 +27,8 @@ from .objectives import token_statistics
 from .tokens import prompt_tokens, resolve_tokens
 
 TOKEN_CHOICES = ("subjects", "prompt", "all")
+#: Where a layer sits, in execution order: a UNet's down/mid/up blocks; SD 3's joint blocks, FLUX's double then single.
+PLACES = ("down", "mid", "up", "joint", "double", "single")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +152,9 @@ def plan_record(
         positions = resolve_tokens(pipe.tokenizer, prompt, record.tokens)
     names = {i: "<sot>" if i == 0 else "<eot>" if i == eot else "<pad>" for i in positions} | words | {eot: "<eot>"}
     size = torch.empty(0, dtype=record.dtype).element_size()
+    net = getattr(pipe, "unet", None) or pipe.transformer  # SD 3 / FLUX: blocks of the transformer
     copies = {
-        layer.name: pipe.unet.get_submodule(layer.name).heads if record.heads else 1 for layer in recorded_layers
+        layer.name: net.get_submodule(layer.name).heads if record.heads else 1 for layer in recorded_layers
     }  # maps kept per layer
     per_step = (
         sum(layer.shape[0] * layer.shape[1] * copies[layer.name] for layer in recorded_layers) * len(positions) * size
@@ -244,9 +247,7 @@ class Recorder:
         per_chunk = n_seeds * n_tokens
         places = {layer.name: layer.place for layer in self.plan.layers}
         for res in {layer.res for layer in self.plan.layers}:
-            places[MEAN, res] = "+".join(
-                sorted({x.place for x in self.plan.layers if x.res == res}, key=["down", "mid", "up"].index)
-            )
+            places[MEAN, res] = "+".join(sorted({x.place for x in self.plan.layers if x.res == res}, key=PLACES.index))
         steps, names, resolutions = (np.array([chunk[k] for chunk in self._stats]) for k in range(3))
         columns = {
             "prompt": np.full(n_chunks * per_chunk, self.prompt, dtype=object),

@@ -245,7 +245,8 @@ def test_blocks_are_chosen_by_index_range_or_name_and_pooled_to_16(pipes):
         (dict(flow_step="sign"), "flow_step must be one of"),
         (dict(max_sequence_length=3), "beyond the T5 length 3"),
         (dict(max_sequence_length=0), "max_sequence_length must be an int in 1..512"),
-        (dict(record=anelab.Record()), "record= is not available on flux"),
+        (dict(config=None, record=anelab.Record(resolutions=[8])), "Record.resolutions 8: a transformer has no"),
+        (dict(record=anelab.Record(resolutions=[32])), r"the recording reads the guidance grid, 16x16"),
         (dict(low_memory=True), "low_memory is not available on flux"),
         (dict(height=200), "height must be a positive multiple of 16"),
     ],
@@ -330,3 +331,25 @@ def test_transformer_options_enter_the_store_identity_only_when_given(pipes):
     ):
         other = request_identity(dataclasses.replace(base, **change), common)
         assert other["transformer"] == {k: list(v) if isinstance(v, tuple) else v for k, v in change.items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recording_keeps_every_block_and_changes_nothing(pipes, name):
+    pipe = pipes[name]
+    plain = anelab.generate(pipe, PROMPT, seeds=[0, 1], **FAST)
+    recorded = anelab.generate(pipe, PROMPT, TOKENS, seeds=[0, 1], record=anelab.Record(tokens="prompt"), **FAST)
+    assert torch.equal(plain.latents, recorded.latents)  # the blocks keep their own output
+    frame = recorded.attention.to_frame()
+    blocks = [b.name for b in mmdit.blocks(pipe, 256, 256)]
+    assert set(frame["layer"]) == set(blocks) | {"mean"} and set(frame["res"]) == {16}
+    assert set(frame.loc[frame["layer"] != "mean", "place"]) == (
+        {"joint"} if name == "tiny-sd3" else {"double", "single"}
+    )
+    cat = recorded.attention.maps(token="cat", step=1, seed=0, res=16, layer=blocks[-1])
+    assert cat.shape == (16, 16) and float(cat.sum()) > 0
+    per_block = frame[(frame["token"] == "cat") & (frame["step"] == 1) & (frame["seed"] == 0)].set_index("layer")
+    assert per_block.loc[blocks, "max_attention"].nunique() == len(blocks)  # each block its own map
+    guided = anelab.generate(
+        pipe, PROMPT, TOKENS, config=GuidanceConfig().rescaled(50, 4), record=anelab.Record(), **FAST
+    )
+    assert np.isfinite(guided.attention.to_frame()["max_attention"]).all()
