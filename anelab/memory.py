@@ -17,7 +17,6 @@ backward, on any device.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import weakref
 from collections.abc import Iterable
@@ -64,18 +63,18 @@ def checkpointed(unet, read: Iterable[str]):
     ]
     unet.enable_gradient_checkpointing(gradient_checkpointing_func=run)
     parts = [  # a read self-attention (InitNO) runs as it is: its maps are what the objective differentiates
-        getattr(block, part)
+        (block, part)
         for name, block in blocks.items()
-        for part in ("attn1", "ff")
-        if hasattr(block, part) and f"{name}.{part}" not in read
+        for part in ("attn1", "ff", "ff_context")  # SD 3 / FLUX blocks: the text stream's feed-forward too
+        if getattr(block, part, None) is not None and f"{name}.{part}" not in read
     ]
-    for part in parts:  # an instance attribute: nn.Module.__call__ finds it before the class's forward
-        part.forward = functools.partial(_checkpointed, part.__class__.forward.__get__(part))
+    for block, part in parts:  # the child is wrapped, its own forward untouched (processors stay on it)
+        setattr(block, part, Checkpointed(getattr(block, part)))
     try:
         yield
     finally:
-        for part in parts:
-            del part.forward
+        for block, part in parts:
+            setattr(block, part, getattr(block, part).inner)
         for module, enabled, func in settings:
             module.gradient_checkpointing = enabled
             if func is None:
@@ -90,9 +89,18 @@ def _checkpoint(function, *args, **kwargs):
     )  # no dropout in a UNet at inference: no random state to replay
 
 
-def _checkpointed(forward, *args, **kwargs):
-    """``forward``, checkpointed when autograd records (the guided forward), as it is otherwise (CFG)."""
-    return _checkpoint(forward, *args, **kwargs) if torch.is_grad_enabled() else forward(*args, **kwargs)
+class Checkpointed(torch.nn.Module):
+    """A child module run through ``torch.utils.checkpoint`` when autograd records (the guided forward), as it is
+    otherwise (CFG): what :func:`checkpointed` puts in place of a read block's self-attention and feed-forward."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            return _checkpoint(self.inner, *args, **kwargs)
+        return self.inner(*args, **kwargs)
 
 
 class HeldForBackward:

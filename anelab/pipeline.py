@@ -307,7 +307,9 @@ def sample(pipe, request: Request) -> GuidedOutput:
         torch.no_grad(),
         _frozen(net),
         hk.attention_capture(net, hooked, processor) as hooks,
-        memory.checkpointed(net, [layer.name for layer in read]) if plan.low_memory else contextlib.nullcontext(),
+        memory.checkpointed(getattr(net, "transformer", net), [layer.name for layer in read])
+        if plan.low_memory
+        else contextlib.nullcontext(),
     ):
         sampler = _Sampler(pipe, plan, hooks, recorder, graphs)
         latents = sampler.run(plan.num_inference_steps, request.progress)
@@ -780,9 +782,8 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
             f"fast=True replays CUDA graphs and needs the pipeline on a CUDA GPU; it is on {device} (leave fast=None)"
         )
     low_memory = memory.requested(request.low_memory)
-    if transformer and (request.fast or low_memory):
-        what = "fast=True" if request.fast else "low_memory"
-        raise AnelabError(f"{what} is not available on {kind} yet (a transformer); it runs on SD 1.x, 2.x and SDXL")
+    if transformer and request.fast:
+        raise AnelabError(f"fast=True is not available on {kind} yet (a transformer); it runs on SD 1.x, 2.x and SDXL")
     method = request.method
     scale = getattr(pipe, "vae_scale_factor", 8)
     side = mmdit.native_size(pipe) if transformer else pipe.unet.config.sample_size * scale
