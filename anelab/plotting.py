@@ -815,3 +815,28 @@ def architecture_comparison(
         fontsize=10,
     )
     return fig
+
+
+def block_localisation(profile: pd.DataFrame, ax=None) -> Figure:
+    """Which blocks localise a subject (from :func:`anelab.analysis.block_localisation`): per model, the lower
+    subject's mean smoothed max attention against the block index (solid) and the higher one's (dashed); FLUX's
+    single-stream blocks are drawn with open markers."""
+    models = list(dict.fromkeys(profile.model))
+    if not models:
+        raise AnelabError("no transformer blocks in this profile")
+    fig, axes = _axes_grid(ax, 1, len(models), panel=3.0)
+    for panel, name in zip(axes[0], models):
+        part = profile[profile.model == name]
+        line = panel.plot(part.block, part.lower, marker="o", label="lower subject")[0]
+        panel.plot(part.block, part.higher, ls="--", color=line.get_color(), label="higher subject")
+        single = part[part.place == "single"]
+        panel.scatter(single.block, single.lower, facecolors="white", edgecolors=line.get_color(), zorder=3)
+        panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _label(
+            panel,
+            "block (execution order)",
+            "smoothed max attention (mean)" if panel is axes[0, 0] else "",
+            name,
+            legend="" if panel is axes[0, -1] else None,
+        )
+    return fig

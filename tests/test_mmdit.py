@@ -378,3 +378,32 @@ def test_low_memory_on_transformers_gives_the_same_result_holding_less(pipes, na
         held[flag] = h.peak
     assert held[True] < 0.97 * held[False]  # measured 0.92x: the read blocks' feed-forwards are recomputed
     assert not any(isinstance(m, anelab.memory.Checkpointed) for m in pipe.transformer.modules())  # all undone
+
+
+def test_the_block_question_per_family(pipes):
+    import pandas as pd
+
+    from anelab import analysis, plotting
+    from anelab.blocks import block_runs
+
+    prompts = pd.DataFrame({"prompt": [PROMPT], "tokens": [TOKENS]})
+    config = GuidanceConfig(scale_factor=200.0).rescaled(50, 6)
+    frame = pd.concat(
+        [
+            block_runs(pipes[n], prompts, [0, 1], steps=6, config=config, thresholds="index", progress=False)
+            for n in NAMES
+        ]
+    )
+    profile = analysis.block_localisation(frame)
+    assert list(profile.model) == ["sd3"] * 4 + ["flux"] * 4 and list(profile.block) == [0, 1, 2, 3] * 2
+    assert list(profile[profile.model == "flux"].place) == ["double", "double", "single", "single"]
+    assert ((profile.lower <= profile.higher) & (profile.lower > 0)).all()
+    plain = frame[(frame.variant == "sd") & (frame.layer == "transformer_blocks.1.attn") & frame.subject]
+    lower = plain.groupby(["seed", "step"])["max_attention"].min().mean()
+    assert abs(profile.loc[(profile.model == "sd3") & (profile.block == 1), "lower"].item() - lower) < 1e-9
+    effect = analysis.transformer_guidance(frame).set_index("model")
+    np.testing.assert_allclose(effect.difference, effect.a_and_e - effect.plain)
+    assert effect.loc["sd3", "difference"] > 0.05  # A&E raises the neglected subject (measured +0.19 on tiny-sd3)
+    assert len(plotting.block_localisation(profile).axes) == 2
+    with pytest.raises(AnelabError, match="a UNet has resolutions instead"):
+        block_runs(anelab.load_pipeline("tiny", device="cpu"), prompts, [0])

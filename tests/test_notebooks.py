@@ -43,7 +43,7 @@ FIGURES = {
     "03_timesteps": 3,
     "04_step_size_and_kernel": 3,
     "05_suppression_and_layout": 5,
-    "06_architectures": 4,
+    "06_architectures": 5,
     "07_methods": 5,
 }
 
@@ -258,6 +258,9 @@ class TestArchitectures(NotebookCase):
             "res64",
             "res8",
         ]  # SDXL has no 8 or 64 analogue
+        for family, blocks in (("sd3", 4), ("flux", 4)):  # the transformers' block question
+            assert 0 <= v[f"most localising block {family}"] < blocks
+            assert -1 <= v[f"lower subject attention A&E - plain {family}"] <= 1
 
     def test_tables_show_the_architectures(self, run):
         tables = " ".join(_html_tables(run[0], self.name))
