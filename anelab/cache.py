@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import unet as unet_family
 from .errors import AnelabError
 from .hooks import Layer
 from .io import atomic_dir
@@ -37,22 +38,12 @@ FRAME_COLUMNS = [
     *STAT_COLUMNS,
 ]
 MEAN = "mean"
-_PATH = re.compile(r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2$")
 
 
 def short_layer_name(name: str) -> str:
-    """``up_blocks.1.attentions.0.transformer_blocks.0.attn2`` → ``up 1.0``; ``mid_block…`` → ``mid``
-    (a transformer block other than 0 adds `` t<k>``); a name of another shape is returned as is."""
-    match = _PATH.match(name)
-    if not match:
-        return name
-    kind, block, attention, transformer = match.groups()
-    short = (
-        f"mid{f' {attention}' if attention != '0' else ''}"
-        if kind == "mid_block"
-        else f"{kind.split('_')[0]} {block}.{attention}"
-    )
-    return short + (f" t{transformer}" if transformer != "0" else "")
+    """A UNet layer's short name (:func:`anelab.unet.short_name`: ``up_blocks.1.attentions.0…attn2`` → ``up 1.0``);
+    a transformer block's path is returned as is."""
+    return unet_family.short_name(name)
 
 
 _MANIFEST, _MAPS, _STATS = "manifest.json", "maps.safetensors", "stats.parquet"

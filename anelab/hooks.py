@@ -14,18 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import re
 import weakref
 from collections.abc import Callable, Iterable
 
 import torch
 
-_NAME = re.compile(
-    r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn([12])$"
-)
-_PLACE = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
-_PLACE_ORDER = {"down": 0, "mid": 1, "up": 2}
+from . import unet as unet_family
 
 Sink = Callable[[str, torch.Tensor], None]
 
@@ -48,13 +42,14 @@ class Layer:
         return self.shape[1]
 
     def sort_key(self) -> tuple:
-        """Execution order: a UNet's down, mid, up blocks; a transformer's blocks, FLUX's single-stream ones after."""
-        match = _NAME.match(self.name)
-        if match is None:  # an MMDiT block (anelab.mmdit): transformer_blocks.N.attn, single_transformer_blocks.N.attn
-            kind, index = self.name.split(".")[:2]
-            return (int(kind == "single_transformer_blocks"), int(index), 0, 0, 0)
-        block, attention, transformer, which = (int(x or 0) for x in match.groups()[1:])
-        return (_PLACE_ORDER[self.place], block, attention, transformer, which)  # attn1 runs before attn2
+        """Execution order: a UNet's down, mid, up blocks (:mod:`anelab.unet`); a transformer's blocks
+        (:func:`anelab.mmdit.execution_key`)."""
+        key = unet_family.execution_key(self.name)
+        if key is None:
+            from . import mmdit  # imports this module
+
+            key = mmdit.execution_key(self.name)
+        return key
 
 
 def cross_attention_layers(unet, latent_height: int, latent_width: int) -> list[Layer]:
@@ -69,22 +64,7 @@ def self_attention_layers(unet, latent_height: int, latent_width: int) -> list[L
 
 def attention_layers(unet, latent_height: int, latent_width: int, cross: bool = True) -> list[Layer]:
     """The cross-attention (``attn2``) or self-attention (``attn1``) layers, in execution order, with their grid size."""
-    sizes, (h, w) = [], (latent_height, latent_width)
-    for block in unet.down_blocks:
-        sizes.append((h, w))
-        if getattr(block, "downsamplers", None):
-            h, w = math.ceil(h / 2), math.ceil(w / 2)  # stride-2 conv, padding 1
-    n = len(sizes)
-    layers = []
-    for key in unet.attn_processors:
-        name = key.removesuffix(".processor")
-        match = _NAME.match(name)
-        if not match or getattr(unet.get_submodule(name), "is_cross_attention", False) != cross:
-            continue
-        kind, block = match.group(1), int(match.group(2) or 0)
-        shape = (h, w) if kind == "mid_block" else sizes[block] if kind == "down_blocks" else sizes[n - 1 - block]
-        layers.append(Layer(name, _PLACE[kind], shape))
-    return sorted(layers, key=Layer.sort_key)
+    return [Layer(*layer) for layer in unet_family.attention_layers(unet, latent_height, latent_width, cross)]
 
 
 def layers_at(layers: Iterable[Layer], res: int) -> list[Layer]:
@@ -254,6 +234,6 @@ class MeanAttention:
         """Mean map ``[B, h, w, S]`` over every captured (layer, head)."""
         if not self.captured:
             raise RuntimeError("no attention was captured: the UNet never reached the requested layers")
-        ordered = sorted(self.captured, key=lambda item: self._ORDER.get(_PLACE.get(item[0].split(".")[0]), 0))
+        ordered = sorted(self.captured, key=lambda item: self._ORDER.get(unet_family.place(item[0]), 0))
         stacked = torch.cat([probs for _, probs in ordered], dim=1)  # [B, Σheads, hw, S]
         return (stacked.sum(dim=1) / stacked.shape[1]).unflatten(1, shape)

@@ -101,6 +101,14 @@ def blocks(pipe, height: int, width: int) -> list[Layer]:
     return sorted(found, key=Layer.sort_key)
 
 
+def execution_key(name: str) -> tuple:
+    """Sort key of a block path in the order the transformer runs it (FLUX: double-stream, then single-stream)."""
+    match = _BLOCK.match(name)
+    if match is None:
+        raise AnelabError(f"{name!r} is neither a UNet attention layer nor a transformer block")
+    return (int(match.group(1) == "single_transformer_blocks"), int(match.group(2)), 0, 0, 0)
+
+
 def default_blocks(pipe, every: list[Layer]) -> list[Layer]:
     """SD 3: every joint block (as gsn-factory and FOCUS read); FLUX: the double-stream blocks (FOCUS), whose text
     tokens are still the text's own."""
