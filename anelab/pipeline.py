@@ -370,28 +370,12 @@ class _Sampler:
         self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # stateful: own copy
         self.device, self.dtype = self.unet.device, self.unet.dtype
         self.cfg = plan.guidance_scale > 1.0 and plan.family != "flux"  # FLUX: a guidance embedding, no CFG batch
-        if not plan.transformer:
-            self.conditioning = models.Conditioning.encode(
-                pipe,
-                plan.prompt,
-                height=plan.height,
-                width=plan.width,
-                cfg=self.cfg,
-                device=self.device,
-                dtype=self.dtype,
-            )
+        encode = dict(height=plan.height, width=plan.width, cfg=self.cfg, device=self.device, dtype=self.dtype)
+        if plan.transformer:
+            extra = dict(guidance_scale=plan.guidance_scale, t5_length=plan.t5_length)
+            self.conditioning = mmdit.JointConditioning.encode(pipe, plan.prompt, **encode, **extra)
         else:
-            self.conditioning = mmdit.JointConditioning.encode(
-                pipe,
-                plan.prompt,
-                height=plan.height,
-                width=plan.width,
-                cfg=self.cfg,
-                guidance_scale=plan.guidance_scale,
-                t5_length=plan.t5_length,
-                device=self.device,
-                dtype=self.dtype,
-            )
+            self.conditioning = models.Conditioning.encode(pipe, plan.prompt, **encode)
         self.method = plan.active
         self.traces = TraceLog(
             seeds=plan.seeds, measured=plan.measured, roles=plan.roles, words=plan.token_words, method=plan.active

@@ -145,32 +145,20 @@ class Method:
         that land on one keep the later value."""
         if n_from == n_to:
             return self
+        return self.remapped(
+            lambda i: min(int(round(i * n_to / n_from)), n_to), index=lambda i: int(round(i * n_to / n_from))
+        )
 
-        def scale(i: int) -> int:
-            return min(int(round(i * n_to / n_from)), n_to)
-
+    def remapped(self, place, index=None) -> "Method":
+        """Every loop-index setting moved by ``place(i) -> j`` (indices that land on one keep the later value; a single
+        index such as ``max_iter_to_alter`` by ``index``, default ``place``): what :meth:`rescaled` does
+        proportionally, and what SD 3 / FLUX's σ placement does by noise level (:func:`anelab.mmdit.sigma_placement`)."""
+        index = index or place
         changes = {}
         for f in dataclasses.fields(self):
             value, kind = getattr(self, f.name), f.metadata.get("loop")
             if kind == "index" and value is not None:
-                changes[f.name] = int(round(value * n_to / n_from))
-            elif kind == "keys":
-                changes[f.name] = {scale(k): v for k, v in value.items()}
-            elif kind == "indices":
-                changes[f.name] = tuple(dict.fromkeys(scale(i) for i in value))
-            elif kind == "table" and isinstance(value, tuple):
-                changes[f.name] = tuple(dict((scale(i), v) for i, v in value).items())
-        return dataclasses.replace(self, **changes)
-
-    def remapped(self, place) -> "Method":
-        """Every loop-index setting moved by ``place(i) -> j`` (indices that land on one keep the later value): what
-        :meth:`rescaled` does proportionally, and what SD 3 / FLUX's σ placement does by noise level
-        (:func:`anelab.mmdit.sigma_placement`)."""
-        changes = {}
-        for f in dataclasses.fields(self):
-            value, kind = getattr(self, f.name), f.metadata.get("loop")
-            if kind == "index" and value is not None:
-                changes[f.name] = place(value)
+                changes[f.name] = index(value)
             elif kind == "keys":
                 changes[f.name] = {place(k): v for k, v in value.items()}
             elif kind == "indices":
