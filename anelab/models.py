@@ -193,15 +193,13 @@ class Architecture:
         return cls(family(pipe), native_size(pipe), pipe.unet, getattr(pipe, "vae_scale_factor", 8))
 
 
-def refuse_transformer(model, revision: str | None = None) -> None:
-    """A one-line error when ``model`` (a name, a directory or a Hub id, read from its ``model_index.json`` where it can
-    be) is SD 3 or FLUX, whose studies and reports are not built yet; nothing is loaded."""
+def transformer_family(model, revision: str | None = None) -> str | None:
+    """``"sd3"`` / ``"flux"`` when ``model`` (a built pipeline, a stand-in's name, a directory or a Hub id, read from its
+    ``model_index.json`` where it can be) is a transformer, else None; nothing is loaded."""
     import os
 
     if not isinstance(model, (str, os.PathLike)):
-        if mmdit.is_mmdit(model):
-            raise AnelabError(TRANSFORMER_STUDIES.format(kind=mmdit.family(model)))
-        return
+        return mmdit.family(model) if mmdit.is_mmdit(model) else None
     from .loading import PIPELINE_CLASSES, pipeline_class
 
     kind = {"tiny-sd3": "sd3", "tiny-flux": "flux"}.get(str(model))
@@ -209,7 +207,13 @@ def refuse_transformer(model, revision: str | None = None) -> None:
         kind = PIPELINE_CLASSES.get(
             pipeline_class(str(model), {} if revision is None else {"revision": revision}).__name__
         )
-    if kind in mmdit.FAMILIES:
+    return kind if kind in mmdit.FAMILIES else None
+
+
+def refuse_transformer(model, revision: str | None = None) -> None:
+    """A one-line error when ``model`` is SD 3 or FLUX (:func:`transformer_family`), whose studies are not built yet."""
+    kind = transformer_family(model, revision)
+    if kind is not None:
         raise AnelabError(TRANSFORMER_STUDIES.format(kind=kind))
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import __version__
 from .errors import AnelabError
 from .io import write_json, write_text
-from .log import bars_off
+from .log import bars_off, note
 from .models import architecture
 from .resources import as_path, notebook
 from .runs import load_study
@@ -130,6 +130,11 @@ def default_runs(model: str, scale: str) -> Path:
     return Path("runs") / f"report-{str(model).replace('/', '--')}-{scale}"
 
 
+#: The notebooks that run on SD 3 / FLUX: 06 asks its block question of the transformers (and compares the UNet
+#: stand-ins or the real UNet models as on any model).
+TRANSFORMER_NOTEBOOKS = ("06_architectures",)
+
+
 def run_report(
     model: str = "tiny",
     scale: str = "smoke",
@@ -149,9 +154,20 @@ def run_report(
     failing notebook is reported and the others still run.
     """
     names = match_notebooks(only)
-    from .models import refuse_transformer
+    from .models import transformer_family
 
-    refuse_transformer(model)  # before anything is written
+    kind = transformer_family(model)
+    if kind is not None:  # SD 3 / FLUX: the notebooks whose questions apply to a transformer (decided before writing)
+        skipped = [n for n in names if n not in TRANSFORMER_NOTEBOOKS]
+        names = [n for n in names if n in TRANSFORMER_NOTEBOOKS]
+        if skipped:
+            note(
+                f"{kind} is a transformer: skipping {', '.join(skipped)} (their studies run SD 1.x, 2.x and SDXL only)"
+            )
+        if not names:
+            raise AnelabError(
+                f"none of the notebooks asked for applies to {kind}: on a transformer {', '.join(TRANSFORMER_NOTEBOOKS)} runs"
+            )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _clear_stale_staging(out)

@@ -290,7 +290,7 @@ def test_thresholds_placed_by_sigma_land_at_the_step_of_equal_noise_level(pipes)
         plan_run(sd3, PROMPT, tokens=TOKENS, config=GuidanceConfig(), thresholds="t")
 
 
-def test_the_cli_generates_on_transformers_through_the_store_and_reports_refuse_in_one_line(tmp_path):
+def test_the_cli_generates_on_transformers_through_the_store_and_a_report_of_nothing_that_applies_refuses(tmp_path):
     import subprocess
     import sys
 
@@ -305,9 +305,9 @@ def test_the_cli_generates_on_transformers_through_the_store_and_reports_refuse_
     assert first.returncode == again.returncode == 0, first.stderr[-2000:]
     assert "s/image" in first.stdout and "from the run store" in again.stdout
     assert (tmp_path / "a" / PROMPT / "0.png").exists()
-    refused = run("report", "--model", "tiny-sd3", "--out", "reports")
-    assert refused.returncode == 2 and "sd3 is a transformer" in refused.stderr and "Traceback" not in refused.stderr
-    assert not (tmp_path / "reports").exists()  # nothing written when it refuses
+    refused = run("report", "--model", "tiny-sd3", "--only", "01", "--out", "reports")
+    assert refused.returncode == 2 and "none of the notebooks asked for applies to sd3" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "reports").exists()  # nothing written when it refuses
 
 
 def test_transformer_options_enter_the_store_identity_only_when_given(pipes):
@@ -407,3 +407,21 @@ def test_the_block_question_per_family(pipes):
     assert len(plotting.block_localisation(profile).axes) == 2
     with pytest.raises(AnelabError, match="a UNet has resolutions instead"):
         block_runs(anelab.load_pipeline("tiny", device="cpu"), prompts, [0])
+
+
+def test_a_transformer_report_runs_the_notebooks_that_apply_and_names_the_rest(tmp_path, monkeypatch, notes):
+    from anelab import report
+
+    ran = []
+
+    def execute(name, out, parameters, workers):
+        ran.append((name, parameters["model"]))
+        return report.NotebookRun(name, True, 0.0, None, {})
+
+    monkeypatch.setattr(report, "_execute", execute)
+    results = report.run_report(model="tiny-flux", out=tmp_path / "reports", runs=tmp_path / "runs", progress=False)
+    assert ran == [("06_architectures", "tiny-flux")] and [r.name for r in results] == ["06_architectures"]
+    assert "flux is a transformer: skipping 00_attention_explorer, 01_reproduction" in notes.text
+    with pytest.raises(AnelabError, match="none of the notebooks asked for applies to flux"):
+        report.run_report(model="tiny-flux", only=["02"], out=tmp_path / "other", progress=False)
+    assert not (tmp_path / "other").exists()
