@@ -94,7 +94,7 @@ class Measurer:
     def key(self, term: str, step: int) -> tuple:
         """Everything :meth:`__call__` reads besides its inputs (a graph of it is valid for this key only): the
         layers, the method's settings, the subjects, ``<eot>``, the differentiated term, what of the loop index
-        the method's terms depend on (:meth:`~anelab.methods.base.Method.phase`), low memory."""
+        the method's terms depend on (:meth:`~anelab.methods.base.Method.phase`), low memory, a transformer's reading."""
         plan = self.plan
         return (
             tuple(layer.name for layers in plan.read_layers.values() for layer in layers),
@@ -104,6 +104,7 @@ class Measurer:
             term,
             self.method.phase(step, len(plan.timesteps)),
             plan.low_memory,
+            None if plan.reading is None else plan.reading.key(),  # SD 3 / FLUX: the text columns the graph holds
         )
 
     def __call__(self, z: torch.Tensor, t, unet_kwargs: dict, *, step: int, previous=None, targets=None) -> Measure:

@@ -27,6 +27,7 @@ Everything :func:`anelab.generate` needs to know about a transformer pipeline li
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import weakref
 from types import SimpleNamespace
@@ -240,6 +241,12 @@ class Reading:
     text_softmax: str
     native: tuple[int, int]
     read: tuple[int, int]
+
+    def key(self) -> tuple:
+        """What a CUDA graph captured through these processors holds as constants (:mod:`anelab.fast`): a graph is
+        valid only for the same key (another prompt may map its words to other T5 keys)."""
+        digest = hashlib.sha256(self.columns.matrix.numpy().tobytes()).hexdigest()
+        return (self.family, self.text_softmax, self.native, self.read, self.columns.text_length, digest)
 
 
 class JointCapture:

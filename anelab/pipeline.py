@@ -533,7 +533,8 @@ class _Sampler:
         inputs = {"x": x, "t": torch.as_tensor(t, device=x.device), **fast_path.flat(unet_kwargs)}
         graph = None
         if self.graphs is not None:
-            key = (tuple(read), rows.start, rows.stop) if read else None
+            reading = None if self.plan.reading is None else self.plan.reading.key()  # a transformer's text columns
+            key = (tuple(read), rows.start, rows.stop, reading) if read else None
             graph = self.graphs.get("CFG forward", key, forward, inputs, self.capture)
         out = forward(inputs) if graph is None else graph(inputs)
         return out.pop("eps"), {k.removeprefix("probs:"): v for k, v in out.items()}
@@ -766,8 +767,6 @@ def plan_run(pipe, request: Request | str, **arguments) -> RunPlan:
             f"fast=True replays CUDA graphs and needs the pipeline on a CUDA GPU; it is on {device} (leave fast=None)"
         )
     low_memory = memory.requested(request.low_memory)
-    if transformer and request.fast:
-        raise AnelabError(f"fast=True is not available on {kind} yet (a transformer); it runs on SD 1.x, 2.x and SDXL")
     method = request.method
     scale = getattr(pipe, "vae_scale_factor", 8)
     side = mmdit.native_size(pipe) if transformer else pipe.unet.config.sample_size * scale

@@ -247,7 +247,7 @@ def test_blocks_are_chosen_by_index_range_or_name_and_pooled_to_16(pipes):
         (dict(max_sequence_length=0), "max_sequence_length must be an int in 1..512"),
         (dict(config=None, record=anelab.Record(resolutions=[8])), "Record.resolutions 8: a transformer has no"),
         (dict(record=anelab.Record(resolutions=[32])), r"the recording reads the guidance grid, 16x16"),
-        (dict(fast=True), "fast=True"),
+        (dict(fast=True), "fast=True replays CUDA graphs and needs the pipeline on a CUDA GPU"),
         (dict(height=200), "height must be a positive multiple of 16"),
     ],
 )
@@ -425,3 +425,23 @@ def test_a_transformer_report_runs_the_notebooks_that_apply_and_names_the_rest(t
     with pytest.raises(AnelabError, match="none of the notebooks asked for applies to flux"):
         report.run_report(model="tiny-flux", only=["02"], out=tmp_path / "other", progress=False)
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_fast_path_on_transformers_gives_the_eager_results_keyed_by_the_text_columns(name, monkeypatch):
+    from anelab import fast
+
+    monkeypatch.setattr(fast, "available", lambda device: True)  # the CPU stand-in of CUDA graphs
+    pipe = anelab.load_pipeline(name, device="cpu")  # its own: the graphs live on its transformer
+    config = GuidanceConfig(thresholds={1: 0.99}, max_iter_to_alter=3, max_refinement_steps=2)
+    assert not plan_run(pipe, PROMPT, tokens=TOKENS, config=config).fast  # opt-in on transformers
+    runs = {
+        f: anelab.generate(pipe, PROMPT, TOKENS, seeds=[0, 1], config=config, fast=f, **FAST) for f in (True, False)
+    }
+    torch.testing.assert_close(runs[True].latents, runs[False].latents, rtol=1e-6, atol=1e-6)
+    graphs = denoiser(pipe).__dict__["_anelab_graphs"].graphs
+    assert sorted({key[0] for key in graphs}) == ["CFG forward", "guided step"]
+    before = set(graphs)
+    # the same CLIP positions, other T5 keys (T5 keeps the capital, in pieces): the guided step gets a graph of its own
+    anelab.generate(pipe, "a Red cat and a dog", TOKENS, seeds=[0, 1], config=config, fast=True, **FAST)  # CLIP lowercases
+    assert len(set(graphs) - before) >= 1
