@@ -677,3 +677,81 @@ def tiny_flux_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_gai
     pipe.default_sample_size = sample_size
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sd3_sized_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Random-weight ``StableDiffusion3Pipeline`` with SD 3 medium's real transformer (24 joint blocks, 2B parameters)
+    and VAE (16 latent channels), built offline for speed and memory checks (its images are noise). The text encoders
+    are one-layer stand-ins with the real output widths (CLIP-L 768, CLIP-G 1280, T5 4096), so the joint attention
+    sees SD 3's 77 + 256 text tokens; the tiny tokenizers."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_2, tokenizer_3 = tiny_tokenizer(), tiny_tokenizer_bang(), tiny_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            out_channels=16,
+            pos_embed_max_size=192,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=16,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        clip = dict(num_hidden_layers=1, num_attention_heads=8)
+        text_encoder = CLIPTextModelWithProjection(
+            _text_config(tokenizer, hidden_size=768, intermediate_size=1024, projection_dim=768, **clip)
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _text_config(
+                tokenizer_2, hidden_act="gelu", hidden_size=1280, intermediate_size=1024, projection_dim=1280, **clip
+            )
+        )
+        t5 = T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=4096,
+            d_kv=64,
+            d_ff=1024,
+            num_layers=1,
+            num_heads=8,
+            pad_token_id=tokenizer_3.pad_token_id,
+            eos_token_id=tokenizer_3.eos_token_id,
+            decoder_start_token_id=tokenizer_3.pad_token_id,
+        )
+        text_encoder_3 = T5EncoderModel(t5)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW_CONFIG),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3.eval(),
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
+        module.to(dtype=dtype).requires_grad_(False)
+    return pipe

@@ -1,6 +1,7 @@
 """The prepared check for a machine with a CUDA GPU (one run, about 5-8 minutes on an H100/H200).
 
-    python benchmarks/gpu_check.py            # placement, fp16 guided and recorded images, CUDA generator, fast path
+    python benchmarks/gpu_check.py            # placement, fp16 guided and recorded images, CUDA generator, fast path,
+                                              # the SD-3-size transformer: plain vs A&E, time and memory
     python benchmarks/gpu_check.py --bench    # and then `anelab bench --workload sd14-gpu` (table + benchmarks/results/sd14-gpu.json)
 
 It prints what it finds; a failed check prints FAIL and the script exits 1 at the end.
@@ -149,6 +150,37 @@ def main() -> None:
             f"     low_memory={low}: {time.perf_counter() - start:.2f} s, "
             f"peak {(torch.cuda.max_memory_allocated() - base) / 2**20:.0f} MiB above the weights",
             flush=True,
+        )
+
+    # 5. the SD-3-medium-size random transformer (2B parameters) at 1024 px, 28 steps, fp16: plain vs A&E (thresholds
+    # placed by noise level), A&E with low memory; time and peak memory above the weights
+    del big, tiny
+    torch.cuda.empty_cache()
+    from anelab.stand_ins import sd3_sized_pipeline
+
+    sd3 = sd3_sized_pipeline(device="cuda", dtype=torch.float16)
+    sd3 = anelab.load_pipeline(sd3, device="cuda")
+    runs = {
+        "SD 3 size, plain": dict(config=None),
+        "SD 3 size, A&E (thresholds by sigma)": dict(config=anelab.GuidanceConfig(), thresholds="sigma"),
+        "SD 3 size, A&E, low memory": dict(config=anelab.GuidanceConfig(), thresholds="sigma", low_memory=True),
+    }
+    seconds = {}
+    for label, options in runs.items():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        out = anelab.generate(
+            sd3, "a cat and a dog", ["cat", "dog"], seeds=[0], output_type="latent", progress=False, **options
+        )
+        torch.cuda.synchronize()
+        seconds[label] = time.perf_counter() - start
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        check(
+            label,
+            torch.isfinite(out.latents).all().item(),
+            f"{seconds[label]:.2f} s/image ({seconds[label] / seconds['SD 3 size, plain']:.2f}x plain), peak {peak:.0f} MiB above the weights",
         )
 
     if "--bench" in sys.argv:

@@ -443,5 +443,18 @@ def test_the_fast_path_on_transformers_gives_the_eager_results_keyed_by_the_text
     assert sorted({key[0] for key in graphs}) == ["CFG forward", "guided step"]
     before = set(graphs)
     # the same CLIP positions, other T5 keys (T5 keeps the capital, in pieces): the guided step gets a graph of its own
-    anelab.generate(pipe, "a Red cat and a dog", TOKENS, seeds=[0, 1], config=config, fast=True, **FAST)  # CLIP lowercases
+    anelab.generate(
+        pipe, "a Red cat and a dog", TOKENS, seeds=[0, 1], config=config, fast=True, **FAST
+    )  # CLIP lowercases
     assert len(set(graphs) - before) >= 1
+
+
+def test_the_sd3_size_stand_in_has_sd3_mediums_transformer_and_plans_on_the_meta_device():
+    from anelab.stand_ins import sd3_sized_pipeline
+
+    pipe = sd3_sized_pipeline(device="meta")  # shapes only: what the GPU check builds for real
+    assert 2.0e9 < sum(p.numel() for p in pipe.transformer.parameters()) < 2.1e9
+    plan = plan_run(pipe, PROMPT, tokens=TOKENS, config=GuidanceConfig(), thresholds="sigma")
+    assert (plan.num_inference_steps, plan.guidance_scale, plan.reading.native) == (28, 7.0, (64, 64))
+    assert len(plan.guidance_layers) == 24 and plan.guidance_layers[0].shape == (16, 16)
+    assert plan.reading.columns.text_length == 77 + 256
