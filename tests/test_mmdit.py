@@ -458,3 +458,22 @@ def test_the_sd3_size_stand_in_has_sd3_mediums_transformer_and_plans_on_the_meta
     assert (plan.num_inference_steps, plan.guidance_scale, plan.reading.native) == (28, 7.0, (64, 64))
     assert len(plan.guidance_layers) == 24 and plan.guidance_layers[0].shape == (16, 16)
     assert plan.reading.columns.text_length == 77 + 256
+
+
+def test_the_explorer_and_the_map_plots_read_a_transformer_recording_per_block(pipes):
+    from anelab import explore, plotting
+
+    flux = pipes["tiny-flux"]
+    out = anelab.generate(
+        flux, PROMPT, TOKENS, seeds=[0], num_inference_steps=3, progress=False, record=anelab.Record(tokens="prompt")
+    )
+    widget = explore.attention_explorer(out.attention, images=out.images)
+    layers = [value for _, value in widget.controls["layer"].options]
+    assert set(b.name for b in mmdit.blocks(flux, 256, 256)) <= set(layers)
+    assert list(widget.controls["res"].options) == [16]
+    fig = plotting.attention_grid(
+        out.attention, tokens=["cat", "dog"], res=16, layer="single_transformer_blocks.1.attn"
+    )
+    assert (
+        len(fig.axes) >= 6 and "single_transformer_blocks.1.attn" in fig.texts[0].get_text() + fig.axes[0].get_title()
+    )
