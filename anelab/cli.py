@@ -564,12 +564,24 @@ def bench(
     out: Path = typer.Option(
         Path("benchmarks/results"), help="Where <workload>.json goes (under the working directory by default)."
     ),
+    model: list[str] = typer.Option(
+        [],
+        help="A stand-in to time, as its workload: tiny, tiny-sd3, tiny-flux (--model tiny-sd3 = --workload tiny-sd3).",
+    ),
 ):
     """Speed and memory: anelab vs diffusers' A&E port, vs plain SD, batching, recording -> OUT/<workload>.json."""
     from .bench import WORKLOADS, run_bench, table
     from .io import ensure_writable
     from .loading import resolve_device, resolve_dtype
 
+    stand_ins = ("tiny", "tiny-sd3", "tiny-flux")
+    for name in model:
+        if name not in stand_ins:
+            raise AnelabError(
+                f"--model {name!r}: bench times the stand-ins {', '.join(stand_ins)} (real sizes: --workload)"
+            )
+    if model:
+        workload = list(dict.fromkeys([*(w for w in workload if w != "tiny" or "tiny" in model), *model]))
     for name in workload:
         if name not in WORKLOADS:
             raise AnelabError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")

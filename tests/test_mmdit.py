@@ -477,3 +477,13 @@ def test_the_explorer_and_the_map_plots_read_a_transformer_recording_per_block(p
     assert (
         len(fig.axes) >= 6 and "single_transformer_blocks.1.attn" in fig.texts[0].get_text() + fig.axes[0].get_title()
     )
+
+
+def test_bench_takes_a_stand_in_by_model_and_refuses_others(tmp_path):
+    import subprocess
+    import sys
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "anelab", "bench", "--model", "tiny-sd2"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert refused.returncode == 2 and "bench times the stand-ins tiny, tiny-sd3, tiny-flux" in refused.stderr
