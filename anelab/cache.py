@@ -275,6 +275,15 @@ class AttentionCache:
         frame = self._stats[self._stats.layer == MEAN]
         return frame.drop(columns=["layer", "place"]).reset_index(drop=True)
 
+    def block_stats(self) -> dict[str, pd.DataFrame]:
+        """:meth:`stats` of each recorded layer on its own, in execution order (a transformer's blocks: what
+        ``plotting.attention_trends(cache.block_stats())`` draws one row each of)."""
+        frame = self._stats
+        return {
+            layer.name: frame[frame.layer == layer.name].drop(columns=["layer", "place"]).reset_index(drop=True)
+            for layer in self.layers
+        }
+
     # -- files --------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
         """Write maps (safetensors), statistics (parquet) and a JSON manifest into ``directory``, whole or not at all."""

@@ -487,3 +487,18 @@ def test_bench_takes_a_stand_in_by_model_and_refuses_others(tmp_path):
         [sys.executable, "-m", "anelab", "bench", "--model", "tiny-sd2"], capture_output=True, text=True, cwd=tmp_path
     )
     assert refused.returncode == 2 and "bench times the stand-ins tiny, tiny-sd3, tiny-flux" in refused.stderr
+
+
+def test_attention_trends_per_block(pipes):
+    from anelab import plotting
+
+    sd3 = pipes["tiny-sd3"]
+    out = anelab.generate(sd3, PROMPT, TOKENS, seeds=[0, 1], record=anelab.Record(), **FAST)
+    per_block = out.attention.block_stats()
+    assert list(per_block) == [b.name for b in mmdit.blocks(sd3, 256, 256)]
+    first = per_block["transformer_blocks.0.attn"]
+    frame = out.attention.to_frame()
+    want = frame[frame.layer == "transformer_blocks.0.attn"]["max_attention"].to_numpy()
+    np.testing.assert_allclose(first["max_attention"].to_numpy(), want)
+    fig = plotting.attention_trends(per_block)
+    assert len(fig.axes) == 4  # one row per block
