@@ -17,6 +17,7 @@ import html
 import os
 import platform
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -230,24 +231,33 @@ class _Workers:
     def __init__(self):
         self.running: set = set()
         self.stopped = False
+        self.lock = threading.Lock()  # a stop cannot fall between the check and the start of a process
 
     def run(self, arguments: dict) -> tuple[int, str]:
         import json
         import signal
         import sys
 
-        if self.stopped:
-            raise KeyboardInterrupt
-        process = subprocess.Popen(
-            [sys.executable, "-c", _WORKER, json.dumps(arguments)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,  # Ctrl-C at the terminal reaches us only: we stop the group ourselves
-        )
-        self.running.add(process)
+        with self.lock:
+            if self.stopped:
+                raise KeyboardInterrupt
+            process = subprocess.Popen(
+                [sys.executable, "-c", _WORKER, json.dumps(arguments)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,  # Ctrl-C at the terminal reaches us only: we stop the group ourselves
+            )
+            self.running.add(process)
         try:
-            output, _ = process.communicate()
+            while True:
+                try:
+                    output, _ = process.communicate(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:  # a stopped worker's kernel may still hold its output pipe
+                    if self.stopped and process.poll() is not None:
+                        output = ""
+                        break
         finally:
             self.running.discard(process)
         if self.stopped and process.returncode in (-signal.SIGINT, -signal.SIGTERM, -signal.SIGKILL):
@@ -257,7 +267,8 @@ class _Workers:
     def stop(self) -> None:
         import signal
 
-        self.stopped = True
+        with self.lock:
+            self.stopped = True
         for process in list(self.running):
             for sig, grace in ((signal.SIGINT, 3.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 1.0)):
                 try:
