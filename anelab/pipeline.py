@@ -43,6 +43,7 @@ from tqdm import tqdm  # text bars everywhere: a notebook widget bar leaves "mod
 from . import fast as fast_path
 from . import hooks as hk
 from . import memory, methods, mmdit, models
+from . import unet as unet_family
 from .cache import AttentionCache
 from .checks import is_int, require_number, require_seeds
 from .errors import AnelabError
@@ -459,11 +460,7 @@ class _Sampler:
         from diffusers.utils.torch_utils import randn_tensor
 
         plan = self.plan
-        if not plan.transformer:
-            scale = getattr(self.pipe, "vae_scale_factor", 8)
-            shape = (1, self.unet.config.in_channels, plan.height // scale, plan.width // scale)
-        else:
-            shape = mmdit.latent_shape(self.pipe, plan.height, plan.width)
+        shape = (mmdit if plan.transformer else unet_family).latent_shape(self.pipe, plan.height, plan.width)
         where = self._noise_device()
         noise = [randn_tensor(shape, generator=g, device=where, dtype=self.dtype) for g in generators]
         noise = torch.cat(noise).to(self.device)
@@ -1031,17 +1028,5 @@ class _frozen:
 
 
 def _decode(pipe, latents: torch.Tensor, output_type: str):
-    """The VAE decode of the model's own pipeline (with the latents mean/std when the VAE config has them; SD 3 and
-    FLUX with the VAE's shift, :func:`anelab.mmdit.decode`)."""
-    if mmdit.is_mmdit(pipe):
-        return mmdit.decode(pipe, latents, output_type)
-    vae = pipe.vae
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        latents = latents * torch.tensor(std).view(1, -1, 1, 1).to(latents) / vae.config.scaling_factor + torch.tensor(
-            mean
-        ).view(1, -1, 1, 1).to(latents)
-    else:
-        latents = latents / vae.config.scaling_factor
-    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type=output_type)
+    """The VAE decode of the model's own pipeline (:func:`anelab.unet.decode`, :func:`anelab.mmdit.decode`)."""
+    return (mmdit if mmdit.is_mmdit(pipe) else unet_family).decode(pipe, latents, output_type)

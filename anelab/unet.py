@@ -1,6 +1,7 @@
 """The UNet family adapter (SD 1.x, 2.x, XL): what a UNet's attention layers are called, where they sit and on which
-grid they attend. Nothing else in the package parses a UNet's module paths or walks its ``down_blocks``; the
-transformers' counterpart is :mod:`anelab.mmdit`.
+grid they attend, the latents it denoises and how they are decoded. Nothing else in the package parses a UNet's module
+paths or walks its ``down_blocks``; what each UNet family takes as conditioning is :mod:`anelab.models`'; the
+transformers' counterpart of both is :mod:`anelab.mmdit`.
 
 Layer names are diffusers module paths minus ``.processor``
 (``up_blocks.1.attentions.0.transformer_blocks.0.attn2``); ``place`` is ``down``, ``mid`` or ``up``.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import math
 import re
+
+import torch
 
 NAME = re.compile(
     r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn([12])$"
@@ -67,3 +70,24 @@ def short_name(name: str) -> str:
         else f"{kind.split('_')[0]} {block}.{attention}"
     )
     return short + (f" t{transformer}" if transformer != "0" else "")
+
+
+def latent_shape(pipe, height: int, width: int) -> tuple[int, int, int, int]:
+    """One seed's noise, as the pipeline's ``prepare_latents`` draws it: ``[1, C, H/8, W/8]``."""
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    return (1, pipe.unet.config.in_channels, height // scale, width // scale)
+
+
+def decode(pipe, latents: torch.Tensor, output_type: str):
+    """The VAE decode of the model's own pipeline (with the latents mean/std when the VAE config has them, as SDXL's
+    pipeline does), then its post-processing."""
+    vae = pipe.vae
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        latents = latents * torch.tensor(std).view(1, -1, 1, 1).to(latents) / vae.config.scaling_factor + torch.tensor(
+            mean
+        ).view(1, -1, 1, 1).to(latents)
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type=output_type)
