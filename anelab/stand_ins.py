@@ -547,16 +547,36 @@ def tiny_t5_tokenizer():
     return T5Tokenizer(vocab=special + words + chars + [("\u2581", -5.0)], extra_ids=0)
 
 
-def _tiny_t5(tokenizer, d_model: int = 32):
+def _sd3_pipeline(transformer, vae, encoders, tokenizers):
+    """A ``StableDiffusion3Pipeline`` of these parts in eval mode, SD 3 medium's scheduler, no progress bar."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    (text_encoder, text_encoder_2, text_encoder_3), (tokenizer, tokenizer_2, tokenizer_3) = encoders, tokenizers
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW_CONFIG),
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3.eval(),
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_t5(tokenizer, d_model: int = 32, d_kv: int = 8, d_ff: int = 64, num_layers: int = 2, num_heads: int = 4):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=d_model,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
+        d_kv=d_kv,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        num_heads=num_heads,
         relative_attention_num_buckets=8,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -593,7 +613,7 @@ def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_gain
     text, the SD 3 VAE's shift and scale, SD 3 medium's flow-matching scheduler. ``sample_size`` 32 gives 256 px
     (a 16×16 image-token grid) by default.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2, tokenizer_3 = tiny_tokenizer(), tiny_tokenizer_bang(), tiny_t5_tokenizer()
@@ -618,18 +638,9 @@ def tiny_sd3_pipeline(seed: int = 0, sample_size: int = 32, cross_attention_gain
         vae = _tiny_vae(1.5305, force_upcast=False)
         vae.register_to_config(shift_factor=0.0609)
         _responsive_joint(transformer, cross_attention_gain)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer.eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW_CONFIG),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3.eval(),
-        tokenizer_3=tokenizer_3,
+    pipe = _sd3_pipeline(
+        transformer, vae, (text_encoder, text_encoder_2, text_encoder_3), (tokenizer, tokenizer_2, tokenizer_3)
     )
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -686,11 +697,9 @@ def sd3_sized_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype:
     sees SD 3's 77 + 256 text tokens; the tiny tokenizers."""
     from diffusers import (
         AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2, tokenizer_3 = tiny_tokenizer(), tiny_tokenizer_bang(), tiny_t5_tokenizer()
     with torch.random.fork_rng(devices=[]), torch.device(device):
@@ -728,30 +737,10 @@ def sd3_sized_pipeline(seed: int = 0, device: str | torch.device = "cpu", dtype:
                 tokenizer_2, hidden_act="gelu", hidden_size=1280, intermediate_size=1024, projection_dim=1280, **clip
             )
         )
-        t5 = T5Config(
-            vocab_size=len(tokenizer_3),
-            d_model=4096,
-            d_kv=64,
-            d_ff=1024,
-            num_layers=1,
-            num_heads=8,
-            pad_token_id=tokenizer_3.pad_token_id,
-            eos_token_id=tokenizer_3.eos_token_id,
-            decoder_start_token_id=tokenizer_3.pad_token_id,
-        )
-        text_encoder_3 = T5EncoderModel(t5)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer.eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_FLOW_CONFIG),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer_2=tokenizer_2,
-        text_encoder_3=text_encoder_3.eval(),
-        tokenizer_3=tokenizer_3,
+        text_encoder_3 = _tiny_t5(tokenizer_3, d_model=4096, d_kv=64, d_ff=1024, num_layers=1, num_heads=8)
+    pipe = _sd3_pipeline(
+        transformer, vae, (text_encoder, text_encoder_2, text_encoder_3), (tokenizer, tokenizer_2, tokenizer_3)
     )
-    pipe.set_progress_bar_config(disable=True)
     for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
         module.to(dtype=dtype).requires_grad_(False)
     return pipe
