@@ -94,6 +94,8 @@ def test_the_refinement_rule_is_strict_on_the_excite_loss_and_bounds_suppression
     # suppressed tokens violate above max(suppress_bound, 1 - threshold)
     assert config.violates({"excite": zero, "_suppressed_max": supp}, 0.875).tolist() == [False, True, True, False]
     assert config.violates({"excite": zero, "_suppressed_max": supp}, 0.6875).tolist() == [False, True, False, False]
+    at_bound = {"excite": zero[:1], "_suppressed_max": torch.tensor([0.25], dtype=torch.float64)}
+    assert not GuidanceConfig(suppress_bound=0.25).violates(at_bound, 0.875).item()  # strict: at the bound is fine
     both = config.violates({"excite": excite, "_suppressed_max": supp}, 0.875)  # either one violates
     assert both.tolist() == [True, True, True, False]
 
@@ -222,7 +224,9 @@ def test_model_identity_names_the_weights():
             _name_or_path = "org/configured"
 
     assert model_identity(Named()) == "org/named@main" and model_identity(Configured()) == "org/configured@main"
-    with pytest.raises(AnelabError, match="the store needs a model name: pass the model as 'tiny', a Hub id"):
+    with pytest.raises(
+        AnelabError, match="^the store needs a model name: pass the model as 'tiny', a Hub id or a local directory$"
+    ):
         model_identity(object())
 
 
@@ -238,6 +242,7 @@ def test_recorded_statistics_cover_only_what_they_hold():
     assert not covers(None, {"resolutions": [16], "steps": [0], "tokens": [2]})
     assert not covers("null", {"resolutions": [16], "steps": [0], "tokens": [2]})
     assert covers(have, {"resolutions": [16], "steps": [0, 2], "tokens": [5]})
+    assert covers(have, {"resolutions": [16, 32], "steps": [0, 1, 2], "tokens": [2, 5]})  # exactly what was recorded
     for missing in ({"resolutions": [8]}, {"steps": [3]}, {"tokens": [7]}):
         need = {"resolutions": [16], "steps": [0], "tokens": [2]} | missing
         assert not covers(have, need), missing
