@@ -715,23 +715,15 @@ def disagreements(results: pd.DataFrame, measure: str, n: int = 3, variants: Seq
     return list(spread.index[:n])
 
 
-def _subject_pairs(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Per image, step and ``by``: the lower- and higher-attended subject's smoothed max attention."""
-    subjects = frame[frame["subject"]]
-    keys = [*by, "prompt", "seed", "step"]
-    grouped = subjects.groupby(keys, sort=False)["max_attention"]
-    return pd.DataFrame({"lower": grouped.min(), "higher": grouped.max()}).reset_index()
-
-
 def block_localisation(frame: pd.DataFrame) -> pd.DataFrame:
     """Which transformer blocks localise a subject (notebook 06): per model and block, plain sampling only, the mean
     over images and recorded steps of the lower- and higher-attended subject's smoothed max attention
     (:func:`anelab.blocks.block_runs`' frame). Columns ``model, block, layer, place, lower, higher``."""
     plain = frame[(frame["variant"] == "sd") & (frame["layer"] != "mean")]
-    pairs = _subject_pairs(plain, ["model", "block", "layer", "place"])
+    pairs = subject_extremes(plain, by=["model", "block", "layer", "place"])
     profile = pairs.groupby(["model", "block", "layer", "place"], sort=False)[["lower", "higher"]].mean().reset_index()
     profile["block"] = profile["block"].astype(int)
-    order = {name: k for k, name in enumerate(dict.fromkeys(profile["model"]))}  # models as they came
+    order = {name: k for k, name in enumerate(dict.fromkeys(plain["model"]))}  # models as they came
     return profile.sort_values(
         ["model", "block"], key=lambda c: c.map(order) if c.name == "model" else c, ignore_index=True
     )
@@ -741,8 +733,9 @@ def transformer_guidance(frame: pd.DataFrame) -> pd.DataFrame:
     """A&E's effect per transformer family (notebook 06): the lower subject's smoothed max attention over every block
     (the recording's ``mean``), averaged over images and steps, plain and guided, and their difference."""
     means = frame[frame["layer"] == "mean"]
-    pairs = _subject_pairs(means, ["model", "variant"])
+    pairs = subject_extremes(means, by=["model", "variant"])
     table = pairs.groupby(["model", "variant"], sort=False)["lower"].mean().unstack("variant")
+    table = table.reindex(list(dict.fromkeys(means["model"])))  # models as they came
     table = table.rename(columns={"sd": "plain", "ae": "a_and_e"})
     table["difference"] = table["a_and_e"] - table["plain"]
     return table.reset_index()[["model", "plain", "a_and_e", "difference"]]
